@@ -1,0 +1,277 @@
+//! The handle table: libvirt's fd watches, and the one mio registration per fd that
+//! serves all the watches sharing it.
+//!
+//! epoll refuses a second registration of the same fd, while libvirt allows several
+//! watches on one fd. So each fd has one [`FdEntry`] registered with the union of its
+//! enabled watches' interests, and readiness is fanned out to each watch, masked by
+//! what that watch asked for. ERROR and HANGUP go to every enabled watch.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::RawFd;
+
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+
+use super::ids::IdAllocator;
+use crate::ffi::callback::{FreeCallback, HandleCallback};
+use crate::interest::Readiness;
+
+/// One libvirt watch.
+pub(super) struct Watch {
+    pub(super) fd: RawFd,
+    /// libvirt's event bits; 0 means disabled (not polled at all).
+    pub(super) events: u8,
+    pub(super) callback: HandleCallback,
+    pub(super) free: Option<FreeCallback>,
+}
+
+/// One fd as mio sees it.
+struct FdEntry {
+    /// Watch ids on this fd, in registration order (dispatch follows it).
+    watches: Vec<i32>,
+    /// What the fd is registered for in epoll, `None` when it is not registered.
+    registered: Option<Interest>,
+    /// Bumped on every fresh registration, so events from an older one are dropped.
+    generation: u32,
+}
+
+/// A watch that is due a callback: copied out of the table so the lock can be released.
+#[derive(Clone, Copy)]
+pub(crate) struct ReadyWatch {
+    pub(crate) id: i32,
+    pub(crate) fd: RawFd,
+    pub(crate) events: u8,
+}
+
+#[derive(Default)]
+pub(super) struct HandleTable {
+    watches: HashMap<i32, Watch>,
+    fds: HashMap<RawFd, FdEntry>,
+    ids: IdAllocator,
+    next_generation: u32,
+}
+
+impl HandleTable {
+    pub(super) fn len(&self) -> usize {
+        self.watches.len()
+    }
+
+    pub(super) fn enabled(&self) -> usize {
+        self.watches.values().filter(|w| w.events != 0).count()
+    }
+
+    pub(super) fn add(
+        &mut self,
+        registry: &Registry,
+        fd: RawFd,
+        events: u8,
+        callback: HandleCallback,
+        free: Option<FreeCallback>,
+    ) -> io::Result<i32> {
+        let id = self.ids.next(|id| self.watches.contains_key(&id));
+        let watch = Watch {
+            fd,
+            events,
+            callback,
+            free,
+        };
+        self.watches.insert(id, watch);
+        let entry = self.fds.entry(fd).or_insert_with(|| FdEntry {
+            watches: Vec::new(),
+            registered: None,
+            generation: 0,
+        });
+        entry.watches.push(id);
+        if let Err(e) = self.sync_fd(registry, fd) {
+            self.take(registry, id);
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Sets a watch's events. Returns false for an unknown id.
+    pub(super) fn update(&mut self, registry: &Registry, id: i32, events: u8) -> bool {
+        let Some(watch) = self.watches.get_mut(&id) else {
+            return false;
+        };
+        watch.events = events;
+        let fd = watch.fd;
+        if let Err(e) = self.sync_fd(registry, fd) {
+            log::warn!("watch {id}: cannot poll fd {fd}: {e}");
+        }
+        true
+    }
+
+    /// Removes a watch and gives it back (its free callback still to run).
+    pub(super) fn take(&mut self, registry: &Registry, id: i32) -> Option<Watch> {
+        let watch = self.watches.remove(&id)?;
+        let entry = self.fds.get_mut(&watch.fd).expect("every watch has an fd entry");
+        entry.watches.retain(|&w| w != id);
+        if entry.watches.is_empty() {
+            let entry = self.fds.remove(&watch.fd).expect("present");
+            if entry.registered.is_some() {
+                // The owner may already have closed the fd; epoll then forgot it itself.
+                if let Err(e) = registry.deregister(&mut SourceFd(&watch.fd)) {
+                    log::debug!("fd {}: deregister: {e} (already closed?)", watch.fd);
+                }
+            }
+        } else if let Err(e) = self.sync_fd(registry, watch.fd) {
+            log::warn!("fd {}: cannot update polling: {e}", watch.fd);
+        }
+        Some(watch)
+    }
+
+    pub(super) fn callback(&self, id: i32) -> Option<(HandleCallback, u8)> {
+        self.watches.get(&id).map(|w| (w.callback, w.events))
+    }
+
+    /// Appends the watches an epoll event makes due, masked per watch.
+    pub(super) fn collect_ready(&self, token: Token, readiness: Readiness, out: &mut Vec<ReadyWatch>) {
+        let (fd, generation) = decode(token);
+        let Some(entry) = self.fds.get(&fd) else {
+            return;
+        };
+        if entry.generation != generation || entry.registered.is_none() {
+            return; // a stale event from a registration that no longer exists
+        }
+        for &id in &entry.watches {
+            let watch = &self.watches[&id];
+            let events = readiness.for_watch(watch.events);
+            if events != 0 {
+                out.push(ReadyWatch { id, fd, events });
+            }
+        }
+    }
+
+    /// Re-arms a dispatched fd: an `EPOLL_CTL_MOD` on a still-ready fd queues a fresh
+    /// event, which turns mio's edge triggering back into libvirt's level triggering.
+    pub(super) fn rearm(&mut self, registry: &Registry, fd: RawFd) {
+        let Some(entry) = self.fds.get_mut(&fd) else {
+            return;
+        };
+        let Some(interest) = entry.registered else {
+            return;
+        };
+        let token = encode(fd, entry.generation);
+        match registry.reregister(&mut SourceFd(&fd), token, interest) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
+                // Closed by its owner while still watched: epoll dropped it. Stay quiet
+                // until libvirt removes or updates the watch, rather than spin.
+                log::warn!("fd {fd} was closed while watched; it is no longer polled");
+                entry.registered = None;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                // Closed and the number reused: poll the file that now has this number,
+                // as poll(2) would.
+                entry.registered = None;
+                if let Err(e) = self.sync_fd(registry, fd) {
+                    log::warn!("fd {fd}: cannot re-register: {e}");
+                }
+            }
+            Err(e) => log::warn!("fd {fd}: re-arm failed: {e}"),
+        }
+    }
+
+    /// Makes epoll's registration of `fd` match the union of its enabled watches.
+    fn sync_fd(&mut self, registry: &Registry, fd: RawFd) -> io::Result<()> {
+        let entry = self.fds.get_mut(&fd).expect("fd entry exists");
+        let union = entry
+            .watches
+            .iter()
+            .fold(0u8, |acc, id| acc | self.watches[id].events);
+        let wanted = mio_interest(union);
+        match (entry.registered, wanted) {
+            (None, None) => Ok(()),
+            (Some(_), None) => {
+                entry.registered = None;
+                registry.deregister(&mut SourceFd(&fd)).or_else(ignore_closed)
+            }
+            (Some(_), Some(interest)) => {
+                let token = encode(fd, entry.generation);
+                match registry.reregister(&mut SourceFd(&fd), token, interest) {
+                    Ok(()) => {
+                        entry.registered = Some(interest);
+                        Ok(())
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                        entry.registered = None;
+                        self.sync_fd(registry, fd)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            (None, Some(interest)) => {
+                self.next_generation = self.next_generation.wrapping_add(1);
+                entry.generation = self.next_generation;
+                let token = encode(fd, entry.generation);
+                let mut source = SourceFd(&fd);
+                match registry.register(&mut source, token, interest) {
+                    // Someone registered this fd number outside our bookkeeping (a
+                    // closed-then-reused fd): take the registration over.
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        registry.reregister(&mut source, token, interest)
+                    }
+                    other => other,
+                }?;
+                entry.registered = Some(interest);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn ignore_closed(e: io::Error) -> io::Result<()> {
+    match e.raw_os_error() {
+        Some(libc::EBADF) | Some(libc::ENOENT) => Ok(()),
+        _ => Err(e),
+    }
+}
+
+/// The mio interest for libvirt event bits; `None` means "do not poll at all".
+///
+/// A watch that asks only for ERROR or HANGUP is registered for PRIORITY: epoll always
+/// reports EPOLLERR and EPOLLHUP, and mio cannot express an empty interest.
+fn mio_interest(events: u8) -> Option<Interest> {
+    let readable = events & Readiness::READABLE.bits() != 0;
+    let writable = events & Readiness::WRITABLE.bits() != 0;
+    match (readable, writable) {
+        (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
+        (true, false) => Some(Interest::READABLE),
+        (false, true) => Some(Interest::WRITABLE),
+        (false, false) if events != 0 => Some(Interest::PRIORITY),
+        (false, false) => None,
+    }
+}
+
+/// Tokens carry the fd in the low 32 bits and the registration generation above.
+fn encode(fd: RawFd, generation: u32) -> Token {
+    Token((fd as u32 as usize) | ((generation as usize) << 32))
+}
+
+fn decode(token: Token) -> (RawFd, u32) {
+    (token.0 as u32 as RawFd, (token.0 >> 32) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip() {
+        for (fd, generation) in [(0, 1), (7, u32::MAX), (i32::MAX, 12345)] {
+            assert_eq!(decode(encode(fd, generation)), (fd, generation));
+        }
+    }
+
+    #[test]
+    fn interest_union_maps_to_mio() {
+        assert_eq!(mio_interest(0), None);
+        assert_eq!(mio_interest(1), Some(Interest::READABLE));
+        assert_eq!(mio_interest(2), Some(Interest::WRITABLE));
+        assert_eq!(mio_interest(3), Some(Interest::READABLE | Interest::WRITABLE));
+        assert_eq!(mio_interest(8), Some(Interest::PRIORITY));
+        assert_eq!(mio_interest(4 | 1), Some(Interest::READABLE));
+    }
+}

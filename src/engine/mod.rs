@@ -1,0 +1,361 @@
+//! The engine behind libvirt's six event functions: the handle and timer tables, the
+//! deferred free queue, and the dispatch steps the loop runs.
+//!
+//! libvirt calls in from any thread and re-entrantly from callbacks, so all state sits
+//! behind one mutex, which is never held while a libvirt or user callback runs:
+//! dispatch copies what it needs out, unlocks, calls, and re-validates before the next
+//! call. The engine is a process-wide singleton because libvirt's registration is.
+
+mod handles;
+mod ids;
+mod timers;
+
+use std::cell::Cell;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use mio::{Registry, Token, Waker};
+
+pub(crate) use handles::ReadyWatch;
+pub(crate) use timers::DueTimer;
+
+use crate::error::Error;
+use crate::ffi::callback::{FreeCallback, HandleCallback, TimerCallback};
+use crate::interest::Readiness;
+use handles::HandleTable;
+use timers::TimerTable;
+
+/// The mio token of the loop's waker; fd tokens never reach it (see `handles::encode`).
+pub(crate) const WAKE_TOKEN: Token = Token(usize::MAX);
+
+static ENGINE: OnceLock<Engine> = OnceLock::new();
+
+thread_local! {
+    /// Set while this thread runs the loop: changes made here need no wake-up.
+    static ON_LOOP_THREAD: Cell<bool> = const { Cell::new(false) };
+}
+
+pub(crate) struct Engine {
+    state: Mutex<State>,
+    registry: Registry,
+    waker: Waker,
+    /// True from just before the loop computes its poll timeout until poll returns;
+    /// other threads wake the loop only then.
+    sleeping: AtomicBool,
+    stop: AtomicBool,
+    panic: Mutex<Option<Error>>,
+}
+
+#[derive(Default)]
+struct State {
+    handles: HandleTable,
+    timers: TimerTable,
+    frees: Vec<FreeCallback>,
+    totals: Totals,
+}
+
+/// Running totals, for drain reports and statistics.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub(crate) handles_removed: u64,
+    pub(crate) timers_removed: u64,
+    pub(crate) frees_run: u64,
+}
+
+/// A snapshot of what libvirt has registered.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct LoopStats {
+    /// Handle watches registered.
+    pub handles: usize,
+    /// Of those, enabled ones (events != 0).
+    pub enabled_handles: usize,
+    /// Timers registered.
+    pub timers: usize,
+    /// Of those, armed ones (frequency >= 0).
+    pub armed_timers: usize,
+    /// Free callbacks waiting for the next iteration.
+    pub pending_frees: usize,
+}
+
+impl LoopStats {
+    /// Nothing registered and nothing left to free.
+    pub fn is_idle(&self) -> bool {
+        self.handles == 0 && self.timers == 0 && self.pending_frees == 0
+    }
+}
+
+/// Installs the singleton. Fails if one exists.
+pub(crate) fn install(registry: Registry, waker: Waker) -> Result<&'static Engine, Error> {
+    let mut fresh = false;
+    let engine = ENGINE.get_or_init(|| {
+        fresh = true;
+        Engine {
+            state: Mutex::new(State::default()),
+            registry,
+            waker,
+            sleeping: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            panic: Mutex::new(None),
+        }
+    });
+    if fresh {
+        Ok(engine)
+    } else {
+        Err(Error::AlreadyRegistered)
+    }
+}
+
+pub(crate) fn get() -> Option<&'static Engine> {
+    ENGINE.get()
+}
+
+/// Records a panic caught at the FFI boundary so the loop's caller learns of it.
+pub(crate) fn report_panic(origin: String, message: String) {
+    if let Some(engine) = get() {
+        let mut slot = lock(&engine.panic);
+        if slot.is_none() {
+            *slot = Some(Error::CallbackPanicked { origin, message });
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Callbacks never run under our locks, so a poisoned lock means a bug in this
+    // module; the data is still consistent enough to go on with.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+// --- The six functions libvirt calls (through `ffi::event_impl`). ---
+
+pub(crate) fn add_handle(
+    fd: RawFd,
+    events: i32,
+    callback: HandleCallback,
+    free: Option<FreeCallback>,
+) -> i32 {
+    let Some(engine) = get() else { return -1 };
+    let events = Readiness::from_raw(events).bits();
+    let added = lock(&engine.state)
+        .handles
+        .add(&engine.registry, fd, events, callback, free);
+    match added {
+        Ok(id) => {
+            log::trace!("addHandle fd {fd} events {events:#x} -> watch {id}");
+            id
+        }
+        Err(e) => {
+            log::warn!("addHandle fd {fd}: cannot poll it: {e}");
+            -1
+        }
+    }
+}
+
+pub(crate) fn update_handle(id: i32, events: i32) {
+    let Some(engine) = get() else { return };
+    let events = Readiness::from_raw(events).bits();
+    if !lock(&engine.state)
+        .handles
+        .update(&engine.registry, id, events)
+    {
+        log::debug!("updateHandle: no watch {id}");
+    }
+    // epoll sees the change at once; no wake-up needed.
+}
+
+pub(crate) fn remove_handle(id: i32) -> i32 {
+    let Some(engine) = get() else { return -1 };
+    let mut state = lock(&engine.state);
+    let Some(watch) = state.handles.take(&engine.registry, id) else {
+        log::debug!("removeHandle: no watch {id}");
+        return -1;
+    };
+    state.totals.handles_removed += 1;
+    state.frees.extend(watch.free);
+    drop(state);
+    log::trace!("removeHandle watch {id} (fd {})", watch.fd);
+    engine.wake_for_change();
+    0
+}
+
+pub(crate) fn add_timeout(frequency: i32, callback: TimerCallback, free: Option<FreeCallback>) -> i32 {
+    let Some(engine) = get() else { return -1 };
+    let id = lock(&engine.state)
+        .timers
+        .add(frequency, callback, free, Instant::now());
+    log::trace!("addTimeout frequency {frequency} -> timer {id}");
+    engine.wake_for_change();
+    id
+}
+
+pub(crate) fn update_timeout(id: i32, frequency: i32) {
+    let Some(engine) = get() else { return };
+    if lock(&engine.state).timers.set(id, frequency, Instant::now()) {
+        engine.wake_for_change();
+    } else {
+        log::debug!("updateTimeout: no timer {id}");
+    }
+}
+
+pub(crate) fn remove_timeout(id: i32) -> i32 {
+    let Some(engine) = get() else { return -1 };
+    let mut state = lock(&engine.state);
+    let Some(timer) = state.timers.take(id) else {
+        log::debug!("removeTimeout: no timer {id}");
+        return -1;
+    };
+    state.totals.timers_removed += 1;
+    state.frees.extend(timer.free);
+    drop(state);
+    log::trace!("removeTimeout timer {id}");
+    engine.wake_for_change();
+    0
+}
+
+// --- What the loop runs, in this order, each iteration. ---
+
+impl Engine {
+    /// Wakes a loop sleeping in poll, unless the change comes from the loop itself.
+    fn wake_for_change(&self) {
+        if !ON_LOOP_THREAD.get() && self.sleeping.load(Ordering::SeqCst) {
+            self.wake();
+        }
+    }
+
+    pub(crate) fn wake(&self) {
+        if let Err(e) = self.waker.wake() {
+            log::error!("cannot wake the event loop: {e}");
+        }
+    }
+
+    pub(crate) fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    pub(crate) fn take_stop(&self) -> bool {
+        self.stop.swap(false, Ordering::SeqCst)
+    }
+
+    pub(crate) fn take_panic(&self) -> Option<Error> {
+        lock(&self.panic).take()
+    }
+
+    /// Marks the calling thread as the loop thread for the duration of the guard.
+    pub(crate) fn enter_loop_thread(&self) -> LoopThreadGuard {
+        LoopThreadGuard(ON_LOOP_THREAD.replace(true))
+    }
+
+    /// The poll timeout: 0 while free callbacks wait, else until the next timer
+    /// deadline, capped by `cap`. Marks the loop as about to sleep.
+    pub(crate) fn poll_timeout(&self, cap: Option<Duration>) -> Option<Duration> {
+        self.sleeping.store(true, Ordering::SeqCst);
+        let mut state = lock(&self.state);
+        if !state.frees.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let until_timer = state
+            .timers
+            .next_deadline()
+            .map(|deadline| deadline.saturating_duration_since(Instant::now()));
+        match (until_timer, cap) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub(crate) fn awake(&self) {
+        self.sleeping.store(false, Ordering::SeqCst);
+    }
+
+    /// Fires every timer due now, each at most once.
+    pub(crate) fn dispatch_timers(&self, due: &mut Vec<DueTimer>) {
+        due.clear();
+        lock(&self.state).timers.collect_due(Instant::now(), due);
+        for &timer in due.iter() {
+            let Some(callback) = lock(&self.state).timers.still_due(timer) else {
+                continue; // removed or re-armed by an earlier callback
+            };
+            callback.call(timer.id);
+            lock(&self.state)
+                .timers
+                .rearm_after_fire(timer, Instant::now());
+        }
+    }
+
+    /// Calls every watch that `events` made ready, then re-arms their fds.
+    pub(crate) fn dispatch_handles(&self, events: &mio::Events, ready: &mut Vec<ReadyWatch>) {
+        ready.clear();
+        {
+            let state = lock(&self.state);
+            for event in events.iter() {
+                if event.token() != WAKE_TOKEN {
+                    state
+                        .handles
+                        .collect_ready(event.token(), Readiness::from_mio(event), ready);
+                }
+            }
+        }
+        for watch in ready.iter() {
+            let Some((callback, enabled)) = lock(&self.state).handles.callback(watch.id) else {
+                continue; // removed by an earlier callback of this batch
+            };
+            let events = Readiness::from_raw(i32::from(watch.events)).for_watch(enabled);
+            if events != 0 {
+                callback.call(watch.id, watch.fd, i32::from(events));
+            }
+        }
+        if !ready.is_empty() {
+            let mut state = lock(&self.state);
+            let mut last = None;
+            for watch in ready.iter() {
+                if last != Some(watch.fd) {
+                    state.handles.rearm(&self.registry, watch.fd);
+                    last = Some(watch.fd);
+                }
+            }
+        }
+    }
+
+    /// Runs the free callbacks queued so far, with no lock held.
+    pub(crate) fn run_frees(&self, spare: &mut Vec<FreeCallback>) -> usize {
+        {
+            let mut state = lock(&self.state);
+            if state.frees.is_empty() {
+                return 0;
+            }
+            std::mem::swap(&mut state.frees, spare);
+        }
+        let count = spare.len();
+        for free in spare.drain(..) {
+            free.run();
+        }
+        lock(&self.state).totals.frees_run += count as u64;
+        count
+    }
+
+    pub(crate) fn stats(&self) -> LoopStats {
+        let state = lock(&self.state);
+        LoopStats {
+            handles: state.handles.len(),
+            enabled_handles: state.handles.enabled(),
+            timers: state.timers.len(),
+            armed_timers: state.timers.armed(),
+            pending_frees: state.frees.len(),
+        }
+    }
+
+    pub(crate) fn totals(&self) -> Totals {
+        lock(&self.state).totals
+    }
+}
+
+/// Restores the thread's loop-thread flag when dropped.
+pub(crate) struct LoopThreadGuard(bool);
+
+impl Drop for LoopThreadGuard {
+    fn drop(&mut self) {
+        ON_LOOP_THREAD.set(self.0);
+    }
+}

@@ -1,0 +1,135 @@
+//! The crate's one error type.
+//!
+//! Every fallible call returns [`Result<T>`]. Failures that come from libvirt keep
+//! libvirt's own message, code and domain inside [`Error::Libvirt`]; everything the
+//! reactor decides itself has its own variant, so callers match on kinds, not strings.
+
+use std::fmt;
+use std::io;
+
+/// A libvirt error: its message, code and domain, as libvirt reported them.
+pub type LibvirtError = virt::error::Error;
+
+/// What can go wrong in this crate.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// libvirt reported a failure (message, code and domain are inside).
+    Libvirt(LibvirtError),
+    /// An operating-system call failed (epoll, eventfd, a file).
+    Io(io::Error),
+    /// An event implementation was already registered in this process.
+    ///
+    /// libvirt keeps the first registration for the life of the process and ignores
+    /// later ones, so a second one is refused rather than silently lost.
+    AlreadyRegistered,
+    /// A connection was about to be opened before [`crate::EventLoop::register`]:
+    /// libvirt would then never deliver its events or keepalive through the loop.
+    NotRegistered,
+    /// Another event implementation (for example libvirt's default one) was registered
+    /// before ours, so libvirt would never call us.
+    ForeignImplRegistered,
+    /// A callback running on the loop panicked. The panic was caught at the FFI
+    /// boundary, the loop stayed usable, and this reports it to the caller of `run`.
+    CallbackPanicked {
+        /// What was running, e.g. `"handle watch 3"`.
+        origin: String,
+        /// The panic message, when it was a string.
+        message: String,
+    },
+    /// `drain` gave up before libvirt removed everything it had registered.
+    DrainTimedOut {
+        /// Handle watches still registered.
+        handles: usize,
+        /// Timers still registered.
+        timers: usize,
+        /// Free callbacks still waiting to run.
+        pending_frees: usize,
+    },
+    /// The loop was used from a process other than the one that registered it
+    /// (after `fork`): its epoll instance is shared with the parent.
+    WrongProcess,
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// The libvirt error behind this one, if any.
+    pub fn libvirt(&self) -> Option<&LibvirtError> {
+        match self {
+            Error::Libvirt(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Reads libvirt's last error on this thread (libvirt keeps it per thread).
+    pub(crate) fn last_libvirt() -> Error {
+        Error::Libvirt(LibvirtError::last_error())
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Libvirt(e) => write!(f, "libvirt: {}", e.message()),
+            Error::Io(e) => write!(f, "I/O: {e}"),
+            Error::AlreadyRegistered => {
+                f.write_str("an event implementation is already registered in this process")
+            }
+            Error::NotRegistered => f.write_str(
+                "no event loop is registered: call EventLoop::register() before opening a connection",
+            ),
+            Error::ForeignImplRegistered => f.write_str(
+                "another event implementation was registered before virt-reactor's; \
+                 register virt-reactor first, before opening any connection",
+            ),
+            Error::CallbackPanicked { origin, message } => {
+                write!(f, "{origin} panicked: {message}")
+            }
+            Error::DrainTimedOut {
+                handles,
+                timers,
+                pending_frees,
+            } => write!(
+                f,
+                "drain timed out with {handles} handle(s), {timers} timer(s) and \
+                 {pending_frees} free callback(s) left"
+            ),
+            Error::WrongProcess => {
+                f.write_str("the event loop belongs to another process (used after fork)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Libvirt(e) => Some(e),
+            Error::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(e)
+    }
+}
+
+impl From<LibvirtError> for Error {
+    fn from(e: LibvirtError) -> Self {
+        Error::Libvirt(e)
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Io(e) => e,
+            other => io::Error::other(other),
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The FFI boundary: every `unsafe` block and every `extern "C"` function of the crate.
+//!
+//! Nothing outside this module names `virt::sys`. Each submodule turns one kind of C
+//! contract into safe Rust:
+//!
+//! - [`event_impl`]: the six functions registered with `virEventRegisterImpl`, which
+//!   forward to the safe engine;
+//! - [`callback`]: libvirt's `(callback, opaque)` pairs, made callable and `Send`;
+//! - [`closure`]: Rust closures as callbacks on libvirt's loop (`virEventAddHandle` and
+//!   `virEventAddTimeout`), freed by their own free callback;
+//! - [`panic`]: catching panics so none unwinds into C.
+#![allow(unsafe_code)]
+
+pub(crate) mod callback;
+pub(crate) mod closure;
+pub(crate) mod event_impl;
+pub(crate) mod panic;

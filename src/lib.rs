@@ -1,0 +1,61 @@
+//! # virt-reactor
+//!
+//! One thread drives many libvirt streams without blocking.
+//!
+//! virt-reactor implements libvirt's event loop API (`virEventRegisterImpl`) on
+//! [`mio`]. libvirt's sockets, keepalive timers and stream callbacks all run on the
+//! loop, level-triggered as libvirt expects, and other threads may add, change and
+//! remove watches at any time.
+//!
+//! ## Quick start
+//!
+//! ```no_run
+//! use std::thread;
+//! use virt_reactor::EventLoop;
+//!
+//! fn main() -> virt_reactor::Result<()> {
+//!     // 1. Register first, once per process, before any connection is opened.
+//!     let mut event_loop = EventLoop::register()?;
+//!     let stopper = event_loop.handle();
+//!
+//!     // 2. Run it on a thread of its own (or embed it in your own mio::Poll).
+//!     let runner = thread::spawn(move || event_loop.run());
+//!
+//!     // 3. Blocking libvirt calls from other threads are fine: their replies and
+//!     //    the connection's keepalive travel through the loop.
+//!     let conn = virt_reactor::connect("test:///default")?;
+//!     println!("connected to {}", conn.get_uri().map_err(virt_reactor::Error::Libvirt)?);
+//!
+//!     stopper.stop();
+//!     runner.join().expect("loop thread")?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! ## Layout
+//!
+//! - [`ffi`](crate) (private): every `unsafe` block; the six `extern "C"` functions
+//!   libvirt calls, and the trampolines for Rust closures.
+//! - `engine` (private): the handle and timer tables, deferred free callbacks.
+//! - [`EventLoop`]: owns the `mio::Poll`, runs iterations, drains at shutdown.
+//! - [`Watch`] / [`Timer`]: your own fds and timers on libvirt's loop.
+//!
+//! See `docs/architecture.md` for threads, locks and dispatch order, and
+//! `docs/contract.md` for each rule of libvirt's contract and the test that proves it.
+
+#![doc(test(attr(deny(warnings))))]
+
+mod connect;
+mod engine;
+mod error;
+mod event_loop;
+mod ffi;
+mod interest;
+mod watch;
+
+pub use connect::connect;
+pub use engine::LoopStats;
+pub use error::{Error, LibvirtError, Result};
+pub use event_loop::{DrainReport, EventLoop, LoopHandle};
+pub use interest::{Interest, Readiness};
+pub use watch::{Timer, Watch};
