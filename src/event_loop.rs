@@ -166,10 +166,11 @@ impl EventLoop {
     /// How long an embedding poll may sleep before [`dispatch`](Self::dispatch) must
     /// run again even without a readiness event: `Some(ZERO)` when work is pending,
     /// the time to the next timer, or `None` when nothing is scheduled.
+    ///
+    /// Call it right before the embedding poll sleeps: from then until the next
+    /// [`dispatch`](Self::dispatch), changes made by other threads wake that poll.
     pub fn next_timeout(&self) -> Option<Duration> {
-        let timeout = self.engine.poll_timeout(None);
-        self.engine.awake();
-        timeout
+        self.engine.poll_timeout(None)
     }
 
     /// What libvirt has registered right now.

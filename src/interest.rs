@@ -176,7 +176,10 @@ mod tests {
 
     #[test]
     fn debug_names_bits() {
-        assert_eq!(format!("{:?}", Readiness::READABLE | Readiness::HANGUP), "READABLE | HANGUP");
+        assert_eq!(
+            format!("{:?}", Readiness::READABLE | Readiness::HANGUP),
+            "READABLE | HANGUP"
+        );
         assert_eq!(format!("{:?}", Interest::NONE), "NONE");
     }
 }

@@ -106,7 +106,10 @@ impl HandleTable {
     /// Removes a watch and gives it back (its free callback still to run).
     pub(super) fn take(&mut self, registry: &Registry, id: i32) -> Option<Watch> {
         let watch = self.watches.remove(&id)?;
-        let entry = self.fds.get_mut(&watch.fd).expect("every watch has an fd entry");
+        let entry = self
+            .fds
+            .get_mut(&watch.fd)
+            .expect("every watch has an fd entry");
         entry.watches.retain(|&w| w != id);
         if entry.watches.is_empty() {
             let entry = self.fds.remove(&watch.fd).expect("present");
@@ -127,7 +130,12 @@ impl HandleTable {
     }
 
     /// Appends the watches an epoll event makes due, masked per watch.
-    pub(super) fn collect_ready(&self, token: Token, readiness: Readiness, out: &mut Vec<ReadyWatch>) {
+    pub(super) fn collect_ready(
+        &self,
+        token: Token,
+        readiness: Readiness,
+        out: &mut Vec<ReadyWatch>,
+    ) {
         let (fd, generation) = decode(token);
         let Some(entry) = self.fds.get(&fd) else {
             return;
@@ -186,7 +194,9 @@ impl HandleTable {
             (None, None) => Ok(()),
             (Some(_), None) => {
                 entry.registered = None;
-                registry.deregister(&mut SourceFd(&fd)).or_else(ignore_closed)
+                registry
+                    .deregister(&mut SourceFd(&fd))
+                    .or_else(ignore_closed)
             }
             (Some(_), Some(interest)) => {
                 let token = encode(fd, entry.generation);
@@ -270,7 +280,10 @@ mod tests {
         assert_eq!(mio_interest(0), None);
         assert_eq!(mio_interest(1), Some(Interest::READABLE));
         assert_eq!(mio_interest(2), Some(Interest::WRITABLE));
-        assert_eq!(mio_interest(3), Some(Interest::READABLE | Interest::WRITABLE));
+        assert_eq!(
+            mio_interest(3),
+            Some(Interest::READABLE | Interest::WRITABLE)
+        );
         assert_eq!(mio_interest(8), Some(Interest::PRIORITY));
         assert_eq!(mio_interest(4 | 1), Some(Interest::READABLE));
     }

@@ -179,7 +179,11 @@ pub(crate) fn remove_handle(id: i32) -> i32 {
     0
 }
 
-pub(crate) fn add_timeout(frequency: i32, callback: TimerCallback, free: Option<FreeCallback>) -> i32 {
+pub(crate) fn add_timeout(
+    frequency: i32,
+    callback: TimerCallback,
+    free: Option<FreeCallback>,
+) -> i32 {
     let Some(engine) = get() else { return -1 };
     let id = lock(&engine.state)
         .timers
@@ -191,7 +195,10 @@ pub(crate) fn add_timeout(frequency: i32, callback: TimerCallback, free: Option<
 
 pub(crate) fn update_timeout(id: i32, frequency: i32) {
     let Some(engine) = get() else { return };
-    if lock(&engine.state).timers.set(id, frequency, Instant::now()) {
+    if lock(&engine.state)
+        .timers
+        .set(id, frequency, Instant::now())
+    {
         engine.wake_for_change();
     } else {
         log::debug!("updateTimeout: no timer {id}");

@@ -143,7 +143,9 @@ impl TimerTable {
         if self.heap.len() > 64 && self.heap.len() > 2 * self.timers.len() {
             let timers = &self.timers;
             self.heap.retain(|Reverse((_, seq, id))| {
-                timers.get(id).is_some_and(|t| t.armed == *seq && t.period.is_some())
+                timers
+                    .get(id)
+                    .is_some_and(|t| t.armed == *seq && t.period.is_some())
             });
         }
     }

@@ -57,8 +57,10 @@ unsafe extern "C" fn add_handle(
     opaque: *mut c_void,
     ff: sys::virFreeCallback,
 ) -> c_int {
-    let (Some(callback), free) = (HandleCallback::new(cb, opaque), FreeCallback::new(ff, opaque))
-    else {
+    let (Some(callback), free) = (
+        HandleCallback::new(cb, opaque),
+        FreeCallback::new(ff, opaque),
+    ) else {
         log::warn!("virEventAddHandle(fd {fd}) without a callback: refused");
         return -1;
     };
@@ -90,8 +92,10 @@ unsafe extern "C" fn add_timeout(
     opaque: *mut c_void,
     ff: sys::virFreeCallback,
 ) -> c_int {
-    let (Some(callback), free) = (TimerCallback::new(cb, opaque), FreeCallback::new(ff, opaque))
-    else {
+    let (Some(callback), free) = (
+        TimerCallback::new(cb, opaque),
+        FreeCallback::new(ff, opaque),
+    ) else {
         log::warn!("virEventAddTimeout without a callback: refused");
         return -1;
     };
