@@ -46,9 +46,35 @@ pub enum Error {
         /// Free callbacks still waiting to run.
         pending_frees: usize,
     },
+    /// A connection already has as many subscriptions of one kind as it can hold.
+    SubscriptionLimit {
+        /// How many it can hold.
+        limit: usize,
+    },
     /// The loop was used from a process other than the one that registered it
     /// (after `fork`): its epoll instance is shared with the parent.
     WrongProcess,
+    /// No stream in the reactor has this token (it ended, or never existed).
+    InvalidToken,
+    /// The reactor is gone, so a command from another thread cannot reach it.
+    ReactorGone,
+    /// The stream ended, so nothing more can be written to it.
+    StreamClosed,
+    /// The transfer was aborted before it completed.
+    Aborted,
+    /// An upload holds more bytes than the volume has room for.
+    VolumeTooSmall {
+        /// Bytes the upload needs, counted from the volume's start.
+        needed: u64,
+        /// The volume's capacity.
+        capacity: u64,
+    },
+    /// libvirt closed the stream's connection (daemon gone, socket error,
+    /// keepalive timeout); every stream of that connection fails with this.
+    ConnectionClosed {
+        /// Why libvirt closed it.
+        reason: crate::connection_events::CloseReason,
+    },
 }
 
 /// `Result` with this crate's [`Error`].
@@ -60,6 +86,16 @@ impl Error {
         match self {
             Error::Libvirt(e) => Some(e),
             _ => None,
+        }
+    }
+
+    /// Unwraps one of ours carried inside an `io::Error`, or wraps a plain one.
+    pub(crate) fn from_io(e: io::Error) -> Error {
+        if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            let inner = e.into_inner().expect("checked above");
+            *inner.downcast::<Error>().expect("checked above")
+        } else {
+            Error::Io(e)
         }
     }
 
@@ -96,8 +132,23 @@ impl fmt::Display for Error {
                 "drain timed out with {handles} handle(s), {timers} timer(s) and \
                  {pending_frees} free callback(s) left"
             ),
+            Error::SubscriptionLimit { limit } => write!(
+                f,
+                "the connection already has {limit} subscriptions of this kind"
+            ),
             Error::WrongProcess => {
                 f.write_str("the event loop belongs to another process (used after fork)")
+            }
+            Error::InvalidToken => f.write_str("no stream has this token (it already ended?)"),
+            Error::ReactorGone => f.write_str("the reactor is gone"),
+            Error::StreamClosed => f.write_str("the stream has ended"),
+            Error::Aborted => f.write_str("aborted before completion"),
+            Error::VolumeTooSmall { needed, capacity } => write!(
+                f,
+                "the upload needs {needed} bytes but the volume holds {capacity}"
+            ),
+            Error::ConnectionClosed { reason } => {
+                write!(f, "the connection to libvirt was lost ({reason})")
             }
         }
     }

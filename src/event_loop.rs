@@ -119,7 +119,7 @@ impl EventLoop {
     pub fn run(&mut self) -> Result<()> {
         loop {
             self.run_once(None)?;
-            if self.engine.take_stop() {
+            if self.take_stop_request() {
                 return Ok(());
             }
         }
@@ -171,6 +171,11 @@ impl EventLoop {
     /// [`dispatch`](Self::dispatch), changes made by other threads wake that poll.
     pub fn next_timeout(&self) -> Option<Duration> {
         self.engine.poll_timeout(None)
+    }
+
+    /// Consumes a pending [`LoopHandle::stop`] request.
+    pub(crate) fn take_stop_request(&self) -> bool {
+        self.engine.take_stop()
     }
 
     /// What libvirt has registered right now.

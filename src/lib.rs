@@ -24,7 +24,7 @@
 //!     // 3. Blocking libvirt calls from other threads are fine: their replies and
 //!     //    the connection's keepalive travel through the loop.
 //!     let conn = virt_reactor::connect("test:///default")?;
-//!     println!("connected to {}", conn.get_uri().map_err(virt_reactor::Error::Libvirt)?);
+//!     println!("connected to {}", conn.uri().map_err(virt_reactor::Error::Libvirt)?);
 //!
 //!     stopper.stop();
 //!     runner.join().expect("loop thread")?;
@@ -46,11 +46,16 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod connect;
+pub mod connection_events;
 mod engine;
 mod error;
 mod event_loop;
 mod ffi;
 mod interest;
+mod reactor;
+mod stream;
+pub mod transfer;
+pub mod volume;
 mod watch;
 
 pub use connect::connect;
@@ -58,4 +63,9 @@ pub use engine::LoopStats;
 pub use error::{Error, LibvirtError, Result};
 pub use event_loop::{DrainReport, EventLoop, LoopHandle};
 pub use interest::{Interest, Readiness};
+pub use reactor::{
+    handler_fn, Flow, Reactor, ReactorHandle, StreamCtx, StreamEnd, StreamHandler, StreamToken,
+    StreamWriter, DEFAULT_OUTBOX_CAPACITY,
+};
+pub use stream::{Received, Stream};
 pub use watch::{Timer, Watch};

@@ -1,15 +1,16 @@
 //! Rust closures as callbacks on libvirt's event loop, through libvirt's public
 //! `virEventAddHandle` and `virEventAddTimeout`.
 //!
-//! Each closure is boxed; the box's address is the opaque, and our free callback drops
-//! the box. So the closure lives exactly as long as libvirt's registration, whichever
-//! event implementation is registered, and a failed registration drops the box here.
+//! Each closure is the registration's opaque (see [`super::opaque`]), so it lives
+//! exactly as long as libvirt's registration, whichever event implementation is
+//! registered.
 
 use std::ffi::{c_int, c_void};
 use std::os::fd::RawFd;
 
 use virt::sys;
 
+use super::opaque::{self, Opaque};
 use super::panic::catch;
 use crate::interest::{Interest, Readiness};
 
@@ -18,46 +19,31 @@ pub(crate) type HandleFn = Box<dyn FnMut(i32, RawFd, Readiness) + Send>;
 /// The closure type behind a timer.
 pub(crate) type TimerFn = Box<dyn FnMut(i32) + Send>;
 
+impl Opaque for HandleFn {
+    const KIND: &'static str = "handle watch";
+}
+
+impl Opaque for TimerFn {
+    const KIND: &'static str = "timer";
+}
+
 /// Registers `f` for `fd` with libvirt's current event implementation.
 pub(crate) fn add_handle(fd: RawFd, interest: Interest, f: HandleFn) -> crate::Result<i32> {
-    let opaque = Box::into_raw(Box::new(f)).cast::<c_void>();
-    // SAFETY: the trampoline and free function match the opaque's type; libvirt owns
-    // the box from here on and releases it through `free_handle_fn`.
-    let id = unsafe {
-        sys::virEventAddHandle(
-            fd,
-            interest.to_raw(),
-            Some(handle_trampoline),
-            opaque,
-            Some(free_handle_fn),
-        )
-    };
-    if id < 0 {
-        // SAFETY: registration failed, so libvirt did not take the box: reclaim it.
-        drop(unsafe { Box::from_raw(opaque.cast::<HandleFn>()) });
-        return Err(crate::Error::last_libvirt());
-    }
-    Ok(id)
+    opaque::register(f, |opaque, free| {
+        // SAFETY: the trampoline matches the opaque's type; libvirt owns the box from
+        // here on and releases it through `free`.
+        unsafe {
+            sys::virEventAddHandle(fd, interest.to_raw(), Some(handle_trampoline), opaque, free)
+        }
+    })
 }
 
 /// Registers `f` as a timer with libvirt's current event implementation.
 pub(crate) fn add_timer(frequency: i32, f: TimerFn) -> crate::Result<i32> {
-    let opaque = Box::into_raw(Box::new(f)).cast::<c_void>();
-    // SAFETY: as in `add_handle`.
-    let id = unsafe {
-        sys::virEventAddTimeout(
-            frequency,
-            Some(timer_trampoline),
-            opaque,
-            Some(free_timer_fn),
-        )
-    };
-    if id < 0 {
+    opaque::register(f, |opaque, free| {
         // SAFETY: as in `add_handle`.
-        drop(unsafe { Box::from_raw(opaque.cast::<TimerFn>()) });
-        return Err(crate::Error::last_libvirt());
-    }
-    Ok(id)
+        unsafe { sys::virEventAddTimeout(frequency, Some(timer_trampoline), opaque, free) }
+    })
 }
 
 pub(crate) fn update_handle(id: i32, interest: Interest) {
@@ -80,11 +66,16 @@ pub(crate) fn remove_timer(id: i32) -> bool {
     unsafe { sys::virEventRemoveTimeout(id) == 0 }
 }
 
-unsafe extern "C" fn handle_trampoline(watch: c_int, fd: c_int, events: c_int, opaque: *mut c_void) {
+unsafe extern "C" fn handle_trampoline(
+    watch: c_int,
+    fd: c_int,
+    events: c_int,
+    opaque: *mut c_void,
+) {
     // SAFETY: `opaque` is the `HandleFn` box registered in `add_handle`; it stays valid
-    // until `free_handle_fn`, which never runs while a callback is in flight, and only
+    // until its free callback, which never runs while a callback is in flight, and only
     // the loop thread calls it, so the `&mut` is unique.
-    let f = unsafe { &mut *opaque.cast::<HandleFn>() };
+    let f = unsafe { opaque::value_mut::<HandleFn>(opaque) };
     catch(
         || format!("handle watch {watch}"),
         || f(watch, fd, Readiness::from_raw(events)),
@@ -93,18 +84,6 @@ unsafe extern "C" fn handle_trampoline(watch: c_int, fd: c_int, events: c_int, o
 
 unsafe extern "C" fn timer_trampoline(timer: c_int, opaque: *mut c_void) {
     // SAFETY: as in `handle_trampoline`, for the `TimerFn` box of `add_timer`.
-    let f = unsafe { &mut *opaque.cast::<TimerFn>() };
+    let f = unsafe { opaque::value_mut::<TimerFn>(opaque) };
     catch(|| format!("timer {timer}"), || f(timer));
-}
-
-unsafe extern "C" fn free_handle_fn(opaque: *mut c_void) {
-    // SAFETY: libvirt calls this once, after the watch is gone, with our box.
-    let f = unsafe { Box::from_raw(opaque.cast::<HandleFn>()) };
-    catch(|| "handle watch free".to_owned(), move || drop(f));
-}
-
-unsafe extern "C" fn free_timer_fn(opaque: *mut c_void) {
-    // SAFETY: libvirt calls this once, after the timer is gone, with our box.
-    let f = unsafe { Box::from_raw(opaque.cast::<TimerFn>()) };
-    catch(|| "timer free".to_owned(), move || drop(f));
 }

@@ -8,10 +8,16 @@
 //! - [`callback`]: libvirt's `(callback, opaque)` pairs, made callable and `Send`;
 //! - [`closure`]: Rust closures as callbacks on libvirt's loop (`virEventAddHandle` and
 //!   `virEventAddTimeout`), freed by their own free callback;
+//! - [`connection_events`]: Rust closures as domain lifecycle and close callbacks;
+//! - [`opaque`]: Rust values as libvirt opaques, dropped by libvirt's free callback;
 //! - [`panic`]: catching panics so none unwinds into C.
 #![allow(unsafe_code)]
 
 pub(crate) mod callback;
 pub(crate) mod closure;
+pub(crate) mod connection_events;
 pub(crate) mod event_impl;
+pub(crate) mod file;
+pub(crate) mod opaque;
 pub(crate) mod panic;
+pub(crate) mod stream;

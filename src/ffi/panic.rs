@@ -22,7 +22,7 @@ pub(crate) fn catch<R>(origin: impl FnOnce() -> String, f: impl FnOnce() -> R) -
     }
 }
 
-fn payload_message(payload: &(dyn Any + Send)) -> String {
+pub(crate) fn payload_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
     } else if let Some(s) = payload.downcast_ref::<String>() {

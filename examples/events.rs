@@ -1,0 +1,211 @@
+//! Prints domain lifecycle events as they arrive, delivered by virt-reactor's loop.
+//!
+//! With no arguments it opens libvirt's in-process test driver, drives a short
+//! lifecycle itself (define, start, suspend, resume, destroy, undefine), and exits
+//! once every event has arrived. With `--uri` it watches a real daemon until Ctrl-C:
+//!
+//! ```text
+//! cargo run --example events
+//! cargo run --example events -- --uri qemu:///session
+//! ```
+//!
+//! Either way it shuts down in the documented order: deregister, close the
+//! connection, drain the loop, stop.
+
+use std::fmt::Display;
+use std::process::ExitCode;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use virt_reactor::connection_events::{
+    CloseReason, CloseWatch, DomainEventSubscription, LifecycleEvent, LifecycleKind,
+};
+use virt_reactor::{DrainReport, EventLoop};
+
+/// The scripted demo's domain, on `test:///default`.
+const DEMO_DOMAIN: &str = "test-demo";
+const DEMO_XML: &str = "<domain type='test'><name>test-demo</name>\
+                        <memory unit='MiB'>16</memory><os><type>hvm</type></os></domain>";
+/// The events the demo's script causes, in order.
+const DEMO_EVENTS: [LifecycleKind; 6] = [
+    LifecycleKind::Defined,
+    LifecycleKind::Started,
+    LifecycleKind::Suspended,
+    LifecycleKind::Resumed,
+    LifecycleKind::Stopped,
+    LifecycleKind::Undefined,
+];
+/// How long the loop may take to release everything libvirt registered.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Prints libvirt domain lifecycle events as they arrive.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Watch this connection until Ctrl-C, instead of the scripted demo on
+    /// test:///default.
+    #[arg(long, value_name = "URI")]
+    uri: Option<String>,
+    /// How long the demo waits for all its events, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    timeout: u64,
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+/// Turns an error into a one-line message saying what was being done.
+trait Context<T> {
+    fn context(self, doing: impl Display) -> Result<T>;
+}
+
+impl<T, E: Into<virt_reactor::Error>> Context<T> for std::result::Result<T, E> {
+    fn context(self, doing: impl Display) -> Result<T> {
+        self.map_err(|e| format!("{doing}: {}", e.into()))
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::init();
+    let args = Args::parse();
+    // Errors are printed once, below, rather than also by libvirt's default handler.
+    virt::error::clear_error_callback();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("events: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let mut event_loop = EventLoop::register().context("registering the event loop")?;
+    let stopper = event_loop.handle();
+    let runner = thread::spawn(move || -> virt_reactor::Result<DrainReport> {
+        event_loop.run()?;
+        event_loop.drain(DRAIN_TIMEOUT)
+    });
+
+    // Both return only after deregistering and closing their connection.
+    let watched = match &args.uri {
+        None => demo(Duration::from_secs(args.timeout)),
+        Some(uri) => watch(uri),
+    };
+
+    stopper.stop();
+    let drained = runner
+        .join()
+        .map_err(|_| "the event loop thread panicked".to_owned())?
+        .context("running the event loop");
+    watched?;
+    let report = drained?;
+    println!(
+        "drain: {} iteration(s), removed {} watch(es) and {} timer(s), ran {} free callback(s)",
+        report.iterations, report.handles_removed, report.timers_removed, report.frees_run
+    );
+    Ok(())
+}
+
+/// Drives a scripted lifecycle on the test driver and waits for all its events.
+fn demo(timeout: Duration) -> Result<()> {
+    let conn = virt_reactor::connect("test:///default").context("opening test:///default")?;
+    let (tx, rx) = mpsc::channel();
+    let subscription = DomainEventSubscription::lifecycle(&conn, move |event| {
+        println!("{event}");
+        // The receiver is gone only once the demo has what it waited for.
+        let _ = tx.send(event);
+    })
+    .context("subscribing to lifecycle events")?;
+
+    let domain = conn
+        .define_domain_xml(DEMO_XML)
+        .context(format!("defining {DEMO_DOMAIN}"))?;
+    domain.create().context(format!("starting {DEMO_DOMAIN}"))?;
+    domain
+        .suspend()
+        .context(format!("suspending {DEMO_DOMAIN}"))?;
+    domain.resume().context(format!("resuming {DEMO_DOMAIN}"))?;
+    domain
+        .destroy()
+        .context(format!("destroying {DEMO_DOMAIN}"))?;
+    domain
+        .undefine()
+        .context(format!("undefining {DEMO_DOMAIN}"))?;
+    wait_for_demo_events(&rx, timeout)?;
+
+    subscription
+        .cancel()
+        .context("deregistering the subscription")?;
+    drop(domain);
+    drop(conn);
+    Ok(())
+}
+
+fn wait_for_demo_events(rx: &Receiver<LifecycleEvent>, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    for (seen, expected) in DEMO_EVENTS.iter().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = rx.recv_timeout(left).map_err(|e| match e {
+            RecvTimeoutError::Timeout => format!(
+                "timed out after {timeout:?} waiting for the {expected} event of \
+                 {DEMO_DOMAIN} ({seen} of {} arrived)",
+                DEMO_EVENTS.len()
+            ),
+            RecvTimeoutError::Disconnected => "the subscription went away".to_owned(),
+        })?;
+        if event.domain != DEMO_DOMAIN || event.kind != *expected {
+            return Err(format!(
+                "expected the {expected} event of {DEMO_DOMAIN}, got \"{event}\""
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Why the watch ended.
+enum Stop {
+    Interrupted,
+    Closed(CloseReason),
+}
+
+/// Prints the events of `uri` until Ctrl-C or until the connection closes.
+fn watch(uri: &str) -> Result<()> {
+    let (tx, rx) = mpsc::channel();
+    let interrupted = tx.clone();
+    ctrlc::set_handler(move || {
+        let _ = interrupted.send(Stop::Interrupted);
+    })
+    .map_err(|e| format!("installing the Ctrl-C handler: {e}"))?;
+
+    let conn = virt_reactor::connect(uri).context(format!("opening {uri}"))?;
+    let close_watch = CloseWatch::new(&conn, move |reason| {
+        let _ = tx.send(Stop::Closed(reason));
+    })
+    .context("watching the connection")?;
+    let subscription = DomainEventSubscription::lifecycle(&conn, |event| println!("{event}"))
+        .context("subscribing to lifecycle events")?;
+    println!("watching {uri}; press Ctrl-C to stop");
+
+    match rx.recv() {
+        Ok(Stop::Interrupted) => {
+            println!("interrupted, shutting down");
+            subscription
+                .cancel()
+                .context("deregistering the subscription")?;
+            close_watch
+                .cancel()
+                .context("unregistering the close callback")?;
+            drop(conn);
+            Ok(())
+        }
+        Ok(Stop::Closed(reason)) => {
+            // Deregistering may fail now that the daemon is gone; dropping logs it.
+            drop(subscription);
+            drop(close_watch);
+            drop(conn);
+            Err(format!("the connection to {uri} closed: {reason}"))
+        }
+        Err(_) => Err("the close watch and Ctrl-C handler both went away".to_owned()),
+    }
+}

@@ -1,0 +1,149 @@
+//! Raw libvirt streams: one owned reference, non-blocking calls with libvirt's return
+//! codes, and the event callback whose opaque is a slab token, never an address.
+
+use std::ffi::{c_char, c_int, c_longlong, c_void};
+
+use virt::connect::Connect;
+use virt::stream::Stream as VirtStream;
+use virt::sys;
+
+use super::panic::catch;
+use crate::error::{Error, Result};
+
+/// One reference to a `virStreamPtr`, released exactly once when dropped.
+pub(crate) struct RawStream {
+    ptr: sys::virStreamPtr,
+}
+
+// SAFETY: libvirt stream objects are reference counted and internally locked; every
+// call below is allowed from any thread.
+unsafe impl Send for RawStream {}
+
+impl RawStream {
+    /// `virStreamNew(conn, VIR_STREAM_NONBLOCK)`.
+    pub(crate) fn new_nonblocking(conn: &Connect) -> Result<RawStream> {
+        // SAFETY: `conn` is a live connection for the duration of the call.
+        let ptr = unsafe { sys::virStreamNew(conn.as_ptr(), sys::VIR_STREAM_NONBLOCK) };
+        if ptr.is_null() {
+            return Err(Error::last_libvirt());
+        }
+        Ok(RawStream { ptr })
+    }
+
+    /// A `virt` handle on the same stream (its own reference), for the `virt` calls
+    /// that attach a stream: `StorageVol::download`, `Domain::open_console`, ...
+    pub(crate) fn to_virt(&self) -> VirtStream {
+        // SAFETY: `self.ptr` is live; the new reference is owned by the returned value,
+        // which frees it when dropped.
+        unsafe {
+            sys::virStreamRef(self.ptr);
+            VirtStream::from_ptr(self.ptr)
+        }
+    }
+
+    /// Returns libvirt's code: bytes sent, -1 error, -2 would block.
+    pub(crate) fn send(&self, buf: &[u8]) -> i32 {
+        // SAFETY: `buf` is valid for `buf.len()` bytes for the duration of the call.
+        unsafe { sys::virStreamSend(self.ptr, buf.as_ptr().cast::<c_char>(), buf.len()) }
+    }
+
+    /// Returns libvirt's code: bytes received, 0 end of stream, -1 error, -2 would
+    /// block, -3 (with `stop_at_hole`) positioned at a hole.
+    pub(crate) fn recv(&self, buf: &mut [u8], stop_at_hole: bool) -> i32 {
+        let flags = if stop_at_hole {
+            sys::VIR_STREAM_RECV_STOP_AT_HOLE
+        } else {
+            0
+        };
+        // SAFETY: `buf` is valid and writable for `buf.len()` bytes.
+        unsafe {
+            sys::virStreamRecvFlags(
+                self.ptr,
+                buf.as_mut_ptr().cast::<c_char>(),
+                buf.len(),
+                flags,
+            )
+        }
+    }
+
+    /// The length of the hole the stream is positioned at.
+    pub(crate) fn recv_hole(&self) -> Result<u64> {
+        let mut length: c_longlong = 0;
+        // SAFETY: `length` is a valid out-pointer for the call.
+        if unsafe { sys::virStreamRecvHole(self.ptr, &mut length, 0) } < 0 {
+            return Err(Error::last_libvirt());
+        }
+        Ok(u64::try_from(length).unwrap_or(0))
+    }
+
+    pub(crate) fn send_hole(&self, length: u64) -> Result<()> {
+        let length = c_longlong::try_from(length).unwrap_or(c_longlong::MAX);
+        // SAFETY: plain arguments on a live stream.
+        check(unsafe { sys::virStreamSendHole(self.ptr, length, 0) })
+    }
+
+    /// Registers the stream's one event callback; `token` comes back with each event.
+    pub(crate) fn add_callback(&self, events: i32, token: usize) -> Result<()> {
+        // SAFETY: the opaque is an integer, never dereferenced, so nothing needs freeing
+        // and no address can go stale.
+        check(unsafe {
+            sys::virStreamEventAddCallback(
+                self.ptr,
+                events,
+                Some(stream_event),
+                token as *mut c_void,
+                None,
+            )
+        })
+    }
+
+    pub(crate) fn update_callback(&self, events: i32) -> Result<()> {
+        // SAFETY: plain arguments on a live stream.
+        check(unsafe { sys::virStreamEventUpdateCallback(self.ptr, events) })
+    }
+
+    pub(crate) fn remove_callback(&self) -> Result<()> {
+        // SAFETY: plain argument on a live stream.
+        check(unsafe { sys::virStreamEventRemoveCallback(self.ptr) })
+    }
+
+    pub(crate) fn finish(&self) -> Result<()> {
+        // SAFETY: plain argument on a live stream.
+        check(unsafe { sys::virStreamFinish(self.ptr) })
+    }
+
+    pub(crate) fn abort(&self) -> Result<()> {
+        // SAFETY: plain argument on a live stream.
+        check(unsafe { sys::virStreamAbort(self.ptr) })
+    }
+}
+
+impl Drop for RawStream {
+    fn drop(&mut self) {
+        // SAFETY: we own exactly one reference, released here once.
+        if unsafe { sys::virStreamFree(self.ptr) } < 0 {
+            log::warn!("virStreamFree failed: {}", Error::last_libvirt());
+        }
+    }
+}
+
+fn check(code: c_int) -> Result<()> {
+    if code < 0 {
+        Err(Error::last_libvirt())
+    } else {
+        Ok(())
+    }
+}
+
+unsafe extern "C" fn stream_event(_stream: sys::virStreamPtr, events: c_int, opaque: *mut c_void) {
+    catch(
+        || "stream event callback".to_owned(),
+        || crate::reactor::inbox::stream_ready(opaque as usize, events),
+    );
+}
+
+/// Identifies a connection, to group streams by it. The pointer is only compared.
+pub(crate) fn connection_key(conn: &Connect) -> usize {
+    // SAFETY: `as_ptr` only reads the pointer; it is never dereferenced here.
+    unsafe { conn.as_ptr() as usize }
+}

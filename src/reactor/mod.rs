@@ -1,0 +1,556 @@
+//! [`Reactor`]: non-blocking libvirt streams in a slab, each with its handler, all
+//! driven by one [`EventLoop`].
+//!
+//! Each stream's libvirt event callback gets the stream's [`StreamToken`] as its
+//! opaque. The callback only records the event (see `inbox`); after each loop
+//! iteration the reactor looks the token up and calls the handler with `&mut` access,
+//! outside any libvirt callback, so handlers may finish, abort or re-insert streams
+//! and call any libvirt API.
+
+mod handle;
+mod handler;
+pub(crate) mod inbox;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use slab::Slab;
+
+pub use handle::{ReactorHandle, StreamWriter};
+pub use handler::{handler_fn, Flow, StreamCtx, StreamEnd, StreamHandler, StreamToken};
+
+use crate::connection_events::CloseWatch;
+use crate::error::{Error, Result};
+use crate::event_loop::{DrainReport, EventLoop};
+use crate::interest::{Interest, Readiness};
+use crate::stream::Stream;
+use handle::{Command, Outbox};
+use inbox::Inbox;
+
+/// Bytes the reactor sends from one stream's outbox per iteration, so that one busy
+/// writer cannot hold the loop (a remote `virStreamSend` blocks until it is written).
+const OUTBOX_BUDGET: usize = 64 * 1024;
+
+/// Default bound of a stream's outbox.
+pub const DEFAULT_OUTBOX_CAPACITY: usize = 1 << 20;
+
+struct Slot {
+    stream: Stream,
+    handler: Box<dyn StreamHandler>,
+    token: StreamToken,
+    /// What the handler asked for.
+    interest: Interest,
+    /// What libvirt's callback is registered for now: the handler's interest, plus
+    /// WRITABLE while the outbox holds bytes.
+    registered: Interest,
+    outbox: Option<Arc<Outbox>>,
+}
+
+/// A connection some of the reactor's streams use, and its close watch.
+struct Connection {
+    streams: usize,
+    _close_watch: Option<CloseWatch>,
+}
+
+/// Many non-blocking libvirt streams on one thread.
+pub struct Reactor {
+    event_loop: EventLoop,
+    slots: Slab<Slot>,
+    /// Generation of each slab key; bumped whenever the key is vacated.
+    generations: Vec<u32>,
+    connections: HashMap<usize, Connection>,
+    commands: Receiver<Command>,
+    handle: ReactorHandle,
+    inbox: Inbox,
+    scratch: Vec<u8>,
+}
+
+impl Reactor {
+    /// A reactor driving its streams with `event_loop`.
+    pub fn new(event_loop: EventLoop) -> Reactor {
+        let (tx, commands) = crossbeam_channel::unbounded();
+        let handle = ReactorHandle {
+            commands: tx,
+            loop_handle: event_loop.handle(),
+        };
+        Reactor {
+            event_loop,
+            slots: Slab::new(),
+            generations: Vec::new(),
+            connections: HashMap::new(),
+            commands,
+            handle,
+            inbox: Inbox::default(),
+            scratch: vec![0; OUTBOX_BUDGET],
+        }
+    }
+
+    /// Registers libvirt's event loop and makes a reactor on it.
+    ///
+    /// # Errors
+    ///
+    /// As [`EventLoop::register`].
+    pub fn register() -> Result<Reactor> {
+        EventLoop::register().map(Reactor::new)
+    }
+
+    /// The cross-thread handle.
+    pub fn handle(&self) -> ReactorHandle {
+        self.handle.clone()
+    }
+
+    /// The event loop underneath, e.g. for statistics or embedding.
+    pub fn event_loop(&mut self) -> &mut EventLoop {
+        &mut self.event_loop
+    }
+
+    /// Streams in the reactor.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// No streams in the reactor.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Whether `token` names a stream in the reactor.
+    pub fn contains(&self, token: StreamToken) -> bool {
+        self.slot(token).is_ok()
+    }
+
+    /// Adds a stream with its handler and starts delivering `interest` events.
+    ///
+    /// # Errors
+    ///
+    /// libvirt's error if the event callback cannot be registered (for example, the
+    /// stream already has one). The stream is dropped (aborted) then.
+    #[doc(alias = "virStreamEventAddCallback")]
+    pub fn insert<H>(
+        &mut self,
+        stream: Stream,
+        interest: Interest,
+        handler: H,
+    ) -> Result<StreamToken>
+    where
+        H: StreamHandler + 'static,
+    {
+        let entry = self.slots.vacant_entry();
+        let key = entry.key();
+        if self.generations.len() <= key {
+            self.generations.resize(key + 1, 0);
+        }
+        let token = StreamToken {
+            key: u32::try_from(key).map_err(|_| Error::InvalidToken)?,
+            generation: self.generations[key],
+        };
+        stream
+            .raw()
+            .add_callback(interest.to_raw(), token.to_opaque())?;
+        let connection = stream.connection_key();
+        entry.insert(Slot {
+            stream,
+            handler: Box::new(handler),
+            token,
+            interest,
+            registered: interest,
+            outbox: None,
+        });
+        self.track_connection(connection, token);
+        log::debug!("inserted stream {token:?} for {interest:?}");
+        Ok(token)
+    }
+
+    /// Changes what a stream's handler is told about.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidToken`] for a stream that is not in the reactor; libvirt's
+    /// error if the callback cannot be updated.
+    #[doc(alias = "virStreamEventUpdateCallback")]
+    pub fn set_interest(&mut self, token: StreamToken, interest: Interest) -> Result<()> {
+        let slot = self.slot_mut(token)?;
+        slot.interest = interest;
+        sync_registration(slot)
+    }
+
+    /// A writer that queues bytes for the stream from any thread, with a bounded
+    /// buffer of `capacity` bytes (created on first use; later calls share it).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidToken`].
+    pub fn writer(&mut self, token: StreamToken, capacity: usize) -> Result<StreamWriter> {
+        let handle = self.handle.clone();
+        let slot = self.slot_mut(token)?;
+        let outbox = slot
+            .outbox
+            .get_or_insert_with(|| Outbox::new(capacity))
+            .clone();
+        Ok(StreamWriter {
+            outbox,
+            token,
+            handle,
+        })
+    }
+
+    /// Takes a stream out, unfinished, with its handler; its callback is removed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidToken`].
+    pub fn remove(&mut self, token: StreamToken) -> Result<(Stream, Box<dyn StreamHandler>)> {
+        self.slot(token)?;
+        let slot = self.vacate(token);
+        Ok((slot.stream, slot.handler))
+    }
+
+    /// Finishes a stream from outside its handler, as if it returned [`Flow::Finish`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidToken`].
+    pub fn finish(&mut self, token: StreamToken) -> Result<()> {
+        self.slot(token)?;
+        self.apply(token, Flow::Finish);
+        Ok(())
+    }
+
+    /// Aborts a stream from outside its handler, as if it returned [`Flow::Abort`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidToken`].
+    pub fn abort(&mut self, token: StreamToken) -> Result<()> {
+        self.slot(token)?;
+        self.apply(token, Flow::Abort);
+        Ok(())
+    }
+
+    /// Runs until [`ReactorHandle::stop`] is called.
+    ///
+    /// # Errors
+    ///
+    /// As [`run_once`](Self::run_once); the reactor stays usable.
+    pub fn run(&mut self) -> Result<()> {
+        loop {
+            self.run_once(None)?;
+            if self.event_loop.take_stop_request() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Runs while `condition` holds, e.g. `|r| !r.is_empty()` to run until every
+    /// stream has ended.
+    ///
+    /// # Errors
+    ///
+    /// As [`run_once`](Self::run_once).
+    pub fn run_while(&mut self, mut condition: impl FnMut(&Reactor) -> bool) -> Result<()> {
+        while condition(self) {
+            self.run_once(None)?;
+        }
+        Ok(())
+    }
+
+    /// One iteration: commands from other threads, one event-loop iteration, then
+    /// the handlers of every stream that became ready, and streams of lost
+    /// connections.
+    ///
+    /// # Errors
+    ///
+    /// A panic in a handler ([`Error::CallbackPanicked`]; that stream is aborted, the
+    /// others carry on) or in a loop callback, or a poll failure.
+    pub fn run_once(&mut self, timeout: Option<Duration>) -> Result<()> {
+        self.run_commands();
+        let timeout = if inbox::has_news() {
+            Some(Duration::ZERO)
+        } else {
+            timeout
+        };
+        let looped = self.event_loop.run_once(timeout);
+        let handled = self.handle_inbox();
+        looped.and(handled)
+    }
+
+    /// Aborts every stream (handlers see [`StreamEnd::Aborted`]), then drains the
+    /// event loop: see [`EventLoop::drain`]. Close connections before calling it.
+    ///
+    /// # Errors
+    ///
+    /// As [`EventLoop::drain`].
+    pub fn shutdown(&mut self, timeout: Duration) -> Result<DrainReport> {
+        let tokens: Vec<StreamToken> = self.slots.iter().map(|(_, s)| s.token).collect();
+        for token in tokens {
+            self.apply(token, Flow::Abort);
+        }
+        self.event_loop.drain(timeout)
+    }
+
+    fn run_commands(&mut self) {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                Command::Execute(job) => job(self),
+                Command::SetInterest(token, interest) => {
+                    if let Err(e) = self.set_interest(token, interest) {
+                        log::warn!("set_interest({token:?}) from another thread: {e}");
+                    }
+                }
+                Command::Flush(token) => {
+                    if let Ok(slot) = self.slot_mut(token) {
+                        if let Err(e) = sync_registration(slot) {
+                            log::warn!("stream {token:?}: cannot ask for WRITABLE: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_inbox(&mut self) -> Result<()> {
+        let mut news = std::mem::take(&mut self.inbox);
+        inbox::take(&mut news);
+        let mut result = Ok(());
+        for &(opaque, events) in &news.streams {
+            let token = StreamToken::from_opaque(opaque);
+            if let Err(e) = self.dispatch(token, Readiness::from_raw(events)) {
+                result = Err(e);
+            }
+        }
+        for &(connection, reason) in &news.closed {
+            self.fail_connection(connection, reason);
+        }
+        news.streams.clear();
+        news.closed.clear();
+        self.inbox = news;
+        result
+    }
+
+    fn dispatch(&mut self, token: StreamToken, readiness: Readiness) -> Result<()> {
+        let Some(slot) = self
+            .slots
+            .get_mut(token.key as usize)
+            .filter(|s| s.token == token)
+        else {
+            return Ok(()); // the stream ended earlier in this batch
+        };
+        if readiness.is_writable() {
+            if let Err(e) = flush_outbox(slot, &mut self.scratch) {
+                self.apply(token, Flow::Fail(e));
+                return Ok(());
+            }
+        }
+        let slot = self
+            .slots
+            .get_mut(token.key as usize)
+            .expect("checked above");
+        let wanted = readiness.for_watch(slot.interest.bits());
+        if wanted == 0 {
+            return Ok(());
+        }
+        let mut cx = StreamCtx {
+            stream: &slot.stream,
+            token,
+            interest: slot.interest,
+            handle: &self.handle,
+        };
+        let handler = &mut slot.handler;
+        let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
+            handler.ready(&mut cx, Readiness::from_raw(i32::from(wanted)))
+        }));
+        let new_interest = cx.interest;
+        match outcome {
+            Ok(flow) => {
+                if new_interest != slot.interest {
+                    slot.interest = new_interest;
+                    if let Err(e) = sync_registration(slot) {
+                        self.apply(token, Flow::Fail(e));
+                        return Ok(());
+                    }
+                }
+                self.apply(token, flow);
+                Ok(())
+            }
+            Err(payload) => {
+                let error = Error::CallbackPanicked {
+                    origin: format!("stream handler {token:?}"),
+                    message: crate::ffi::panic::payload_message(payload.as_ref()),
+                };
+                log::error!("{error}; aborting that stream");
+                let slot = self.vacate(token);
+                let mut stream = slot.stream;
+                if let Err(e) = stream.abort() {
+                    log::debug!("abort after panic: {e}");
+                }
+                // Its state may be half-updated: drop it without calling it again.
+                if panic::catch_unwind(AssertUnwindSafe(|| drop(slot.handler))).is_err() {
+                    log::error!("dropping the panicked handler of {token:?} panicked too");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Carries out what a handler asked for.
+    fn apply(&mut self, token: StreamToken, flow: Flow) {
+        let end = match flow {
+            Flow::Continue => return,
+            Flow::Remove => {
+                let slot = self.vacate(token);
+                let mut handler = slot.handler;
+                handler.closed(StreamEnd::Removed(slot.stream));
+                return;
+            }
+            Flow::Finish => None,
+            Flow::Abort => Some(None),
+            Flow::Fail(e) => Some(Some(e)),
+        };
+        let slot = self.vacate(token);
+        let (mut stream, mut handler) = (slot.stream, slot.handler);
+        let end = match end {
+            None => match stream.finish() {
+                Ok(()) => StreamEnd::Finished,
+                Err(e) => StreamEnd::Failed(e),
+            },
+            Some(error) => {
+                if let Err(e) = stream.abort() {
+                    log::debug!("stream {token:?}: abort: {e}");
+                }
+                error.map_or(StreamEnd::Aborted, StreamEnd::Failed)
+            }
+        };
+        drop(stream);
+        handler.closed(end);
+    }
+
+    /// Takes a stream's slot out: removes its libvirt callback, closes its outbox,
+    /// retires its token, and forgets its connection if it was the last stream.
+    fn vacate(&mut self, token: StreamToken) -> Slot {
+        let key = token.key as usize;
+        let slot = self.slots.remove(key);
+        self.generations[key] = self.generations[key].wrapping_add(1);
+        if let Err(e) = slot.stream.raw().remove_callback() {
+            log::debug!("stream {token:?}: remove callback: {e}");
+        }
+        if let Some(outbox) = &slot.outbox {
+            outbox.close();
+        }
+        let connection = slot.stream.connection_key();
+        if let Some(entry) = self.connections.get_mut(&connection) {
+            entry.streams -= 1;
+            if entry.streams == 0 {
+                self.connections.remove(&connection);
+            }
+        }
+        slot
+    }
+
+    fn track_connection(&mut self, connection: usize, token: StreamToken) {
+        if let Some(entry) = self.connections.get_mut(&connection) {
+            entry.streams += 1;
+            return;
+        }
+        let conn = self.slots[token.key as usize].stream.connection().clone();
+        let close_watch = CloseWatch::new(&conn, move |reason| {
+            inbox::connection_closed(connection, reason);
+        })
+        .map_err(|e| {
+            log::warn!(
+                "cannot watch the connection for closure ({e}); its streams will not \
+                 be failed if it is lost"
+            );
+        })
+        .ok();
+        self.connections.insert(
+            connection,
+            Connection {
+                streams: 1,
+                _close_watch: close_watch,
+            },
+        );
+    }
+
+    /// libvirt leaves a lost connection's streams stuck (no event, recv -2 forever),
+    /// so fail each of them here.
+    fn fail_connection(
+        &mut self,
+        connection: usize,
+        reason: crate::connection_events::CloseReason,
+    ) {
+        let tokens: Vec<StreamToken> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.stream.connection_key() == connection)
+            .map(|(_, s)| s.token)
+            .collect();
+        log::warn!(
+            "connection lost ({reason}): failing {} stream(s)",
+            tokens.len()
+        );
+        for token in tokens {
+            self.apply(token, Flow::Fail(Error::ConnectionClosed { reason }));
+        }
+    }
+
+    fn slot(&self, token: StreamToken) -> Result<&Slot> {
+        self.slots
+            .get(token.key as usize)
+            .filter(|s| s.token == token)
+            .ok_or(Error::InvalidToken)
+    }
+
+    fn slot_mut(&mut self, token: StreamToken) -> Result<&mut Slot> {
+        self.slots
+            .get_mut(token.key as usize)
+            .filter(|s| s.token == token)
+            .ok_or(Error::InvalidToken)
+    }
+}
+
+/// Makes libvirt's callback registration match the handler's interest plus WRITABLE
+/// while bytes wait in the outbox.
+fn sync_registration(slot: &mut Slot) -> Result<()> {
+    let mut wanted = slot.interest;
+    if slot.outbox.as_ref().is_some_and(|o| !o.is_empty()) {
+        wanted |= Interest::WRITABLE;
+    }
+    if wanted != slot.registered {
+        slot.stream.raw().update_callback(wanted.to_raw())?;
+        slot.registered = wanted;
+    }
+    Ok(())
+}
+
+/// Sends what the outbox holds, up to [`OUTBOX_BUDGET`] bytes.
+fn flush_outbox(slot: &mut Slot, scratch: &mut [u8]) -> Result<()> {
+    let Some(outbox) = slot.outbox.clone() else {
+        return Ok(());
+    };
+    let n = outbox.peek(scratch);
+    if n == 0 {
+        return Ok(());
+    }
+    let sent = match slot.stream.send(&scratch[..n]) {
+        Ok(sent) => sent,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(Error::from_io(e)),
+    };
+    if outbox.consume(sent) {
+        sync_registration(slot)?;
+    }
+    Ok(())
+}
+
+impl fmt::Debug for Reactor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reactor")
+            .field("streams", &self.slots.len())
+            .field("connections", &self.connections.len())
+            .finish_non_exhaustive()
+    }
+}

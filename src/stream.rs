@@ -1,0 +1,180 @@
+//! [`Stream`]: a non-blocking libvirt stream with `io::Result` calls.
+//!
+//! libvirt's return codes become Rust values at this edge: -2 is
+//! [`io::ErrorKind::WouldBlock`] (never an error to give up on), 0 from a receive is
+//! the end of the stream, -3 is a hole of a sparse stream, and -1 is libvirt's error,
+//! carried inside the `io::Error` as [`crate::Error::Libvirt`].
+
+use std::fmt;
+use std::io;
+
+use virt::connect::Connect;
+
+use crate::error::{Error, Result};
+use crate::ffi::stream::RawStream;
+
+/// A `VIR_STREAM_NONBLOCK` stream.
+///
+/// Attach it to what it carries with the `virt` call that takes a stream (through
+/// [`Stream::to_virt`]), then hand it to a [`Reactor`](crate::Reactor). Dropping a
+/// stream that is neither finished nor aborted aborts it; dropping never panics.
+pub struct Stream {
+    raw: RawStream,
+    conn: Connect,
+    active: bool,
+}
+
+/// What one sparse-aware receive got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// This many bytes of data were written to the buffer.
+    Data(usize),
+    /// The stream is at a hole of this many bytes (already consumed).
+    Hole(u64),
+    /// The end of the stream.
+    End,
+}
+
+impl Stream {
+    /// A new non-blocking stream on `conn`.
+    ///
+    /// # Errors
+    ///
+    /// libvirt's error (for example a closed connection).
+    #[doc(alias = "virStreamNew")]
+    pub fn new(conn: &Connect) -> Result<Stream> {
+        Ok(Stream {
+            raw: RawStream::new_nonblocking(conn)?,
+            conn: conn.clone(),
+            active: true,
+        })
+    }
+
+    /// The connection the stream belongs to.
+    pub fn connection(&self) -> &Connect {
+        &self.conn
+    }
+
+    /// A `virt` handle on this stream (its own reference), for calls such as
+    /// `StorageVol::download(&stream.to_virt(), ..)` or `Domain::open_console`.
+    /// Never register callbacks through it.
+    pub fn to_virt(&self) -> virt::stream::Stream {
+        self.raw.to_virt()
+    }
+
+    /// Sends up to `buf.len()` bytes.
+    ///
+    /// # Errors
+    ///
+    /// `WouldBlock` when the stream cannot take data now; libvirt's error otherwise.
+    #[doc(alias = "virStreamSend")]
+    pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        match self.raw.send(buf) {
+            n if n >= 0 => Ok(n as usize),
+            -2 => Err(io::ErrorKind::WouldBlock.into()),
+            _ => Err(libvirt_io_error()),
+        }
+    }
+
+    /// Receives up to `buf.len()` bytes; `Ok(0)` is the end of the stream. Holes of a
+    /// sparse stream read as zeros.
+    ///
+    /// # Errors
+    ///
+    /// `WouldBlock` when no data is pending; libvirt's error otherwise.
+    #[doc(alias = "virStreamRecv")]
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.raw.recv(buf, false) {
+            n if n >= 0 => Ok(n as usize),
+            -2 => Err(io::ErrorKind::WouldBlock.into()),
+            _ => Err(libvirt_io_error()),
+        }
+    }
+
+    /// Receives data, stopping at holes: a hole is reported (and consumed) as
+    /// [`Received::Hole`] instead of being read as zeros.
+    ///
+    /// # Errors
+    ///
+    /// As for [`recv`](Self::recv).
+    #[doc(alias = "virStreamRecvFlags")]
+    #[doc(alias = "virStreamRecvHole")]
+    pub fn recv_sparse(&self, buf: &mut [u8]) -> io::Result<Received> {
+        match self.raw.recv(buf, true) {
+            0 => Ok(Received::End),
+            n if n > 0 => Ok(Received::Data(n as usize)),
+            -2 => Err(io::ErrorKind::WouldBlock.into()),
+            -3 => Ok(Received::Hole(self.raw.recv_hole()?)),
+            _ => Err(libvirt_io_error()),
+        }
+    }
+
+    /// Sends a hole of `length` bytes.
+    ///
+    /// # Errors
+    ///
+    /// libvirt's error, e.g. when the stream was not opened for sparse transfer.
+    #[doc(alias = "virStreamSendHole")]
+    pub fn send_hole(&self, length: u64) -> io::Result<()> {
+        Ok(self.raw.send_hole(length)?)
+    }
+
+    /// Completes the transfer: confirms that every byte arrived. Remove any event
+    /// callback first (the reactor does).
+    ///
+    /// # Errors
+    ///
+    /// libvirt's error: the transfer failed on the other side.
+    #[doc(alias = "virStreamFinish")]
+    pub fn finish(&mut self) -> Result<()> {
+        self.active = false;
+        self.raw.finish()
+    }
+
+    /// Abandons the transfer.
+    ///
+    /// # Errors
+    ///
+    /// libvirt's error (the stream is then unusable anyway).
+    #[doc(alias = "virStreamAbort")]
+    pub fn abort(&mut self) -> Result<()> {
+        self.active = false;
+        self.raw.abort()
+    }
+
+    /// Neither finished nor aborted yet.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+
+    pub(crate) fn raw(&self) -> &RawStream {
+        &self.raw
+    }
+
+    /// Identifies the connection, to group streams by it.
+    pub(crate) fn connection_key(&self) -> usize {
+        crate::ffi::stream::connection_key(&self.conn)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if self.active {
+            if let Err(e) = self.abort() {
+                log::debug!("aborting a dropped stream: {e}");
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stream")
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+fn libvirt_io_error() -> io::Error {
+    io::Error::other(Error::last_libvirt())
+}
