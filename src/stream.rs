@@ -153,7 +153,7 @@ impl Stream {
 
     /// Identifies the connection, to group streams by it.
     pub(crate) fn connection_key(&self) -> usize {
-        crate::ffi::stream::connection_key(&self.conn)
+        crate::ffi::connection_events::connection_key(&self.conn)
     }
 }
 

@@ -117,7 +117,8 @@ pub(crate) fn deregister_lifecycle(
     Ok(())
 }
 
-fn connection_key(conn: &Connect) -> usize {
+/// Identifies a connection (as a map key): its address, only ever compared.
+pub(crate) fn connection_key(conn: &Connect) -> usize {
     // SAFETY: only the address is read, as a map key.
     unsafe { conn.as_ptr() as usize }
 }

@@ -142,8 +142,3 @@ unsafe extern "C" fn stream_event(_stream: sys::virStreamPtr, events: c_int, opa
     );
 }
 
-/// Identifies a connection, to group streams by it. The pointer is only compared.
-pub(crate) fn connection_key(conn: &Connect) -> usize {
-    // SAFETY: `as_ptr` only reads the pointer; it is never dereferenced here.
-    unsafe { conn.as_ptr() as usize }
-}

@@ -1,0 +1,190 @@
+//! A single-threaded daemon that owns its `mio::Poll` and drives libvirt's events
+//! from it: its own Unix socket and libvirt share one thread.
+//!
+//! Clients that connect to the socket receive every domain lifecycle event as a line.
+//! With no `--uri` it uses libvirt's in-process test driver and, so that there is
+//! something to see, steps a test domain through its lifecycle once a second:
+//!
+//! ```text
+//! cargo run --example embedded -- --socket /tmp/events.sock
+//! socat - UNIX-CONNECT:/tmp/events.sock        # in another terminal
+//! ```
+//!
+//! The embedding pattern is three calls: register the `EventLoop` on the daemon's
+//! registry, `dispatch()` when its token fires, and `next_timeout()` to cap the
+//! daemon's poll timeout.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use mio::net::{UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Token};
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt_reactor::connection_events::{DomainEventSubscription, LifecycleEvent};
+use virt_reactor::EventLoop;
+
+const LIBVIRT: Token = Token(0);
+const LISTENER: Token = Token(1);
+const FIRST_CLIENT: usize = 2;
+
+const DEMO_XML: &str = "<domain type='test'><name>embedded-demo</name>\
+                        <memory unit='MiB'>16</memory><os><type>hvm</type></os></domain>";
+
+#[derive(Parser)]
+#[command(about = "A single-threaded daemon: its own socket and libvirt's events on one mio::Poll")]
+struct Args {
+    /// Where clients connect.
+    #[arg(long, default_value = "/tmp/virt-reactor-events.sock")]
+    socket: PathBuf,
+    /// Watch this connection instead of stepping a demo domain on test:///default.
+    #[arg(long)]
+    uri: Option<String>,
+    /// Exit after this many demo steps (default: run until killed).
+    #[arg(long)]
+    steps: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    env_logger::init();
+    virt::error::clear_error_callback();
+    match run(&Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("embedded: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let mut poll = Poll::new()?;
+    let mut events = Events::with_capacity(256);
+
+    // libvirt's loop is one more source on our poll.
+    let mut libvirt = EventLoop::register()?;
+    poll.registry()
+        .register(&mut libvirt, LIBVIRT, Interest::READABLE)?;
+
+    let _ = fs::remove_file(&args.socket);
+    let mut listener = UnixListener::bind(&args.socket)?;
+    fs::set_permissions(&args.socket, fs::Permissions::from_mode(0o600))?;
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    println!("listening on {}", args.socket.display());
+
+    let conn = virt_reactor::connect(args.uri.as_deref().unwrap_or("test:///default"))?;
+    // The subscription's closure runs inside dispatch(); it hands lines over a channel.
+    let (lines_tx, lines) = crossbeam_channel::unbounded::<String>();
+    let subscription = DomainEventSubscription::lifecycle(&conn, move |event: LifecycleEvent| {
+        let _ = lines_tx.send(format!("{event}\n"));
+    })?;
+
+    let mut clients: HashMap<Token, UnixStream> = HashMap::new();
+    let mut next_client = FIRST_CLIENT;
+    let mut demo = args.uri.is_none().then(|| Demo::new(&conn));
+    let mut steps = 0;
+
+    while args.steps.is_none_or(|max| steps < max) {
+        let until_step = demo.as_ref().map(|d| d.next_step.saturating_duration_since(Instant::now()));
+        let timeout = min(libvirt.next_timeout(), until_step);
+        poll.poll(&mut events, timeout)?;
+        for event in events.iter() {
+            match event.token() {
+                LIBVIRT => libvirt.dispatch()?,
+                LISTENER => loop {
+                    match listener.accept() {
+                        Ok((mut stream, _)) => {
+                            let token = Token(next_client);
+                            next_client += 1;
+                            poll.registry()
+                                .register(&mut stream, token, Interest::READABLE)?;
+                            clients.insert(token, stream);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e.into()),
+                    }
+                },
+                // A client spoke or hung up; this daemon only talks, so any readiness
+                // other than more data means it is gone.
+                token => {
+                    if event.is_read_closed() || event.is_error() {
+                        clients.remove(&token);
+                    }
+                }
+            }
+        }
+        if let Some(demo) = demo.as_mut() {
+            if Instant::now() >= demo.next_step {
+                demo.step()?;
+                steps += 1;
+            }
+        }
+        for line in lines.try_iter() {
+            print!("{line}");
+            // A client that cannot take a line now is dropped rather than allowed to
+            // block the thread that also runs libvirt.
+            clients.retain(|_, client| client.write_all(line.as_bytes()).is_ok());
+        }
+    }
+
+    drop(subscription);
+    drop(demo);
+    drop(conn);
+    let report = libvirt.drain(Duration::from_secs(5))?;
+    println!("drained: {report:?}");
+    let _ = fs::remove_file(&args.socket);
+    Ok(())
+}
+
+fn min(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Steps a test-driver domain through its lifecycle, one step a second.
+struct Demo {
+    conn: Connect,
+    domain: Option<Domain>,
+    step: usize,
+    next_step: Instant,
+}
+
+impl Demo {
+    fn new(conn: &Connect) -> Demo {
+        Demo {
+            conn: conn.clone(),
+            domain: None,
+            step: 0,
+            next_step: Instant::now(),
+        }
+    }
+
+    /// The test driver is in-process and never waits on the loop, so these blocking
+    /// calls are safe on the loop's own thread.
+    fn step(&mut self) -> Result<(), virt::error::Error> {
+        match (self.step % 6, &self.domain) {
+            (0, _) => self.domain = Some(self.conn.define_domain_xml(DEMO_XML)?),
+            (1, Some(d)) => d.create().map(drop)?,
+            (2, Some(d)) => d.suspend().map(drop)?,
+            (3, Some(d)) => d.resume().map(drop)?,
+            (4, Some(d)) => d.destroy()?,
+            (5, Some(d)) => {
+                d.undefine()?;
+                self.domain = None;
+            }
+            _ => {}
+        }
+        self.step += 1;
+        self.next_step = Instant::now() + Duration::from_secs(1);
+        Ok(())
+    }
+}
