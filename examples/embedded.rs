@@ -92,7 +92,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut steps = 0;
 
     while args.steps.is_none_or(|max| steps < max) {
-        let until_step = demo.as_ref().map(|d| d.next_step.saturating_duration_since(Instant::now()));
+        let until_step = demo
+            .as_ref()
+            .map(|d| d.next_step.saturating_duration_since(Instant::now()));
         let timeout = min(libvirt.next_timeout(), until_step);
         poll.poll(&mut events, timeout)?;
         for event in events.iter() {

@@ -62,6 +62,16 @@ pub enum Error {
     StreamClosed,
     /// The transfer was aborted before it completed.
     Aborted,
+    /// Another client holds the domain's console (open it with `force` to take over).
+    ConsoleBusy {
+        /// The domain.
+        domain: String,
+    },
+    /// No console of this domain is attached.
+    NotAttached {
+        /// The domain.
+        domain: String,
+    },
     /// An upload holds more bytes than the volume has room for.
     VolumeTooSmall {
         /// Bytes the upload needs, counted from the volume's start.
@@ -143,6 +153,11 @@ impl fmt::Display for Error {
             Error::ReactorGone => f.write_str("the reactor is gone"),
             Error::StreamClosed => f.write_str("the stream has ended"),
             Error::Aborted => f.write_str("aborted before completion"),
+            Error::ConsoleBusy { domain } => write!(
+                f,
+                "{domain}: another client holds the console (open with force to take over)"
+            ),
+            Error::NotAttached { domain } => write!(f, "{domain}: no console attached"),
             Error::VolumeTooSmall { needed, capacity } => write!(
                 f,
                 "the upload needs {needed} bytes but the volume holds {capacity}"

@@ -118,8 +118,12 @@ impl EventLoop {
     /// with an error; the loop stays usable and `run` may be called again.
     pub fn run(&mut self) -> Result<()> {
         loop {
-            self.run_once(None)?;
-            if self.take_stop_request() {
+            let iteration = self.run_once(None);
+            // Consume a stop even when the iteration failed, so it cannot end the
+            // next run early.
+            let stop = self.take_stop_request();
+            iteration?;
+            if stop {
                 return Ok(());
             }
         }

@@ -47,6 +47,7 @@
 
 mod connect;
 pub mod connection_events;
+pub mod console;
 mod engine;
 mod error;
 mod event_loop;
@@ -54,6 +55,7 @@ mod ffi;
 mod interest;
 mod reactor;
 mod stream;
+pub mod testbed;
 pub mod transfer;
 pub mod volume;
 mod watch;

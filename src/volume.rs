@@ -8,7 +8,8 @@
 
 use std::cell::RefCell;
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -193,7 +194,9 @@ impl Source {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let left = usize::try_from(self.end - self.position).unwrap_or(usize::MAX);
         let want = buf.len().min(left);
-        let n = self.file.read(&mut buf[..want])?;
+        // Positioned read: `section` probes with lseek(SEEK_DATA/SEEK_HOLE), which
+        // moves the file offset to the end of the data section.
+        let n = self.file.read_at(&mut buf[..want], self.position)?;
         self.position += n as u64;
         Ok(n)
     }
@@ -216,7 +219,7 @@ impl Source {
 
     fn skip(&mut self, length: u64) -> io::Result<()> {
         self.position += length;
-        self.file.seek(SeekFrom::Start(self.position)).map(drop)
+        Ok(())
     }
 }
 

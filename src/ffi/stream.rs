@@ -50,19 +50,21 @@ impl RawStream {
     /// Returns libvirt's code: bytes received, 0 end of stream, -1 error, -2 would
     /// block, -3 (with `stop_at_hole`) positioned at a hole.
     pub(crate) fn recv(&self, buf: &mut [u8], stop_at_hole: bool) -> i32 {
-        let flags = if stop_at_hole {
-            sys::VIR_STREAM_RECV_STOP_AT_HOLE
+        let data = buf.as_mut_ptr().cast::<c_char>();
+        if stop_at_hole {
+            // SAFETY: `buf` is valid and writable for `buf.len()` bytes.
+            unsafe {
+                sys::virStreamRecvFlags(
+                    self.ptr,
+                    data,
+                    buf.len(),
+                    sys::VIR_STREAM_RECV_STOP_AT_HOLE,
+                )
+            }
         } else {
-            0
-        };
-        // SAFETY: `buf` is valid and writable for `buf.len()` bytes.
-        unsafe {
-            sys::virStreamRecvFlags(
-                self.ptr,
-                buf.as_mut_ptr().cast::<c_char>(),
-                buf.len(),
-                flags,
-            )
+            // Plain virStreamRecv: local streams (consoles) have no RecvFlags.
+            // SAFETY: as above.
+            unsafe { sys::virStreamRecv(self.ptr, data, buf.len()) }
         }
     }
 
@@ -141,4 +143,3 @@ unsafe extern "C" fn stream_event(_stream: sys::virStreamPtr, events: c_int, opa
         || crate::reactor::inbox::stream_ready(opaque as usize, events),
     );
 }
-

@@ -78,6 +78,41 @@ impl ReactorHandle {
         Ok(token)
     }
 
+    /// Runs blocking libvirt work on a worker thread, then `then` with its result on
+    /// the loop thread.
+    ///
+    /// This is the pattern for calls that wait for replies which arrive through the
+    /// loop itself: with an in-process driver such as `qemu:///embed`, creating a
+    /// domain waits for QEMU's monitor, whose socket is a watch on this loop, so the
+    /// call must not run on the loop thread. The worker makes the call (for example
+    /// creates the domain and opens its console into a new [`Stream`]), and `then`
+    /// hands the result to the reactor.
+    ///
+    /// # Errors
+    ///
+    /// The worker thread cannot be spawned.
+    pub fn spawn_blocking<T, W, F>(&self, work: W, then: F) -> Result<()>
+    where
+        T: Send + 'static,
+        W: FnOnce() -> T + Send + 'static,
+        F: FnOnce(&mut Reactor, T) + Send + 'static,
+    {
+        let handle = self.clone();
+        std::thread::Builder::new()
+            .name("virt-reactor-blocking".into())
+            .spawn(move || {
+                let result = work();
+                if handle
+                    .execute(move |reactor| then(reactor, result))
+                    .is_err()
+                {
+                    log::warn!("blocking work finished after the reactor was dropped");
+                }
+            })
+            .map(drop)
+            .map_err(Error::Io)
+    }
+
     /// Changes what a stream's handler is told about.
     ///
     /// # Errors
@@ -86,6 +121,11 @@ impl ReactorHandle {
     /// the loop.
     pub fn set_interest(&self, token: StreamToken, interest: Interest) -> Result<()> {
         self.send(Command::SetInterest(token, interest))
+    }
+
+    /// Interrupts a loop sleeping in poll, e.g. after queueing work it should notice.
+    pub fn wake(&self) {
+        self.loop_handle.wake();
     }
 
     /// Makes [`Reactor::run`] return after its current iteration.

@@ -76,7 +76,9 @@ pub trait StreamHandler {
     /// level-triggered: unconsumed readiness is reported again next iteration).
     fn ready(&mut self, cx: &mut StreamCtx<'_>, readiness: Readiness) -> Flow;
 
-    /// The stream has left the reactor. Called exactly once, last.
+    /// The stream has left the reactor. Called exactly once, last; except after
+    /// [`ready`](Self::ready) panicked: such a handler is dropped without being
+    /// called again (its stream is aborted).
     fn closed(&mut self, end: StreamEnd) {
         if let StreamEnd::Failed(e) = end {
             log::warn!("stream failed: {e}");

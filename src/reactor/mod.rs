@@ -238,8 +238,10 @@ impl Reactor {
     /// As [`run_once`](Self::run_once); the reactor stays usable.
     pub fn run(&mut self) -> Result<()> {
         loop {
-            self.run_once(None)?;
-            if self.event_loop.take_stop_request() {
+            let iteration = self.run_once(None);
+            let stop = self.event_loop.take_stop_request();
+            iteration?;
+            if stop {
                 return Ok(());
             }
         }
@@ -276,6 +278,26 @@ impl Reactor {
         let looped = self.event_loop.run_once(timeout);
         let handled = self.handle_inbox();
         looped.and(handled)
+    }
+
+    /// Dispatches whatever is ready now without blocking, for a reactor embedded in
+    /// another `mio::Poll` (register the reactor there; see [`EventLoop`]'s
+    /// Embedding section).
+    ///
+    /// # Errors
+    ///
+    /// As [`run_once`](Self::run_once).
+    pub fn dispatch(&mut self) -> Result<()> {
+        self.run_once(Some(Duration::ZERO))
+    }
+
+    /// How long an embedding poll may sleep before [`dispatch`](Self::dispatch) must
+    /// run again; call it right before that poll.
+    pub fn next_timeout(&self) -> Option<Duration> {
+        if inbox::has_news() || !self.commands.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        self.event_loop.next_timeout()
     }
 
     /// Aborts every stream (handlers see [`StreamEnd::Aborted`]), then drains the
@@ -318,7 +340,7 @@ impl Reactor {
         let mut result = Ok(());
         for &(opaque, events) in &news.streams {
             let token = StreamToken::from_opaque(opaque);
-            if let Err(e) = self.dispatch(token, Readiness::from_raw(events)) {
+            if let Err(e) = self.handle_stream_event(token, Readiness::from_raw(events)) {
                 result = Err(e);
             }
         }
@@ -331,7 +353,7 @@ impl Reactor {
         result
     }
 
-    fn dispatch(&mut self, token: StreamToken, readiness: Readiness) -> Result<()> {
+    fn handle_stream_event(&mut self, token: StreamToken, readiness: Readiness) -> Result<()> {
         let Some(slot) = self
             .slots
             .get_mut(token.key as usize)
@@ -544,6 +566,30 @@ fn flush_outbox(slot: &mut Slot, scratch: &mut [u8]) -> Result<()> {
         sync_registration(slot)?;
     }
     Ok(())
+}
+
+impl mio::event::Source for Reactor {
+    fn register(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> std::io::Result<()> {
+        self.event_loop.register(registry, token, interests)
+    }
+
+    fn reregister(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+        interests: mio::Interest,
+    ) -> std::io::Result<()> {
+        self.event_loop.reregister(registry, token, interests)
+    }
+
+    fn deregister(&mut self, registry: &mio::Registry) -> std::io::Result<()> {
+        self.event_loop.deregister(registry)
+    }
 }
 
 impl fmt::Debug for Reactor {

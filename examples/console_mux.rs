@@ -1,0 +1,440 @@
+//! Many guest consoles on one thread: every line a guest prints, prefixed with its
+//! name; every line you type, sent to the guest you chose.
+//!
+//! ```text
+//! console_mux                                   # boot 3 testbed guests, no daemon needed
+//! console_mux --uri qemu:///system [--domain NAME ...]
+//! ```
+//!
+//! Input: a line goes to the selected guest; `@NAME text` to one guest, `@all text`
+//! to every guest, `:use NAME` selects, `:list` lists. End of input or Ctrl-] (then
+//! Enter) quits: the consoles are finished and the guests it booted are destroyed.
+//! It works with stdin piped, so it can be scripted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use crossbeam_channel::{Receiver, Sender};
+use virt::connect::Connect;
+use virt_reactor::console::{ConsoleEnd, ConsoleEvent, ConsoleMux, ConsoleOptions};
+use virt_reactor::testbed::{self, GuestMode, Testbed, BANNER};
+use virt_reactor::{Reactor, ReactorHandle};
+
+const ESCAPE: char = '\u{1d}'; // Ctrl-]
+const COLORS: [&str; 6] = ["32", "36", "33", "35", "34", "31"];
+
+#[derive(Parser)]
+#[command(about = "Many guest consoles on one thread")]
+struct Args {
+    /// Attach to running domains of this connection instead of booting testbed guests.
+    #[arg(long)]
+    uri: Option<String>,
+    /// With --uri: the domains to attach to (default: every running domain).
+    #[arg(long = "domain")]
+    domains: Vec<String>,
+    /// Testbed guests to boot (without --uri).
+    #[arg(long, default_value_t = 3)]
+    guests: usize,
+    /// Where the testbed kernel and initramfs are (testbed/build.sh).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/.testbed"))]
+    testbed: PathBuf,
+    /// Write each guest's output to DIR/NAME.log too.
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Take consoles over from other clients.
+    #[arg(long)]
+    force: bool,
+    /// After end of input, wait this long for the guests' last output, in seconds.
+    #[arg(long, default_value_t = 2.0)]
+    linger: f64,
+}
+
+/// The connection, the consoles, their events, and the guests this run booted.
+struct Session {
+    conn: Connect,
+    mux: ConsoleMux,
+    events: Receiver<ConsoleEvent>,
+    booted: Vec<String>,
+}
+
+/// What the stdin thread and the set-up worker tell the loop thread.
+enum Note {
+    Ready(Session),
+    SetupFailed(String),
+    Quit,
+}
+
+fn main() -> ExitCode {
+    env_logger::init();
+    virt::error::clear_error_callback();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("console_mux: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let mut reactor = Reactor::register()?;
+    let handle = reactor.handle();
+    let (notes_tx, notes) = crossbeam_channel::unbounded();
+    {
+        // Ctrl-C and SIGTERM quit as cleanly as end of input.
+        let (notes_tx, handle) = (notes_tx.clone(), handle.clone());
+        ctrlc::set_handler(move || {
+            let _ = notes_tx.send(Note::Quit);
+            handle.wake();
+        })?;
+    }
+    let embed_root = match &args.uri {
+        Some(_) => None,
+        None => Some(std::env::temp_dir().join(format!("console-mux-{}", std::process::id()))),
+    };
+
+    // Opening the connection and booting guests block on replies that, with the
+    // in-process driver, come through the loop: so they run on a worker thread
+    // while this thread runs the loop.
+    {
+        let (args_uri, domains, guests) = (args.uri.clone(), args.domains.clone(), args.guests);
+        let (testbed_dir, root, force) = (args.testbed.clone(), embed_root.clone(), args.force);
+        let (handle, notes_tx) = (handle.clone(), notes_tx.clone());
+        thread::spawn(move || {
+            let note = set_up(args_uri, domains, guests, testbed_dir, root, force, handle)
+                .map_or_else(Note::SetupFailed, Note::Ready);
+            let _ = notes_tx.send(note);
+        });
+    }
+
+    let mut out = Output::new(args.log_dir.clone())?;
+    let mut session: Option<Session> = None;
+    let mut waiting_for: BTreeMap<String, bool> = BTreeMap::new(); // name -> banner seen
+    let mut input_started = false;
+    let mut quit_at: Option<Instant> = None;
+
+    let result: Result<(), String> = 'run: loop {
+        reactor.run_once(Some(Duration::from_millis(100)))?;
+        for note in notes.try_iter() {
+            match note {
+                Note::Ready(ready) => {
+                    for name in ready.mux.names() {
+                        // Booted guests are ready at their banner; running ones at once.
+                        waiting_for.insert(name.clone(), !ready.booted.contains(&name));
+                    }
+                    session = Some(ready);
+                }
+                Note::SetupFailed(e) => break 'run Err(e),
+                Note::Quit => {
+                    quit_at.get_or_insert(Instant::now() + Duration::from_secs_f64(args.linger));
+                }
+            }
+        }
+        let Some(Session { mux, events, .. }) = &session else {
+            continue;
+        };
+        for event in events.try_iter() {
+            if let Some(name) = out.event(&event) {
+                waiting_for.insert(name, true); // its banner line
+            }
+            if let ConsoleEvent::AttachFailed { name, .. } | ConsoleEvent::Ended { name, .. } =
+                &event
+            {
+                // A console that ended before its banner is not waited for.
+                if waiting_for.get(name) == Some(&false) {
+                    waiting_for.remove(name);
+                }
+            }
+        }
+        out.flush_stale();
+        if !input_started && !waiting_for.is_empty() && waiting_for.values().all(|seen| *seen) {
+            input_started = true;
+            let names: Vec<String> = waiting_for.keys().cloned().collect();
+            out.note(&format!(
+                "{} console(s) ready: {}. Type a line for the selected guest; @NAME, @all, :use NAME, :list; Ctrl-] or end of input quits.",
+                names.len(),
+                names.join(", ")
+            ));
+            spawn_input(mux.clone(), names, handle.clone(), notes_tx.clone());
+        }
+        if quit_at.is_some_and(|at| Instant::now() >= at) {
+            break Ok(());
+        }
+    };
+
+    // Clean shutdown: finish the consoles on the loop, destroy what we booted off it.
+    if let Some(Session {
+        conn,
+        mux,
+        events,
+        booted,
+    }) = session
+    {
+        mux.detach_all(&mut reactor);
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        thread::spawn(move || {
+            let guests = testbed::Guests::new();
+            for name in &booted {
+                guests.track(&conn, name);
+            }
+            guests.destroy_all();
+            drop((mux, conn));
+            let _ = done_tx.send(booted.len());
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let destroyed = loop {
+            reactor.run_once(Some(Duration::from_millis(50)))?;
+            for event in events.try_iter() {
+                let _ = out.event(&event);
+            }
+            if let Ok(n) = done.try_recv() {
+                break n;
+            }
+            if Instant::now() > deadline {
+                return Err("timed out destroying the guests".into());
+            }
+        };
+        out.flush_all();
+        if destroyed > 0 {
+            out.note(&format!("destroyed {destroyed} guest(s)"));
+        }
+    }
+    let report = reactor.shutdown(Duration::from_secs(10))?;
+    log::debug!("drained: {report:?}");
+    if let Some(root) = embed_root {
+        let _ = fs::remove_dir_all(root);
+    }
+    result.map_err(Into::into)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn set_up(
+    uri: Option<String>,
+    domains: Vec<String>,
+    guests: usize,
+    testbed_dir: PathBuf,
+    root: Option<PathBuf>,
+    force: bool,
+    handle: ReactorHandle,
+) -> Result<Session, String> {
+    let uri = match (&uri, &root) {
+        (Some(uri), _) => uri.clone(),
+        (None, Some(root)) => {
+            testbed::embed_root(root).map_err(|e| format!("embedded driver: {e}"))?
+        }
+        (None, None) => unreachable!("no uri means an embedded root"),
+    };
+    let conn = virt_reactor::connect(&uri).map_err(|e| format!("{uri}: {e}"))?;
+    let options = ConsoleOptions {
+        force,
+        reopen: true,
+        ..ConsoleOptions::default()
+    };
+    let (mux, events) =
+        ConsoleMux::new(&conn, handle, options).map_err(|e| format!("consoles: {e}"))?;
+    let mut booted = Vec::new();
+    if root.is_some() {
+        let testbed = Testbed::open(&testbed_dir).map_err(|e| e.to_string())?;
+        for i in 1..=guests {
+            let name = format!("tb-{i}");
+            mux.boot(&name, &testbed.guest_xml(&name, GuestMode::Plain))
+                .map_err(|e| e.to_string())?;
+            booted.push(name);
+        }
+    } else {
+        let names = if domains.is_empty() {
+            conn.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+                .map_err(|e| e.to_string())?
+                .iter()
+                .filter_map(|d| d.name().ok())
+                .collect()
+        } else {
+            domains
+        };
+        if names.is_empty() {
+            return Err(format!("{uri}: no running domains"));
+        }
+        for name in names {
+            mux.attach(&name).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(Session {
+        conn,
+        mux,
+        events,
+        booted,
+    })
+}
+
+/// Reads stdin lines and routes them; tells the loop to quit at the end.
+fn spawn_input(mux: ConsoleMux, names: Vec<String>, handle: ReactorHandle, notes: Sender<Note>) {
+    thread::spawn(move || {
+        let mut selected = names[0].clone();
+        for line in io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if line.contains(ESCAPE) {
+                break;
+            }
+            let (targets, text): (Vec<String>, &str) =
+                if let Some(rest) = line.strip_prefix(":use ") {
+                    let name = rest.trim();
+                    if names.iter().any(|n| n == name) {
+                        selected = name.to_owned();
+                        println!("-- sending to {selected}");
+                    } else {
+                        println!("-- no guest {name}");
+                    }
+                    continue;
+                } else if line.trim() == ":list" {
+                    println!("-- guests: {} (selected: {selected})", names.join(", "));
+                    continue;
+                } else if let Some(rest) = line.strip_prefix("@all ") {
+                    (mux.attached(), rest)
+                } else if let Some(rest) = line.strip_prefix('@') {
+                    let (name, text) = rest.split_once(' ').unwrap_or((rest, ""));
+                    (vec![name.to_owned()], text)
+                } else {
+                    (vec![selected.clone()], line.as_str())
+                };
+            for name in targets {
+                if let Err(e) = mux.send(&name, format!("{text}\n").as_bytes()) {
+                    println!("-- {e}");
+                }
+            }
+        }
+        let _ = notes.send(Note::Quit);
+        handle.wake(); // so the loop sees the note now
+    });
+}
+
+/// Prints guest output line by line, prefixed and coloured, and logs it per guest.
+struct Output {
+    color: bool,
+    log_dir: Option<PathBuf>,
+    logs: HashMap<String, File>,
+    partial: HashMap<String, (String, Instant)>,
+    colors: HashMap<String, &'static str>,
+}
+
+impl Output {
+    fn new(log_dir: Option<PathBuf>) -> io::Result<Output> {
+        if let Some(dir) = &log_dir {
+            fs::create_dir_all(dir)?;
+        }
+        Ok(Output {
+            color: io::stdout().is_terminal(),
+            log_dir,
+            logs: HashMap::new(),
+            partial: HashMap::new(),
+            colors: HashMap::new(),
+        })
+    }
+
+    /// Prints an event; returns the guest's name when it printed its banner line.
+    fn event(&mut self, event: &ConsoleEvent) -> Option<String> {
+        let mut banner = None;
+        match event {
+            ConsoleEvent::Output { name, bytes } => {
+                let text = String::from_utf8_lossy(bytes).replace('\r', "");
+                let (buffer, since) = self
+                    .partial
+                    .entry(name.clone())
+                    .or_insert_with(|| (String::new(), Instant::now()));
+                if buffer.is_empty() {
+                    *since = Instant::now();
+                }
+                buffer.push_str(&text);
+                while let Some(at) = self.partial[name].0.find('\n') {
+                    let line: String = self
+                        .partial
+                        .get_mut(name)
+                        .expect("present")
+                        .0
+                        .drain(..=at)
+                        .collect();
+                    if line.contains(BANNER) {
+                        banner = Some(name.clone());
+                    }
+                    self.line(name, line.trim_end_matches('\n'));
+                }
+            }
+            ConsoleEvent::Attached { name } => self.note(&format!("{name}: console attached")),
+            ConsoleEvent::AttachFailed { name, error } => {
+                self.note(&format!("{name}: cannot attach: {error}"))
+            }
+            ConsoleEvent::Ended { name, end } => {
+                self.flush(name);
+                let what = match end {
+                    ConsoleEnd::GuestGone => "guest stopped".to_owned(),
+                    ConsoleEnd::TakenOver => "console taken over by another client".to_owned(),
+                    other => other.to_string(),
+                };
+                self.note(&format!("{name}: {what}"));
+            }
+            _ => {}
+        }
+        banner
+    }
+
+    /// Prints partial lines nobody completed for a while (a shell prompt).
+    fn flush_stale(&mut self) {
+        let stale: Vec<String> = self
+            .partial
+            .iter()
+            .filter(|(_, (text, since))| {
+                !text.is_empty() && since.elapsed() > Duration::from_millis(300)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            self.flush(&name);
+        }
+    }
+
+    fn flush_all(&mut self) {
+        let names: Vec<String> = self.partial.keys().cloned().collect();
+        for name in names {
+            self.flush(&name);
+        }
+    }
+
+    fn flush(&mut self, name: &str) {
+        if let Some((text, _)) = self.partial.get_mut(name) {
+            if !text.is_empty() {
+                let line = std::mem::take(text);
+                self.line(name, &line);
+            }
+        }
+    }
+
+    fn line(&mut self, name: &str, line: &str) {
+        let next = COLORS[self.colors.len() % COLORS.len()];
+        let color = *self.colors.entry(name.to_owned()).or_insert(next);
+        let mut stdout = io::stdout().lock();
+        let _ = if self.color {
+            writeln!(stdout, "\x1b[{color}m{name}|\x1b[0m {line}")
+        } else {
+            writeln!(stdout, "{name}| {line}")
+        };
+        if let Some(dir) = &self.log_dir {
+            let log = self.logs.entry(name.to_owned()).or_insert_with(|| {
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join(format!("{name}.log")))
+                    .expect("log file")
+            });
+            let _ = writeln!(log, "{line}");
+        }
+    }
+
+    fn note(&self, text: &str) {
+        let _ = writeln!(io::stdout().lock(), "-- {text}");
+    }
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Prepare a Debian 12 host for building and testing virt-reactor.
+#
+# Idempotent, and it changes no system configuration: it only installs missing
+# packages and cargo-nextest. No /etc edits, no users, no system libvirtd:
+# the tests start their own private, unprivileged libvirtd (tests/support/daemon.rs).
+set -euo pipefail
+
+PACKAGES=(
+    libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+    pkg-config qemu-system-x86 busybox-static cpio gzip gcc procps
+    util-linux # setpriv
+)
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO=(sudo)
+fi
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+    if [ "$status" != "install ok installed" ]; then
+        missing+=("$pkg")
+    fi
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    echo "setup-host: packages: all ${#PACKAGES[@]} present"
+else
+    echo "setup-host: packages: installing ${missing[*]}"
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+for tool in libvirtd setpriv; do
+    if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null; then
+        echo "setup-host: error: $tool not found after installing packages" >&2
+        exit 1
+    fi
+done
+
+if ! command -v cargo >/dev/null; then
+    echo "setup-host: error: cargo not found (install a Rust toolchain, e.g. via rustup)" >&2
+    exit 1
+fi
+
+if nextest_version=$(cargo nextest --version 2>/dev/null); then
+    echo "setup-host: cargo-nextest: ${nextest_version%%$'\n'*}"
+else
+    echo "setup-host: cargo-nextest: installing"
+    cargo install --locked cargo-nextest
+fi

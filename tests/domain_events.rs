@@ -1,0 +1,180 @@
+//! Domain lifecycle events from the in-process test driver arrive through the loop.
+//!
+//! Each test registers the loop itself, so run them one process each (cargo-nextest).
+
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle, ThreadId};
+use std::time::{Duration, Instant};
+
+use virt::connect::Connect;
+use virt_reactor::connection_events::{DomainEventSubscription, LifecycleEvent, LifecycleKind};
+use virt_reactor::{DrainReport, EventLoop, LoopHandle};
+
+/// How long one expected event may take to arrive.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to listen for events that must not come.
+const QUIET_PERIOD: Duration = Duration::from_millis(300);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The loop, running on a thread of its own until [`finish`](Self::finish) drains it.
+struct LoopThread {
+    handle: LoopHandle,
+    thread: JoinHandle<virt_reactor::Result<DrainReport>>,
+}
+
+impl LoopThread {
+    fn start() -> LoopThread {
+        let mut event_loop = EventLoop::register().expect("register the event loop");
+        let handle = event_loop.handle();
+        let thread = thread::spawn(move || {
+            event_loop.run()?;
+            event_loop.drain(DRAIN_TIMEOUT)
+        });
+        LoopThread { handle, thread }
+    }
+
+    fn id(&self) -> ThreadId {
+        self.thread.thread().id()
+    }
+
+    /// Stops the loop and drains it; call after closing every connection.
+    fn finish(self) -> DrainReport {
+        self.handle.stop();
+        self.thread
+            .join()
+            .expect("loop thread panicked")
+            .expect("the loop ran and drained cleanly")
+    }
+}
+
+/// Each event with the thread that delivered it.
+type Delivered = (LifecycleEvent, ThreadId);
+
+fn subscribe(conn: &Connect) -> (DomainEventSubscription, Receiver<Delivered>) {
+    let (tx, rx) = mpsc::channel();
+    let subscription = DomainEventSubscription::lifecycle(conn, move |event| {
+        // The receiver may be gone when a test has seen what it needs.
+        let _ = tx.send((event, thread::current().id()));
+    })
+    .expect("subscribe to lifecycle events");
+    (subscription, rx)
+}
+
+fn domain_xml(name: &str) -> String {
+    format!(
+        "<domain type='test'><name>{name}</name><memory unit='MiB'>16</memory>\
+         <os><type>hvm</type></os></domain>"
+    )
+}
+
+fn event(domain: &str, kind: LifecycleKind, detail: i32) -> LifecycleEvent {
+    LifecycleEvent {
+        domain: domain.to_owned(),
+        kind,
+        detail,
+    }
+}
+
+fn next_event(rx: &Receiver<Delivered>, waiting_for: &LifecycleEvent) -> Delivered {
+    rx.recv_timeout(EVENT_TIMEOUT).unwrap_or_else(|e| {
+        panic!("no event within {EVENT_TIMEOUT:?} while waiting for {waiting_for}: {e}")
+    })
+}
+
+#[test]
+fn lifecycle_events_arrive_in_order_on_the_loop_thread() {
+    let event_loop = LoopThread::start();
+    let conn = virt_reactor::connect("test:///default").expect("open test:///default");
+    let (subscription, rx) = subscribe(&conn);
+
+    let name = "events-lifecycle";
+    let dom = conn
+        .define_domain_xml(&domain_xml(name))
+        .expect("define the domain");
+    dom.create().expect("start the domain");
+    dom.suspend().expect("suspend the domain");
+    dom.resume().expect("resume the domain");
+    dom.destroy().expect("destroy the domain");
+    dom.undefine().expect("undefine the domain");
+
+    let expected = [
+        event(name, LifecycleKind::Defined, 0),   // Added
+        event(name, LifecycleKind::Started, 0),   // Booted
+        event(name, LifecycleKind::Suspended, 0), // Paused
+        event(name, LifecycleKind::Resumed, 0),   // Unpaused
+        event(name, LifecycleKind::Stopped, 1),   // Destroyed
+        event(name, LifecycleKind::Undefined, 0), // Removed
+    ];
+    for want in &expected {
+        let (got, thread) = next_event(&rx, want);
+        assert_eq!(&got, want, "events out of order or wrong");
+        assert_eq!(
+            thread,
+            event_loop.id(),
+            "{got} was not delivered by the loop thread"
+        );
+    }
+    match rx.recv_timeout(QUIET_PERIOD) {
+        Err(RecvTimeoutError::Timeout) => {}
+        other => panic!("unexpected event after the scripted lifecycle: {other:?}"),
+    }
+
+    subscription.cancel().expect("deregister the subscription");
+    drop(dom);
+    drop(conn);
+    event_loop.finish();
+}
+
+#[test]
+fn dropped_subscription_stops_delivery_and_frees_its_closure() {
+    let event_loop = LoopThread::start();
+    let conn = virt_reactor::connect("test:///default").expect("open test:///default");
+
+    // Subscription `dropped` carries `alive`; `kept` proves events still flow after.
+    let alive = Arc::new(());
+    let (tx, dropped_rx) = mpsc::channel();
+    let token = Arc::clone(&alive);
+    let dropped = DomainEventSubscription::lifecycle(&conn, move |event| {
+        let _owned = &token;
+        let _ = tx.send(event);
+    })
+    .expect("subscribe the subscription to drop");
+    let (kept, kept_rx) = subscribe(&conn);
+    assert_eq!(Arc::strong_count(&alive), 2, "the closure holds its token");
+
+    let name = "events-dropped";
+    let dom = conn
+        .define_domain_xml(&domain_xml(name))
+        .expect("define the domain");
+    let defined = event(name, LifecycleKind::Defined, 0);
+    let got = dropped_rx
+        .recv_timeout(EVENT_TIMEOUT)
+        .expect("the subscription delivers before it is dropped");
+    assert_eq!(got, defined);
+    assert_eq!(next_event(&kept_rx, &defined).0, defined);
+
+    drop(dropped);
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    while Arc::strong_count(&alive) > 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the dropped subscription's closure was not freed within {EVENT_TIMEOUT:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+
+    dom.undefine().expect("undefine the domain");
+    let undefined = event(name, LifecycleKind::Undefined, 0);
+    assert_eq!(next_event(&kept_rx, &undefined).0, undefined);
+    let late: Vec<LifecycleEvent> = dropped_rx.try_iter().collect();
+    assert!(
+        late.is_empty(),
+        "events after the drop were delivered: {late:?}"
+    );
+
+    kept.cancel().expect("deregister the kept subscription");
+    drop(dom);
+    drop(conn);
+    event_loop.finish();
+}

@@ -1,0 +1,8 @@
+//! Shared helpers for the integration tests.
+//!
+//! Use from a test file with `mod support;` and then `support::daemon::PrivateDaemon`.
+#![allow(dead_code)]
+
+pub mod daemon;
+pub mod pool;
+pub mod raw;
