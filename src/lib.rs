@@ -34,11 +34,15 @@
 //!
 //! ## Layout
 //!
-//! - [`ffi`](crate) (private): every `unsafe` block; the six `extern "C"` functions
-//!   libvirt calls, and the trampolines for Rust closures.
+//! - `ffi` (private): every `unsafe` block; the six `extern "C"` functions libvirt
+//!   calls, raw streams, and the trampolines for Rust closures.
 //! - `engine` (private): the handle and timer tables, deferred free callbacks.
 //! - [`EventLoop`]: owns the `mio::Poll`, runs iterations, drains at shutdown.
 //! - [`Watch`] / [`Timer`]: your own fds and timers on libvirt's loop.
+//! - [`connection_events`]: domain lifecycle events and the connection close watch.
+//! - [`Stream`], [`Reactor`], [`StreamHandler`]: non-blocking streams in a slab, each
+//!   with its handler; [`transfer`] and [`volume`] move whole streams.
+//! - [`console`]: many guest consoles on one reactor; [`testbed`]: the tiny guests.
 //!
 //! See `docs/architecture.md` for threads, locks and dispatch order, and
 //! `docs/contract.md` for each rule of libvirt's contract and the test that proves it.
