@@ -8,11 +8,13 @@
 #   vol-16    vol download, 16 downloads in one process
 #   virsh-16  16 virsh vol-download processes in parallel
 #
-# Each variant runs RUNS times, the variants alternating; prints every run and the
-# median MiB/s (wall clock of the whole command, startup and connect included).
+# Each variant runs once to warm up (not counted: on a VM, first-touch page faults of
+# fresh memory dominate the first round), then RUNS times, the variants alternating;
+# prints every run and the median MiB/s (wall clock of the whole command, startup and
+# connect included).
 #
 # Usage: bash scripts/bench-vol.sh
-#   env: RUNS=3 SIZE_MIB=256 PARALLEL=16 VARIANTS="vol-1 virsh-1 vol-16 virsh-16"
+#   env: RUNS=3 WARMUP=1 SIZE_MIB=256 PARALLEL=16 VARIANTS="vol-1 virsh-1 vol-16 virsh-16"
 #
 # Needs nothing set up by hand: it builds the example, starts its own unprivileged
 # libvirtd in a temp dir the way tests/support/daemon.rs does (session mode, as
@@ -23,6 +25,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 RUNS=${RUNS:-3}
+WARMUP=${WARMUP:-1}
 SIZE_MIB=${SIZE_MIB:-256}
 PARALLEL=${PARALLEL:-16}
 PATH="$PATH:/usr/sbin:/sbin"
@@ -126,6 +129,11 @@ run_variant() { # name -> prints MiB/s
 
 read -r -a variants <<<"${VARIANTS:-vol-1 virsh-1 vol-$PARALLEL virsh-$PARALLEL}"
 declare -A results
+if [ "$WARMUP" -gt 0 ]; then
+    for v in "${variants[@]}"; do
+        echo "warm-up: $v: $(run_variant "$v") MiB/s"
+    done
+fi
 for run in $(seq "$RUNS"); do
     for v in "${variants[@]}"; do
         r=$(run_variant "$v")
