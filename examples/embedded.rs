@@ -11,8 +11,8 @@
 //! ```
 //!
 //! The embedding pattern is three calls: register the `EventLoop` on the daemon's
-//! registry, `dispatch()` when its token fires, and `next_timeout()` to cap the
-//! daemon's poll timeout.
+//! registry, `next_timeout()` to cap the daemon's poll timeout, and `dispatch()`
+//! after every poll.
 
 use std::collections::HashMap;
 use std::fs;
@@ -97,9 +97,12 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             .map(|d| d.next_step.saturating_duration_since(Instant::now()));
         let timeout = min(libvirt.next_timeout(), until_step);
         poll.poll(&mut events, timeout)?;
+        // After every poll, not only when LIBVIRT fired: a due libvirt timer makes no
+        // fd readable, it only ends the poll's timeout.
+        libvirt.dispatch()?;
         for event in events.iter() {
             match event.token() {
-                LIBVIRT => libvirt.dispatch()?,
+                LIBVIRT => {} // dispatched above
                 LISTENER => loop {
                     match listener.accept() {
                         Ok((mut stream, _)) => {

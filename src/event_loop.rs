@@ -30,10 +30,11 @@ static REGISTERING: Mutex<()> = Mutex::new(());
 /// # Embedding
 ///
 /// A single-threaded daemon that owns a `mio::Poll` registers the loop on its own
-/// registry like any other source (it is readable when libvirt has work), calls
-/// [`dispatch`](Self::dispatch) when its token fires, and caps its poll timeout with
-/// [`next_timeout`](Self::next_timeout). Both run on the daemon's thread. The
-/// `embedded` example shows the whole pattern.
+/// registry like any other source (it is readable when one of libvirt's fds is
+/// ready), caps its poll timeout with [`next_timeout`](Self::next_timeout), and calls
+/// [`dispatch`](Self::dispatch) after every poll, whether or not its token fired: a
+/// due timer makes no fd readable, it only ends the poll's timeout. Both run on the
+/// daemon's thread. The `embedded` example shows the whole pattern.
 pub struct EventLoop {
     poll: Poll,
     events: Events,

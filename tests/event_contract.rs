@@ -2350,3 +2350,36 @@ fn panicking_timer_closure_is_reported_and_the_loop_stays_usable() {
     assert_eq!(other.remove(), 0);
     assert_drains(&mut ev);
 }
+
+/// Embedding, D1: a periodic timer fires through the documented pattern (poll with
+/// `next_timeout()`, then `dispatch()` after every poll) although it makes no fd
+/// readable, and the outer loop sleeps between firings instead of spinning.
+#[test]
+fn embedded_timer_fires_when_dispatch_follows_every_poll() {
+    const LOOP: mio::Token = mio::Token(5);
+    let mut ev = setup();
+    let mut poll = mio::Poll::new().unwrap();
+    let mut events = mio::Events::with_capacity(16);
+    poll.registry()
+        .register(&mut ev, LOOP, mio::Interest::READABLE)
+        .unwrap();
+    let timer = RawTimer::recorded(20);
+    let mut polls = 0;
+    let start = Instant::now();
+    while timer.rec.calls() < 5 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "only {} of 5 firings in 10 s",
+            timer.rec.calls()
+        );
+        poll.poll(&mut events, ev.next_timeout()).unwrap();
+        ev.dispatch().unwrap();
+        polls += 1;
+    }
+    // About one poll per firing; a spinning loop would poll thousands of times.
+    assert!(polls <= 20, "{polls} polls for 5 firings of a 20 ms timer");
+    assert_eq!(timer.remove(), 0);
+    ev.dispatch().unwrap();
+    poll.registry().deregister(&mut ev).unwrap();
+    assert_drains(&mut ev);
+}

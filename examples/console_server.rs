@@ -1,0 +1,1270 @@
+//! A console server: every guest console on a Unix socket `DIR/NAME.sock`, for any
+//! plain client (`socat - UNIX-CONNECT:DIR/NAME.sock`, `nc -U`, a program).
+//!
+//! ```text
+//! console_server                                    # boot 2 testbed guests (embedded driver)
+//! console_server --uri qemu:///system [--domain NAME ...] [--dir DIR]
+//! console_server --uri URI --tcp 127.0.0.1:7000     # also TCP, loopback only, with a token
+//! ```
+//!
+//! One thread and one `mio::Poll` own everything: the listening sockets, the clients
+//! and libvirt's events (the [`Reactor`] is one more `mio::event::Source` on that
+//! poll; after each poll the thread calls `reactor.dispatch()`, and it caps its poll
+//! timeout with `reactor.next_timeout()`). Blocking libvirt calls (connecting,
+//! creating guests, opening consoles) run on worker threads through the
+//! [`ConsoleMux`], which hands the finished streams to the reactor.
+//!
+//! * Several clients may attach to one console: all get its output, and their input
+//!   is merged (chunk by chunk, as it is read).
+//! * Each client has a bounded output buffer (`--client-buffer`); a client that falls
+//!   further behind is disconnected and logged, so it never blocks the loop.
+//! * A console that starts gets a socket (mode 0600, in a 0700 directory); the socket
+//!   goes when the console ends (guest destroyed, powered off).
+//! * With `--uri`, lifecycle events tell when a domain starts, and its console is
+//!   attached then.
+//! * TCP only with `--tcp ADDR`, only on a loopback address. A TCP client first sends
+//!   `TOKEN NAME\n`; a wrong token closes the connection. The token is random and
+//!   printed at start, or kept in `--token-file`.
+//! * SIGINT, SIGTERM or `--exit-after SECONDS` shut down cleanly: consoles finished,
+//!   guests this run booted destroyed, sockets and directory removed.
+//! * A client that stops sending (half-close, e.g. `socat` after end of input) still
+//!   gets output until it closes for good.
+//!
+//! Without `--uri` the guests run on libvirt's in-process QEMU driver, which libvirt
+//! 9.0 refuses to run as root on a host without the `libvirt-qemu` user; there, run
+//! it unprivileged as `scripts/main.sh` does for `console_mux`
+//! (`setpriv --reuid=nobody --regid=nogroup --clear-groups env HOME=… TESTBED_DIR=…`).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use crossbeam_channel::Receiver;
+use mio::event::{Event, Source};
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use slab::Slab;
+use virt::connect::Connect;
+use virt_reactor::connection_events::{DomainEventSubscription, LifecycleKind};
+use virt_reactor::console::{ConsoleEnd, ConsoleEvent, ConsoleMux, ConsoleOptions};
+use virt_reactor::testbed::{self, GuestMode, Testbed};
+use virt_reactor::{Reactor, ReactorHandle};
+
+/// The reactor (libvirt's events) on our poll.
+const LIBVIRT: Token = Token(0);
+/// Other threads (signals, the set-up worker) wake the poll with this.
+const WAKE: Token = Token(1);
+/// The TCP listener.
+const TCP: Token = Token(2);
+/// Console listeners and clients: `FIRST_SOURCE + slab key`.
+const FIRST_SOURCE: usize = 3;
+
+/// Bytes read from one client per readiness, so one chatty client cannot hold the loop.
+const READ_BUDGET: usize = 64 * 1024;
+/// Longest `TOKEN NAME\n` line a TCP client may send.
+const HANDSHAKE_MAX: usize = 1024;
+/// How long a TCP client has to send that line.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How soon to retry input that did not fit into a console's input queue.
+const INPUT_RETRY: Duration = Duration::from_millis(10);
+/// How long shutdown waits for guests still booting, and for destroying guests.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
+/// `sizeof(sockaddr_un.sun_path) - 1`.
+const SUN_PATH_MAX: usize = 107;
+
+#[derive(Parser)]
+#[command(about = "Serve guest consoles on Unix sockets (and loopback TCP) from one thread")]
+struct Args {
+    /// Attach to the running domains of this connection, and to each domain that
+    /// starts later, instead of booting testbed guests.
+    #[arg(long)]
+    uri: Option<String>,
+    /// With --uri: serve only these domains (default: all of them).
+    #[arg(long = "domain", requires = "uri")]
+    domains: Vec<String>,
+    /// Testbed guests to boot (without --uri).
+    #[arg(long, default_value_t = 2, conflicts_with = "uri")]
+    guests: usize,
+    /// Where the testbed kernel and initramfs are (testbed/build.sh).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/.testbed"))]
+    testbed: PathBuf,
+    /// Directory of the console sockets, made mode 0700 (default: a fresh
+    /// temporary directory). Removed at exit if this run created it.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Also serve on TCP at this loopback address (port 0 picks one). A client
+    /// first sends "TOKEN NAME\n".
+    #[arg(long, value_name = "ADDR")]
+    tcp: Option<SocketAddr>,
+    /// With --tcp: read the token from this file, or write a new random one there
+    /// (mode 0600) if it does not exist.
+    #[arg(long, requires = "tcp")]
+    token_file: Option<PathBuf>,
+    /// Output bytes a client may fall behind before it is disconnected.
+    #[arg(long, default_value_t = 256 * 1024, value_name = "BYTES")]
+    client_buffer: usize,
+    /// Shut down cleanly after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    exit_after: Option<f64>,
+    /// Take consoles over from other clients (VIR_DOMAIN_CONSOLE_FORCE).
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    virt::error::clear_error_callback();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("console_server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What other threads tell the loop thread.
+enum Note {
+    Ready(Session),
+    SetupFailed(String),
+    Quit(&'static str),
+}
+
+/// The connection and what hangs off it; made by the set-up worker.
+struct Session {
+    conn: Connect,
+    mux: ConsoleMux,
+    events: Receiver<ConsoleEvent>,
+    /// Names of domains that started (from the lifecycle subscription).
+    started: Receiver<String>,
+    subscription: Option<DomainEventSubscription>,
+    /// Guests this run boots, destroyed at exit.
+    booted: Vec<String>,
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Refuse what we will not do before touching anything.
+    if let Some(addr) = args.tcp {
+        if !addr.ip().is_loopback() {
+            return Err(format!("--tcp {addr}: only loopback addresses are served").into());
+        }
+    }
+    if args.client_buffer == 0 {
+        return Err("--client-buffer must be at least 1".into());
+    }
+
+    let mut poll = Poll::new()?;
+    let mut events = Events::with_capacity(256);
+    let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+    // libvirt's events are one more source on our poll.
+    let mut reactor = Reactor::register()?;
+    poll.registry()
+        .register(&mut reactor, LIBVIRT, Interest::READABLE)?;
+
+    let dir = SocketDir::prepare(args.dir.clone())?;
+    println!("console_server: consoles in {}", dir.path.display());
+    let tcp = match args.tcp {
+        Some(addr) => Some(TcpFront::bind(
+            addr,
+            args.token_file.as_deref(),
+            poll.registry(),
+        )?),
+        None => None,
+    };
+
+    let (notes_tx, notes) = crossbeam_channel::unbounded();
+    {
+        let (notes_tx, waker) = (notes_tx.clone(), Arc::clone(&waker));
+        ctrlc::set_handler(move || {
+            let _ = notes_tx.send(Note::Quit("signal"));
+            let _ = waker.wake();
+        })?;
+    }
+    let embed_root = args
+        .uri
+        .is_none()
+        .then(|| std::env::temp_dir().join(format!("console-server-{}", std::process::id())));
+
+    // Connecting and booting block on replies that, with the in-process driver,
+    // come through this very loop: a worker does them while this thread polls.
+    {
+        let setup = SetUp {
+            uri: args.uri.clone(),
+            domains: args.domains.clone(),
+            guests: args.guests,
+            testbed: args.testbed.clone(),
+            root: embed_root.clone(),
+            force: args.force,
+            handle: reactor.handle(),
+        };
+        let waker = Arc::clone(&waker);
+        thread::Builder::new()
+            .name("set-up".into())
+            .spawn(move || {
+                let note = setup.run().map_or_else(Note::SetupFailed, Note::Ready);
+                let _ = notes_tx.send(note);
+                let _ = waker.wake();
+            })?;
+    }
+
+    let mut server = Server {
+        registry: poll.registry().try_clone()?,
+        dir,
+        tcp,
+        sources: Slab::new(),
+        consoles: BTreeMap::new(),
+        client_buffer: args.client_buffer,
+        filter: (!args.domains.is_empty()).then(|| args.domains.iter().cloned().collect()),
+        session: None,
+        pending_boots: BTreeSet::new(),
+        retry: BTreeSet::new(),
+        restarted: BTreeSet::new(),
+        next_peer: 1,
+        setup_finished: false,
+        closing: false,
+        scratch: vec![0; 16 * 1024],
+    };
+    let exit_at = args
+        .exit_after
+        .map(|secs| Instant::now() + Duration::from_secs_f64(secs.max(0.0)));
+
+    let outcome: Result<(), String> = loop {
+        // Our own deadlines first: next_timeout() must come right before the poll.
+        let mut timeout = server.timeout();
+        if let Some(at) = exit_at {
+            timeout = min_timeout(timeout, Some(at.saturating_duration_since(Instant::now())));
+        }
+        timeout = min_timeout(timeout, reactor.next_timeout());
+        match poll.poll(&mut events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(format!("poll: {e}")),
+        }
+        for event in events.iter() {
+            match event.token() {
+                LIBVIRT | WAKE => {} // dispatched below on every iteration
+                TCP => server.accept_tcp(),
+                Token(n) => server.source_ready(n - FIRST_SOURCE, event),
+            }
+        }
+        // Every iteration, not only when LIBVIRT fired: libvirt's timers make no fd
+        // readable, the poll just times out for them.
+        match reactor.dispatch() {
+            Ok(()) => {}
+            Err(e @ virt_reactor::Error::CallbackPanicked { .. }) => log::error!("{e}"),
+            Err(e) => break Err(format!("libvirt event loop: {e}")),
+        }
+        if let Some(quit) = server.after_dispatch(&notes) {
+            break quit;
+        }
+        if exit_at.is_some_and(|at| Instant::now() >= at) {
+            log::info!("--exit-after reached");
+            break Ok(());
+        }
+    };
+
+    let finished = server.shut_down(&mut reactor, &notes);
+    let report = reactor.shutdown(Duration::from_secs(10));
+    match &report {
+        Ok(report) => log::debug!("drained: {report:?}"),
+        Err(e) => log::warn!("draining libvirt's loop: {e}"),
+    }
+    server.dir.remove();
+    if let Some(root) = embed_root {
+        let _ = fs::remove_dir_all(root);
+    }
+    outcome.and(finished).map_err(Into::into)
+}
+
+/// What the set-up worker needs.
+struct SetUp {
+    uri: Option<String>,
+    domains: Vec<String>,
+    guests: usize,
+    testbed: PathBuf,
+    root: Option<PathBuf>,
+    force: bool,
+    handle: ReactorHandle,
+}
+
+impl SetUp {
+    /// On a worker thread: connect, then boot testbed guests (embedded) or subscribe
+    /// to lifecycle events and attach to what runs (`--uri`).
+    fn run(self) -> Result<Session, String> {
+        let uri = match (&self.uri, &self.root) {
+            (Some(uri), _) => uri.clone(),
+            (None, Some(root)) => {
+                testbed::embed_root(root).map_err(|e| format!("embedded driver: {e}"))?
+            }
+            (None, None) => unreachable!("no --uri means an embedded root"),
+        };
+        let conn = virt_reactor::connect(&uri).map_err(|e| format!("{uri}: {e}"))?;
+        let options = ConsoleOptions {
+            force: self.force,
+            ..ConsoleOptions::default()
+        };
+        let (mux, events) =
+            ConsoleMux::new(&conn, self.handle, options).map_err(|e| format!("consoles: {e}"))?;
+        let (started_tx, started) = crossbeam_channel::unbounded();
+        let mut session = Session {
+            conn,
+            mux,
+            events,
+            started,
+            subscription: None,
+            booted: Vec::new(),
+        };
+        if self.uri.is_none() {
+            let testbed = Testbed::open(&self.testbed).map_err(|e| e.to_string())?;
+            for i in 1..=self.guests {
+                let name = format!("tb-{i}");
+                session
+                    .mux
+                    .boot(&name, &testbed.guest_xml(&name, GuestMode::Plain))
+                    .map_err(|e| format!("{name}: {e}"))?;
+                session.booted.push(name);
+            }
+            return Ok(session);
+        }
+        // Subscribe first, then list: a domain starting in between is seen twice,
+        // and attaching twice is harmless.
+        let subscription = DomainEventSubscription::lifecycle(&session.conn, move |event| {
+            // On the loop thread, inside libvirt: only hand the name over.
+            if event.kind == LifecycleKind::Started {
+                let _ = started_tx.send(event.domain);
+            }
+        })
+        .map_err(|e| format!("lifecycle events: {e}"))?;
+        session.subscription = Some(subscription);
+        let running = session
+            .conn
+            .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            .map_err(|e| format!("{uri}: list domains: {e}"))?;
+        let mut attached = 0;
+        for domain in running {
+            let Ok(name) = domain.name() else { continue };
+            if self.domains.is_empty() || self.domains.contains(&name) {
+                session.mux.attach(&name).map_err(|e| e.to_string())?;
+                attached += 1;
+            }
+        }
+        if attached == 0 {
+            log::info!("no matching domain runs yet; waiting for one to start");
+        }
+        Ok(session)
+    }
+}
+
+/// One console served on a socket.
+struct Console {
+    /// Slab key of its listener.
+    listener: usize,
+    path: PathBuf,
+    /// Device and inode of the socket file, so that only our own file is removed.
+    file_id: (u64, u64),
+    clients: BTreeSet<usize>,
+}
+
+enum SourceKind {
+    Listener {
+        name: String,
+        listener: UnixListener,
+    },
+    Client(Client),
+}
+
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
+        }
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn source(&mut self) -> &mut dyn Source {
+        match self {
+            Conn::Unix(s) => s,
+            Conn::Tcp(s) => s,
+        }
+    }
+}
+
+struct Client {
+    conn: Conn,
+    /// For logs: `unix#N` or `tcp#N ADDR`.
+    peer: String,
+    /// The console it is attached to; `None` while a TCP client has not sent its
+    /// `TOKEN NAME` line.
+    console: Option<String>,
+    /// Output not yet written, bounded by `--client-buffer`.
+    out: VecDeque<u8>,
+    /// Input read but not yet taken by the console (or the handshake line so far).
+    input: Vec<u8>,
+    /// The client shut down its sending side; it still gets output.
+    read_closed: bool,
+    handshake_deadline: Option<Instant>,
+}
+
+/// Why a client is closed.
+enum Cut {
+    /// Fell more than `--client-buffer` bytes behind.
+    TooSlow(usize),
+    /// Writing failed (it went away).
+    Gone(io::Error),
+}
+
+impl Client {
+    /// Writes what is buffered until the socket would block.
+    fn flush(&mut self) -> io::Result<()> {
+        while !self.out.is_empty() {
+            let (front, _) = self.out.as_slices();
+            match self.conn.write(front) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `bytes` now as far as the socket takes them and buffers the rest, up to
+    /// `limit` bytes.
+    fn send(&mut self, mut bytes: &[u8], limit: usize) -> Result<(), Cut> {
+        while self.out.is_empty() && !bytes.is_empty() {
+            match self.conn.write(bytes) {
+                Ok(0) => return Err(Cut::Gone(io::ErrorKind::WriteZero.into())),
+                Ok(n) => bytes = &bytes[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Cut::Gone(e)),
+            }
+        }
+        self.out.extend(bytes);
+        if self.out.len() > limit {
+            return Err(Cut::TooSlow(self.out.len()));
+        }
+        Ok(())
+    }
+}
+
+struct Server {
+    registry: Registry,
+    dir: SocketDir,
+    tcp: Option<TcpFront>,
+    sources: Slab<SourceKind>,
+    consoles: BTreeMap<String, Console>,
+    client_buffer: usize,
+    /// `--domain`: the only domains served.
+    filter: Option<BTreeSet<String>>,
+    session: Option<Session>,
+    /// Guests booted whose console has not reported yet.
+    pending_boots: BTreeSet<String>,
+    /// Clients with input to push or data left to read.
+    retry: BTreeSet<usize>,
+    /// Domains that started again while their old console was still served: the
+    /// old console's end may only be seen after the start, so attach again then.
+    restarted: BTreeSet<String>,
+    next_peer: u64,
+    /// The set-up worker has reported (ready or failed).
+    setup_finished: bool,
+    /// Shutting down: consoles that attach now are not served.
+    closing: bool,
+    scratch: Vec<u8>,
+}
+
+impl Server {
+    /// How long the poll may sleep as far as the server is concerned.
+    fn timeout(&self) -> Option<Duration> {
+        let mut timeout = (!self.retry.is_empty()).then_some(INPUT_RETRY);
+        let now = Instant::now();
+        for (_, source) in &self.sources {
+            if let SourceKind::Client(Client {
+                handshake_deadline: Some(at),
+                ..
+            }) = source
+            {
+                timeout = min_timeout(timeout, Some(at.saturating_duration_since(now)));
+            }
+        }
+        timeout
+    }
+
+    fn ready(&mut self, session: Session) {
+        self.setup_finished = true;
+        self.pending_boots = session.booted.iter().cloned().collect();
+        self.session = Some(session);
+    }
+
+    /// After libvirt's dispatch: notes from other threads, console events, started
+    /// domains, retried input, handshake deadlines. Returns how to quit, if so.
+    fn after_dispatch(&mut self, notes: &Receiver<Note>) -> Option<Result<(), String>> {
+        let mut quit = None;
+        for note in notes.try_iter() {
+            match note {
+                Note::Ready(session) => self.ready(session),
+                Note::SetupFailed(e) => {
+                    self.setup_finished = true;
+                    quit = Some(Err(e));
+                }
+                Note::Quit(why) => {
+                    log::info!("{why}: shutting down");
+                    quit.get_or_insert(Ok(()));
+                }
+            }
+        }
+        if let Some(lost) = self.console_events() {
+            quit.get_or_insert(Err(lost));
+        }
+        let started: Vec<String> = self
+            .session
+            .as_ref()
+            .map(|s| s.started.try_iter().collect())
+            .unwrap_or_default();
+        for name in started {
+            if self.filter.as_ref().is_some_and(|f| !f.contains(&name)) {
+                continue;
+            }
+            log::info!("{name}: started");
+            if self.consoles.contains_key(&name) {
+                self.restarted.insert(name.clone());
+            }
+            self.attach(&name);
+        }
+        for key in std::mem::take(&mut self.retry) {
+            self.read_client(key);
+        }
+        let now = Instant::now();
+        let expired: Vec<usize> = self
+            .sources
+            .iter()
+            .filter(|(_, s)| {
+                matches!(s, SourceKind::Client(Client { handshake_deadline: Some(at), .. }) if *at <= now)
+            })
+            .map(|(key, _)| key)
+            .collect();
+        for key in expired {
+            self.close_client(key, "sent no TOKEN NAME line in time");
+        }
+        quit
+    }
+
+    fn attach(&self, name: &str) {
+        if let Some(session) = &self.session {
+            if let Err(e) = session.mux.attach(name) {
+                log::warn!("{name}: cannot attach: {e}");
+            }
+        }
+    }
+
+    /// Serves what the consoles reported. Returns an error when the connection to
+    /// libvirt was lost.
+    fn console_events(&mut self) -> Option<String> {
+        let events: Vec<ConsoleEvent> = match &self.session {
+            Some(session) => session.events.try_iter().collect(),
+            None => return None,
+        };
+        let mut lost = None;
+        for event in events {
+            match event {
+                ConsoleEvent::Attached { name } => {
+                    self.pending_boots.remove(&name);
+                    if self.closing {
+                        continue;
+                    }
+                    if let Err(e) = self.serve(&name) {
+                        log::error!("{name}: cannot serve the console: {e}");
+                    }
+                }
+                ConsoleEvent::Output { name, bytes } => self.output(&name, &bytes),
+                ConsoleEvent::Ended { name, end } => {
+                    let what = match &end {
+                        ConsoleEnd::GuestGone => "guest gone".to_owned(),
+                        other => other.to_string(),
+                    };
+                    self.unserve(&name, &what);
+                    if self.restarted.remove(&name) && !self.closing {
+                        self.attach(&name);
+                    }
+                    if let ConsoleEnd::ConnectionLost(reason) = end {
+                        lost = Some(format!("the connection to libvirt was lost ({reason})"));
+                    }
+                }
+                ConsoleEvent::AttachFailed { name, error } => {
+                    self.pending_boots.remove(&name);
+                    log::warn!("{name}: cannot attach to the console: {error}");
+                }
+                _ => {}
+            }
+        }
+        lost
+    }
+
+    /// Binds `DIR/NAME.sock` for a console that just attached. The socket is bound
+    /// under a temporary name, made 0600, then renamed, so it never appears with
+    /// wider permissions.
+    fn serve(&mut self, name: &str) -> io::Result<()> {
+        if self.consoles.contains_key(name) {
+            return Ok(());
+        }
+        let path = self.dir.socket_path(name)?;
+        if let Ok(meta) = fs::symlink_metadata(&path) {
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+        }
+        let staging = self.dir.path.join(format!(".bind-{}", std::process::id()));
+        let _ = fs::remove_file(&staging);
+        let mut listener = UnixListener::bind(&staging)?;
+        let placed = fs::set_permissions(&staging, fs::Permissions::from_mode(0o600))
+            .and_then(|()| fs::rename(&staging, &path))
+            .and_then(|()| fs::symlink_metadata(&path));
+        let meta = match placed {
+            Ok(meta) => meta,
+            Err(e) => {
+                let _ = fs::remove_file(&staging);
+                return Err(e);
+            }
+        };
+        let entry = self.sources.vacant_entry();
+        let key = entry.key();
+        self.registry
+            .register(&mut listener, Token(FIRST_SOURCE + key), Interest::READABLE)?;
+        entry.insert(SourceKind::Listener {
+            name: name.to_owned(),
+            listener,
+        });
+        log::info!("{name}: serving on {}", path.display());
+        println!("+ {name} {}", path.display());
+        self.consoles.insert(
+            name.to_owned(),
+            Console {
+                listener: key,
+                path,
+                file_id: (meta.dev(), meta.ino()),
+                clients: BTreeSet::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops serving a console: its socket goes, its clients are told and closed.
+    fn unserve(&mut self, name: &str, why: &str) {
+        let Some(console) = self.consoles.remove(name) else {
+            log::info!("{name}: console ended ({why})");
+            return;
+        };
+        if let SourceKind::Listener { mut listener, .. } = self.sources.remove(console.listener) {
+            let _ = self.registry.deregister(&mut listener);
+        }
+        if fs::symlink_metadata(&console.path).is_ok_and(|m| (m.dev(), m.ino()) == console.file_id)
+        {
+            let _ = fs::remove_file(&console.path);
+        }
+        let note = format!("\r\n[console_server: {name}: {why}]\r\n");
+        for key in console.clients {
+            if let Some(SourceKind::Client(client)) = self.sources.get_mut(key) {
+                let _ = client.flush();
+                let _ = client.conn.write(note.as_bytes());
+            }
+            self.drop_source(key);
+        }
+        log::info!(
+            "{name}: console ended ({why}); removed {}",
+            console.path.display()
+        );
+        println!("- {name} {}", console.path.display());
+    }
+
+    /// Hands a console's output to each of its clients; cuts off those too far behind.
+    fn output(&mut self, name: &str, bytes: &[u8]) {
+        let Some(console) = self.consoles.get(name) else {
+            return;
+        };
+        let mut cut = Vec::new();
+        for &key in &console.clients {
+            if let Some(SourceKind::Client(client)) = self.sources.get_mut(key) {
+                if let Err(why) = client.send(bytes, self.client_buffer) {
+                    cut.push((key, why));
+                }
+            }
+        }
+        for (key, why) in cut {
+            let reason = match why {
+                Cut::TooSlow(pending) => format!(
+                    "too slow ({pending} bytes pending, limit {}); disconnected",
+                    self.client_buffer
+                ),
+                Cut::Gone(e) => format!("gone ({e})"),
+            };
+            self.close_client(key, &reason);
+        }
+    }
+
+    fn source_ready(&mut self, key: usize, event: &Event) {
+        match self.sources.get_mut(key) {
+            Some(SourceKind::Listener { .. }) => self.accept_unix(key),
+            Some(SourceKind::Client(client)) => {
+                if event.is_writable() {
+                    if let Err(e) = client.flush() {
+                        self.close_client(key, &format!("gone ({e})"));
+                        return;
+                    }
+                }
+                if event.is_readable() || event.is_read_closed() || event.is_error() {
+                    self.read_client(key);
+                }
+                // A full hangup (both directions): the client is gone. A half-close
+                // (it only stopped sending) keeps it attached for output.
+                if event.is_write_closed() && self.sources.contains(key) {
+                    self.close_client(key, "hung up");
+                }
+            }
+            None => {} // closed earlier in this batch
+        }
+    }
+
+    fn accept_unix(&mut self, key: usize) {
+        loop {
+            let Some(SourceKind::Listener { name, listener }) = self.sources.get(key) else {
+                return;
+            };
+            let name = name.clone();
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let peer = format!("unix#{}", self.next_peer);
+                    self.next_peer += 1;
+                    self.add_client(Conn::Unix(stream), peer, Some(name));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("{name}: accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn accept_tcp(&mut self) {
+        loop {
+            let Some(tcp) = &self.tcp else { return };
+            match tcp.listener.accept() {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    let peer = format!("tcp#{} {addr}", self.next_peer);
+                    self.next_peer += 1;
+                    self.add_client(Conn::Tcp(stream), peer, None);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("tcp accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Registers a new client: attached to `console`, or (TCP) waiting for its
+    /// handshake line.
+    fn add_client(&mut self, mut conn: Conn, peer: String, console: Option<String>) {
+        let entry = self.sources.vacant_entry();
+        let key = entry.key();
+        if let Err(e) = self.registry.register(
+            conn.source(),
+            Token(FIRST_SOURCE + key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("{peer}: cannot register: {e}");
+            return;
+        }
+        let handshake_deadline = console
+            .is_none()
+            .then(|| Instant::now() + HANDSHAKE_TIMEOUT);
+        entry.insert(SourceKind::Client(Client {
+            conn,
+            peer,
+            console: None,
+            out: VecDeque::new(),
+            input: Vec::new(),
+            read_closed: false,
+            handshake_deadline,
+        }));
+        match console {
+            Some(name) => self.join(key, &name),
+            None => self.read_client(key), // the line may be there already
+        }
+    }
+
+    /// Attaches client `key` to console `name`.
+    fn join(&mut self, key: usize, name: &str) {
+        let Some(console) = self.consoles.get_mut(name) else {
+            self.close_client(key, &format!("no console {name:?}"));
+            return;
+        };
+        console.clients.insert(key);
+        let count = console.clients.len();
+        if let Some(SourceKind::Client(client)) = self.sources.get_mut(key) {
+            client.console = Some(name.to_owned());
+            client.handshake_deadline = None;
+            log::info!("{name}: {} attached ({})", client.peer, clients(count));
+        }
+    }
+
+    /// Reads what a client sent (up to [`READ_BUDGET`]) and passes it to its console.
+    fn read_client(&mut self, key: usize) {
+        let mut read = 0;
+        loop {
+            let Some(SourceKind::Client(client)) = self.sources.get_mut(key) else {
+                return;
+            };
+            if client.console.is_some() && !client.input.is_empty() {
+                self.push_input(key);
+                let Some(SourceKind::Client(client)) = self.sources.get(key) else {
+                    return;
+                };
+                if !client.input.is_empty() {
+                    // The console's input queue is full: read no more until it drains.
+                    self.retry.insert(key);
+                    return;
+                }
+                continue;
+            }
+            if client.read_closed {
+                return;
+            }
+            if read >= READ_BUDGET {
+                self.retry.insert(key); // more may wait; be fair to the others
+                return;
+            }
+            match client.conn.read(&mut self.scratch) {
+                Ok(0) => {
+                    client.read_closed = true;
+                    if client.console.is_none() {
+                        self.close_client(key, "closed before its TOKEN NAME line");
+                    } else {
+                        log::debug!("{}: stopped sending", client.peer);
+                    }
+                    return;
+                }
+                Ok(n) => {
+                    read += n;
+                    client.input.extend_from_slice(&self.scratch[..n]);
+                    if client.console.is_none() && !self.handshake(key) {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.close_client(key, &format!("gone ({e})"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Queues a client's pending input on its console, as much as fits.
+    fn push_input(&mut self, key: usize) {
+        let Some(session) = &self.session else { return };
+        let Some(SourceKind::Client(client)) = self.sources.get_mut(key) else {
+            return;
+        };
+        let Some(name) = &client.console else { return };
+        match session.mux.try_send(name, &client.input) {
+            Ok(n) => {
+                client.input.drain(..n);
+            }
+            Err(virt_reactor::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                // The console is ending; its end closes this client.
+                log::debug!("{name}: input from {} dropped: {e}", client.peer);
+                client.input.clear();
+            }
+        }
+    }
+
+    /// Checks a TCP client's `TOKEN NAME` line once it is complete. Returns whether
+    /// the client is still there.
+    fn handshake(&mut self, key: usize) -> bool {
+        let Some(SourceKind::Client(client)) = self.sources.get_mut(key) else {
+            return false;
+        };
+        let Some(end) = client.input.iter().position(|&b| b == b'\n') else {
+            if client.input.len() > HANDSHAKE_MAX {
+                self.close_client(key, "handshake line too long");
+                return false;
+            }
+            return true; // wait for the rest of the line
+        };
+        let line: Vec<u8> = client.input.drain(..=end).collect();
+        let peer = client.peer.clone();
+        let line = String::from_utf8_lossy(&line);
+        let (token, name) = line
+            .trim_end_matches(['\r', '\n'])
+            .split_once(' ')
+            .unwrap_or(("", ""));
+        let expected = self.tcp.as_ref().map_or("", |t| t.token.as_str());
+        if expected.is_empty() || !same_token(token.as_bytes(), expected.as_bytes()) {
+            log::warn!("{peer}: wrong token; closed");
+            self.drop_source(key);
+            return false;
+        }
+        let name = name.trim();
+        if !self.consoles.contains_key(name) {
+            if let Some(SourceKind::Client(client)) = self.sources.get_mut(key) {
+                let reply = format!("console_server: no console {name:?}\r\n");
+                let _ = client.conn.write(reply.as_bytes());
+            }
+            log::info!("{peer}: no console {name:?}; closed");
+            self.drop_source(key);
+            return false;
+        }
+        self.join(key, name);
+        true
+    }
+
+    /// Closes a client and logs why.
+    fn close_client(&mut self, key: usize, why: &str) {
+        let Some(SourceKind::Client(client)) = self.sources.get(key) else {
+            return;
+        };
+        let peer = client.peer.clone();
+        let console = client.console.clone();
+        self.drop_source(key);
+        match console {
+            Some(name) => {
+                let left = self.consoles.get(&name).map_or(0, |c| c.clients.len());
+                if why.starts_with("too slow") {
+                    log::warn!("{name}: {peer} {why} ({} left)", clients(left));
+                } else {
+                    log::info!("{name}: {peer} {why} ({} left)", clients(left));
+                }
+            }
+            None => log::info!("{peer}: {why}"),
+        }
+    }
+
+    /// Removes a source from the slab, the poll and its console.
+    fn drop_source(&mut self, key: usize) {
+        if !self.sources.contains(key) {
+            return;
+        }
+        self.retry.remove(&key);
+        match self.sources.remove(key) {
+            SourceKind::Client(mut client) => {
+                let _ = self.registry.deregister(client.conn.source());
+                if let Some(console) = client.console.and_then(|n| self.consoles.get_mut(&n)) {
+                    console.clients.remove(&key);
+                }
+            }
+            SourceKind::Listener { mut listener, .. } => {
+                let _ = self.registry.deregister(&mut listener);
+            }
+        }
+    }
+
+    /// Clean shutdown: finish the consoles (their sockets go), wait for guests still
+    /// booting, destroy the guests this run booted off the loop while the reactor
+    /// keeps running.
+    fn shut_down(&mut self, reactor: &mut Reactor, notes: &Receiver<Note>) -> Result<(), String> {
+        self.closing = true;
+        if let Some(mut tcp) = self.tcp.take() {
+            let _ = self.registry.deregister(&mut tcp.listener);
+        }
+        let mut result = Ok(());
+        // The set-up worker may still be connecting.
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        while !self.setup_finished {
+            match notes.recv_timeout(Duration::from_millis(20)) {
+                Ok(Note::Ready(session)) => self.ready(session),
+                Ok(Note::SetupFailed(e)) => {
+                    self.setup_finished = true;
+                    log::warn!("set-up failed during shutdown: {e}");
+                }
+                Ok(Note::Quit(_)) | Err(_) => {}
+            }
+            if let Err(e) = reactor.run_once(Some(Duration::ZERO)) {
+                log::warn!("{e}");
+            }
+            if Instant::now() > deadline {
+                result = Err("timed out waiting for the set-up to finish".to_owned());
+                break;
+            }
+        }
+        if let Some(session) = &mut self.session {
+            // Before the connection goes; deregistering is a call to libvirt.
+            drop(session.subscription.take());
+        }
+        // Guests still booting come up with a console; wait for them so that they
+        // are destroyed, not left running.
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        while !self.pending_boots.is_empty() && Instant::now() < deadline {
+            if let Err(e) = reactor.run_once(Some(Duration::from_millis(50))) {
+                log::warn!("{e}");
+            }
+            let _ = self.console_events();
+        }
+        if let Some(session) = &self.session {
+            session.mux.detach_all(reactor);
+        }
+        let _ = self.console_events();
+        // Whatever is still served (nothing, normally) and any TCP client in its
+        // handshake.
+        let names: Vec<String> = self.consoles.keys().cloned().collect();
+        for name in names {
+            self.unserve(&name, "server shutting down");
+        }
+        let keys: Vec<usize> = self.sources.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.drop_source(key);
+        }
+
+        let Some(session) = self.session.take() else {
+            return result;
+        };
+        let Session {
+            conn,
+            mux,
+            events,
+            booted,
+            ..
+        } = session;
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        thread::spawn(move || {
+            let guests = testbed::Guests::new();
+            for name in &booted {
+                guests.track(&conn, name);
+            }
+            guests.destroy_all();
+            drop((mux, conn));
+            let _ = done_tx.send(booted.len());
+        });
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        loop {
+            if let Err(e) = reactor.run_once(Some(Duration::from_millis(50))) {
+                log::warn!("{e}");
+            }
+            for event in events.try_iter() {
+                log::debug!("after detach: {event:?}");
+            }
+            if let Ok(n) = done.try_recv() {
+                if n > 0 {
+                    log::info!("destroyed {n} guest(s)");
+                }
+                return result;
+            }
+            if Instant::now() > deadline {
+                return Err("timed out destroying the guests".to_owned());
+            }
+        }
+    }
+}
+
+/// The directory of the sockets.
+struct SocketDir {
+    path: PathBuf,
+    /// This run made it, so it removes it at exit.
+    created: bool,
+}
+
+impl SocketDir {
+    /// Makes (or checks) the directory: ours, mode 0700.
+    fn prepare(dir: Option<PathBuf>) -> io::Result<SocketDir> {
+        let (path, created) = match dir {
+            None => {
+                let base = std::env::temp_dir();
+                let mut n = 0;
+                loop {
+                    let path = base.join(format!("console-server-{}-{n}", std::process::id()));
+                    match fs::DirBuilder::new().mode(0o700).create(&path) {
+                        Ok(()) => break (path, true),
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 100 => n += 1,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Some(path) => match fs::symlink_metadata(&path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(&path)?;
+                    (path, true)
+                }
+                Err(e) => return Err(e),
+                Ok(meta) if !meta.is_dir() => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("--dir {}: not a directory", path.display()),
+                    ))
+                }
+                Ok(meta) => {
+                    if meta.uid() != effective_uid() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::PermissionDenied,
+                            format!("--dir {}: owned by someone else", path.display()),
+                        ));
+                    }
+                    if meta.mode() & 0o777 != 0o700 {
+                        log::info!("{}: mode {:o} -> 700", path.display(), meta.mode() & 0o777);
+                    }
+                    (path, false)
+                }
+            },
+        };
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o700))?;
+        let path = fs::canonicalize(&path)?;
+        Ok(SocketDir { path, created })
+    }
+
+    /// `DIR/NAME.sock`, for names that make a safe file name that fits `sun_path`.
+    fn socket_path(&self, name: &str) -> io::Result<PathBuf> {
+        let bad = |why: &str| {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("domain name {name:?} {why}"),
+            ))
+        };
+        if name.is_empty() || name.starts_with('.') || name.contains(['/', '\0']) {
+            return bad("is not usable as a file name");
+        }
+        let path = self.path.join(format!("{name}.sock"));
+        if path.as_os_str().len() > SUN_PATH_MAX {
+            return bad("makes a socket path too long for a Unix socket; use a shorter --dir");
+        }
+        Ok(path)
+    }
+
+    fn remove(&self) {
+        // Our sockets are gone already; only a directory this run made goes.
+        if self.created {
+            if let Err(e) = fs::remove_dir_all(&self.path) {
+                log::warn!("cannot remove {}: {e}", self.path.display());
+            }
+        } else {
+            let _ = fs::remove_file(self.path.join(format!(".bind-{}", std::process::id())));
+        }
+    }
+}
+
+/// The TCP listener and the token its clients must send.
+struct TcpFront {
+    listener: TcpListener,
+    token: String,
+}
+
+impl TcpFront {
+    fn bind(
+        addr: SocketAddr,
+        token_file: Option<&Path>,
+        registry: &Registry,
+    ) -> io::Result<TcpFront> {
+        let token = match token_file {
+            Some(path) => token_from_file(path)?,
+            None => random_token()?,
+        };
+        let mut listener = TcpListener::bind(addr)?;
+        registry.register(&mut listener, TCP, Interest::READABLE)?;
+        let local = listener.local_addr()?;
+        match token_file {
+            Some(path) => println!("console_server: tcp {local}, token in {}", path.display()),
+            None => println!("console_server: tcp {local}, token {token}"),
+        }
+        Ok(TcpFront { listener, token })
+    }
+}
+
+/// The token in `path`, or a new one written there (mode 0600) if it does not exist.
+fn token_from_file(path: &Path) -> io::Result<String> {
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            let token = text.trim().to_owned();
+            if token.is_empty() || token.contains(char::is_whitespace) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: the token must be one word", path.display()),
+                ));
+            }
+            if fs::metadata(path)?.mode() & 0o077 != 0 {
+                log::warn!("{}: readable by others; chmod 600 it", path.display());
+            }
+            Ok(token)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let token = random_token()?;
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)?;
+            writeln!(file, "{token}")?;
+            Ok(token)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// 128 random bits, in hex.
+fn random_token() -> io::Result<String> {
+    let mut bytes = [0u8; 16];
+    fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Compares without stopping at the first difference.
+fn same_token(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+fn clients(n: usize) -> String {
+    if n == 1 {
+        "1 client".to_owned()
+    } else {
+        format!("{n} clients")
+    }
+}
+
+fn min_timeout(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Who this process runs as: `/proc/self` belongs to its effective uid.
+fn effective_uid() -> u32 {
+    fs::metadata("/proc/self").map_or(0, |m| m.uid())
+}

@@ -1,0 +1,655 @@
+//! The `console_server` example end to end, with real testbed guests on a private
+//! libvirtd: sockets appear (0600, in a 0700 directory) for running domains and for
+//! domains that start later, several clients share one console (output to all,
+//! input merged), a client leaving does not disturb the others, a slow client is cut
+//! off, TCP needs the token, a destroyed guest's socket goes, and SIGTERM cleans up.
+//!
+//! Guests are created paused, so that a client is attached before they print their
+//! banner; every guest a test starts is destroyed when it ends, passing or not.
+//! Each test boots TCG guests (several seconds each): run them with cargo-nextest.
+
+mod support;
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use support::daemon::PrivateDaemon;
+use virt::connect::Connect;
+use virt_reactor::testbed::{GuestMode, Guests, Testbed, BANNER};
+
+const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
+/// A socket appears once the server has attached the console.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
+/// create → banner takes 2.5–6 s under TCG, more while other tests boot guests.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// One echo round trip (the first one after attaching can take about 1 s).
+const ECHO_TIMEOUT: Duration = Duration::from_secs(20);
+/// The server's log shows what it did (a client attached or left).
+const LOG_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[test]
+fn serves_consoles_to_many_clients() {
+    virt::error::clear_error_callback();
+    let testbed = testbed();
+    let daemon = PrivateDaemon::start().expect("start a private libvirtd");
+    let uri = daemon.uri("qemu");
+    let conn = Connect::open(Some(&uri)).expect("connect to the private libvirtd");
+    let guests = Guests::new();
+    let work = WorkDir::new();
+    let dir = work.path().join("consoles");
+
+    for name in ["cs-1", "cs-2"] {
+        create_paused(&conn, &guests, &testbed, name, &daemon);
+    }
+    let mut server = Server::start(
+        &[
+            "--uri",
+            &uri,
+            "--dir",
+            path_str(&dir),
+            "--tcp",
+            "127.0.0.1:0",
+            "--exit-after",
+            "600",
+        ],
+        &work,
+    );
+
+    // Sockets for the running (paused) domains, private to us.
+    let s1 = server.wait_socket(&dir, "cs-1");
+    let s2 = server.wait_socket(&dir, "cs-2");
+    assert_eq!(mode(&dir), 0o700, "{}", server.logs());
+    for socket in [&s1, &s2] {
+        let meta = fs::symlink_metadata(socket).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o600,
+            "{}",
+            socket.display()
+        );
+    }
+
+    // A client on each console before the guests run, so they see the banners.
+    let mut a = Client::unix(&s1, "a");
+    server.wait_attached("cs-1", 1, 1);
+    let mut other = Client::unix(&s2, "cs-2 client");
+    server.wait_attached("cs-2", 1, 1);
+    for name in ["cs-1", "cs-2"] {
+        resume(&conn, name);
+    }
+    a.expect(&format!("{BANNER} name=cs-1"), BOOT_TIMEOUT, &server);
+    other.expect(&format!("{BANNER} name=cs-2"), BOOT_TIMEOUT, &server);
+
+    // Two clients on one console: both see the output of one's command.
+    let mut b = Client::unix(&s1, "b");
+    server.wait_attached("cs-1", 2, 1);
+    a.send("echo hello-1\n");
+    a.expect("\nhello-1\r", ECHO_TIMEOUT, &server);
+    b.expect("\nhello-1\r", ECHO_TIMEOUT, &server);
+
+    // One leaving does not disturb the other.
+    drop(b);
+    server.wait_log(LOG_TIMEOUT, 1, |l| {
+        l.contains("cs-1: unix#") && l.contains("hung up (1 client left)")
+    });
+    a.send("echo hello-2\n");
+    a.expect("\nhello-2\r", ECHO_TIMEOUT, &server);
+
+    // Input from both clients is merged; both see both replies.
+    let mut c = Client::unix(&s1, "c");
+    server.wait_attached("cs-1", 2, 2);
+    a.send("echo from-a-3\n");
+    c.send("echo from-c-3\n");
+    for client in [&mut a, &mut c] {
+        client.expect("\nfrom-a-3\r", ECHO_TIMEOUT, &server);
+        client.expect("\nfrom-c-3\r", ECHO_TIMEOUT, &server);
+    }
+
+    // TCP: a wrong token is closed; the right one attaches to the named console.
+    let (addr, token) = server.tcp_endpoint();
+    let mut intruder = Client::tcp(&addr, "intruder");
+    intruder.send("not-the-token cs-1\n");
+    intruder.expect_eof(LOG_TIMEOUT, &server);
+    assert!(
+        !intruder.text().contains("hello"),
+        "{}",
+        intruder.text_escaped()
+    );
+    let mut t = Client::tcp(&addr, "tcp");
+    t.send(&format!("{token} cs-1\n"));
+    server.wait_attached("cs-1", 3, 1);
+    t.send("echo via-tcp-4\n");
+    t.expect("\nvia-tcp-4\r", ECHO_TIMEOUT, &server);
+    a.expect("\nvia-tcp-4\r", ECHO_TIMEOUT, &server);
+    c.expect("\nvia-tcp-4\r", ECHO_TIMEOUT, &server);
+
+    // A destroyed guest's socket goes, and its clients are closed.
+    conn.lookup_domain_by_name("cs-2")
+        .and_then(|d| d.destroy())
+        .expect("destroy cs-2");
+    server.wait_gone(&s2);
+    other.expect_eof(LOG_TIMEOUT, &server);
+
+    // A guest started while the server runs gets a socket of its own.
+    create_paused(&conn, &guests, &testbed, "cs-3", &daemon);
+    let s3 = server.wait_socket(&dir, "cs-3");
+    let mut d = Client::unix(&s3, "d");
+    server.wait_attached("cs-3", 1, 1);
+    resume(&conn, "cs-3");
+    d.expect(&format!("{BANNER} name=cs-3"), BOOT_TIMEOUT, &server);
+    d.send("echo hello-5\n");
+    d.expect("\nhello-5\r", ECHO_TIMEOUT, &server);
+
+    // SIGTERM: consoles finished, clients closed, sockets and directory removed.
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}\n{}", server.logs());
+    for client in [&mut a, &mut c, &mut t, &mut d] {
+        client.expect_eof(LOG_TIMEOUT, &server);
+    }
+    assert!(
+        !dir.exists(),
+        "{} survived\n{}",
+        dir.display(),
+        server.logs()
+    );
+    // The server only attached; the guests it did not boot still run.
+    assert!(conn
+        .lookup_domain_by_name("cs-1")
+        .is_ok_and(|d| d.is_active().unwrap_or(false)));
+}
+
+#[test]
+fn slow_client_is_cut_off() {
+    virt::error::clear_error_callback();
+    let testbed = testbed();
+    let daemon = PrivateDaemon::start().expect("start a private libvirtd");
+    let uri = daemon.uri("qemu");
+    let conn = Connect::open(Some(&uri)).expect("connect to the private libvirtd");
+    let guests = Guests::new();
+    let work = WorkDir::new();
+    let dir = work.path().join("consoles");
+
+    create_paused(&conn, &guests, &testbed, "cs-flood", &daemon);
+    let mut server = Server::start(
+        &[
+            "--uri",
+            &uri,
+            "--domain",
+            "cs-flood",
+            "--dir",
+            path_str(&dir),
+            "--client-buffer",
+            "65536",
+            "--exit-after",
+            "600",
+        ],
+        &work,
+    );
+    let socket = server.wait_socket(&dir, "cs-flood");
+    let mut reader = Client::unix(&socket, "reader");
+    server.wait_attached("cs-flood", 1, 1);
+    resume(&conn, "cs-flood");
+    reader.expect(&format!("{BANNER} name=cs-flood"), BOOT_TIMEOUT, &server);
+
+    // This one never reads while the guest floods: ~340 KB of output, more than
+    // its socket buffer plus the 64 KiB the server buffers for it. (The socket
+    // takes far less than its 208 KiB sndbuf here: the console output comes in
+    // small writes, and each costs about 1 KiB of buffer.)
+    let mut slow = Client::unix(&socket, "slow");
+    server.wait_attached("cs-flood", 2, 1);
+    let started = Instant::now();
+    reader.send("seq 1 50000\n");
+    reader.expect("\n50000\r", Duration::from_secs(120), &server);
+    eprintln!("flood took {:?}", started.elapsed());
+    server.wait_log(LOG_TIMEOUT, 1, |l| {
+        l.contains("WARN") && l.contains("cs-flood: unix#") && l.contains("too slow")
+    });
+
+    // The slow client got what its socket held, then end of file.
+    slow.expect_eof(LOG_TIMEOUT, &server);
+    eprintln!(
+        "the slow client got {} of {} bytes",
+        slow.buf.len(),
+        reader.buf.len()
+    );
+    assert!(
+        !slow.text().contains("\n50000\r"),
+        "the slow client got the whole flood ({} bytes)",
+        slow.buf.len()
+    );
+    // The other client carries on.
+    reader.send("echo after-flood\n");
+    reader.expect("\nafter-flood\r", ECHO_TIMEOUT, &server);
+
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}\n{}", server.logs());
+    assert!(!dir.exists());
+}
+
+#[test]
+fn refuses_tcp_beyond_loopback() {
+    let output = Command::new(server_binary())
+        .args(["--uri", "test:///default", "--tcp", "0.0.0.0:0"])
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run console_server");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("only loopback"), "{stderr}");
+}
+
+/// The testbed, built first if needed (under a lock: tests run in parallel).
+fn testbed() -> Testbed {
+    let dir = std::env::var_os("TESTBED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(MANIFEST_DIR).join(".testbed"));
+    if !dir.join("vmlinuz").is_file() || !dir.join("initramfs.cpio.gz").is_file() {
+        let status = Command::new("flock")
+            .arg(std::env::temp_dir().join("virt-reactor-testbed-build.lock"))
+            .args(["bash", "testbed/build.sh"])
+            .current_dir(MANIFEST_DIR)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run testbed/build.sh");
+        assert!(status.success(), "testbed/build.sh failed: {status}");
+    }
+    Testbed::open(&dir).expect("open the testbed")
+}
+
+/// Creates a transient testbed guest, paused, and tracks it for destruction.
+fn create_paused(
+    conn: &Connect,
+    guests: &Guests,
+    testbed: &Testbed,
+    name: &str,
+    daemon: &PrivateDaemon,
+) {
+    guests.track(conn, name);
+    conn.create_domain_xml(
+        &testbed.guest_xml(name, GuestMode::Plain),
+        virt::sys::VIR_DOMAIN_START_PAUSED,
+    )
+    .unwrap_or_else(|e| panic!("create {name}: {e}\n{}", daemon.log_tail(30)));
+}
+
+fn resume(conn: &Connect, name: &str) {
+    conn.lookup_domain_by_name(name)
+        .and_then(|d| d.resume())
+        .unwrap_or_else(|e| panic!("resume {name}: {e}"));
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+/// The example's binary, built once per test process with the profile of this test.
+fn server_binary() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // target/<profile>/deps/console_server-HASH → target/<profile>
+            let exe = std::env::current_exe().expect("current_exe");
+            let mut profile_dir = exe.parent().expect("exe dir").to_path_buf();
+            if profile_dir.ends_with("deps") {
+                profile_dir.pop();
+            }
+            let target_dir = profile_dir.parent().expect("target dir");
+            let mut build = Command::new(env!("CARGO"));
+            build
+                .args(["build", "--quiet", "--example", "console_server"])
+                .current_dir(MANIFEST_DIR)
+                .env("CARGO_TARGET_DIR", target_dir);
+            if profile_dir.ends_with("release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("run cargo build");
+            assert!(status.success(), "building the example failed: {status}");
+            let binary = profile_dir.join("examples/console_server");
+            assert!(binary.is_file(), "{} missing", binary.display());
+            binary
+        })
+        .clone()
+}
+
+/// A temporary directory for one test, removed at the end.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn new() -> WorkDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = std::env::temp_dir().join(format!(
+            "console-server-test-{}-{nanos:x}",
+            std::process::id()
+        ));
+        fs::create_dir_all(&path).expect("create the work dir");
+        WorkDir(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The running example; terminated (SIGTERM, then SIGKILL) when dropped.
+struct Server {
+    child: Option<Child>,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Server {
+    fn start(args: &[&str], work: &WorkDir) -> Server {
+        let binary = server_binary();
+        let stdout = work.path().join("server.stdout");
+        let stderr = work.path().join("server.stderr");
+        let child = Command::new(&binary)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout).unwrap())
+            .stderr(fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
+        Server {
+            child: Some(child),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Both of the server's outputs, for assertion messages.
+    fn logs(&self) -> String {
+        format!(
+            "--- server stdout ---\n{}--- server stderr ---\n{}",
+            fs::read_to_string(&self.stdout).unwrap_or_default(),
+            fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+
+    fn check_running(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                panic!("console_server exited ({status})\n{}", self.logs());
+            }
+        }
+    }
+
+    /// Waits until `count` lines of the server's log satisfy `matches`.
+    fn wait_log(&mut self, timeout: Duration, count: usize, matches: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = fs::read_to_string(&self.stderr).unwrap_or_default();
+            if log.lines().filter(|l| matches(l)).count() >= count {
+                return;
+            }
+            self.check_running();
+            assert!(
+                Instant::now() < deadline,
+                "the expected log line did not come\n{}",
+                self.logs()
+            );
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the server logged, for the `nth` time, a client attaching to
+    /// `name` that made `clients` clients.
+    fn wait_attached(&mut self, name: &str, clients: usize, nth: usize) {
+        let prefix = format!("{name}: ");
+        let suffix = if clients == 1 {
+            "attached (1 client)".to_owned()
+        } else {
+            format!("attached ({clients} clients)")
+        };
+        self.wait_log(LOG_TIMEOUT, nth, |l| {
+            l.contains(&prefix) && l.ends_with(&suffix)
+        });
+    }
+
+    fn wait_socket(&mut self, dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(format!("{name}.sock"));
+        let deadline = Instant::now() + SOCKET_TIMEOUT;
+        while !fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+            self.check_running();
+            assert!(
+                Instant::now() < deadline,
+                "{} did not appear\n{}",
+                path.display(),
+                self.logs()
+            );
+            sleep(Duration::from_millis(20));
+        }
+        path
+    }
+
+    fn wait_gone(&mut self, path: &Path) {
+        let deadline = Instant::now() + SOCKET_TIMEOUT;
+        while fs::symlink_metadata(path).is_ok() {
+            self.check_running();
+            assert!(
+                Instant::now() < deadline,
+                "{} was not removed\n{}",
+                path.display(),
+                self.logs()
+            );
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The TCP address and token the server printed.
+    fn tcp_endpoint(&self) -> (String, String) {
+        let stdout = fs::read_to_string(&self.stdout).unwrap_or_default();
+        let line = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("console_server: tcp "))
+            .unwrap_or_else(|| panic!("no tcp line\n{}", self.logs()));
+        let (addr, token) = line.split_once(", token ").expect("ADDR, token TOKEN");
+        (addr.to_owned(), token.to_owned())
+    }
+
+    /// SIGTERM, then waits for the exit.
+    fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("the server runs");
+        signal(&child, libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for the server") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("console_server did not exit after SIGTERM\n{}", self.logs());
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if matches!(child.try_wait(), Ok(None)) {
+            signal(&child, libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn signal(child: &Child, sig: libc::c_int) {
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+        return;
+    };
+    // SAFETY: kill(2) takes plain integers; the child is not reaped yet, so its pid
+    // still names it.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Both kinds of client connection.
+trait Duplex: Read + Write {
+    fn set_timeout(&self, timeout: Duration) -> io::Result<()>;
+}
+
+impl Duplex for UnixStream {
+    fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+}
+
+impl Duplex for TcpStream {
+    fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+}
+
+/// A plain client of one console: everything it received, in order.
+struct Client {
+    name: String,
+    stream: Box<dyn Duplex>,
+    buf: Vec<u8>,
+    eof: bool,
+}
+
+impl Client {
+    fn unix(path: &Path, name: &str) -> Client {
+        let stream = UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("{name}: connect {}: {e}", path.display()));
+        Client::new(Box::new(stream), name)
+    }
+
+    fn tcp(addr: &str, name: &str) -> Client {
+        let stream =
+            TcpStream::connect(addr).unwrap_or_else(|e| panic!("{name}: connect {addr}: {e}"));
+        Client::new(Box::new(stream), name)
+    }
+
+    fn new(stream: Box<dyn Duplex>, name: &str) -> Client {
+        stream
+            .set_timeout(Duration::from_millis(50))
+            .expect("set a read timeout");
+        Client {
+            name: name.to_owned(),
+            stream,
+            buf: Vec::new(),
+            eof: false,
+        }
+    }
+
+    fn send(&mut self, text: &str) {
+        self.stream
+            .write_all(text.as_bytes())
+            .unwrap_or_else(|e| panic!("{}: send {text:?}: {e}", self.name));
+    }
+
+    /// Reads once (up to the read timeout); false at end of file.
+    fn read_some(&mut self) -> bool {
+        let mut chunk = [0u8; 64 * 1024];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => {
+                self.eof = true;
+                false
+            }
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                true
+            }
+            // The server closing on us with unread input shows as a reset.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                self.eof = true;
+                false
+            }
+            Err(e) => panic!("{}: read: {e}", self.name),
+        }
+    }
+
+    /// Reads until `needle` has arrived (anywhere in what this client received).
+    fn expect(&mut self, needle: &str, timeout: Duration, server: &Server) {
+        let deadline = Instant::now() + timeout;
+        let needle = needle.as_bytes();
+        let mut from = 0;
+        loop {
+            if self.buf[from..].windows(needle.len()).any(|w| w == needle) {
+                return;
+            }
+            from = self.buf.len().saturating_sub(needle.len());
+            assert!(
+                !self.eof && Instant::now() < deadline,
+                "{}: {:?} did not arrive ({}); it got:\n{}\n{}",
+                self.name,
+                String::from_utf8_lossy(needle),
+                if self.eof { "end of file" } else { "timed out" },
+                self.text_escaped(),
+                server.logs()
+            );
+            self.read_some();
+        }
+    }
+
+    /// Reads until the server closes the connection.
+    fn expect_eof(&mut self, timeout: Duration, server: &Server) {
+        let deadline = Instant::now() + timeout;
+        while self.read_some() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: the server did not close the connection\n{}",
+                self.name,
+                server.logs()
+            );
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf).into_owned()
+    }
+
+    /// The last 2000 bytes received, escaped.
+    fn text_escaped(&self) -> String {
+        let tail = &self.buf[self.buf.len().saturating_sub(2000)..];
+        format!("{:?}", String::from_utf8_lossy(tail))
+    }
+}
