@@ -163,6 +163,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             ));
             spawn_input(mux.clone(), names, handle.clone(), notes_tx.clone());
         }
+        if !input_started && waiting_for.is_empty() {
+            // Every console failed or ended before its banner: input would never
+            // start, so neither end of input nor Ctrl-] could quit.
+            break Err("no console came up".to_owned());
+        }
         if quit_at.is_some_and(|at| Instant::now() >= at) {
             break Ok(());
         }

@@ -3,6 +3,7 @@
 //! Use from a test file with `mod support;` and then `support::daemon::PrivateDaemon`.
 #![allow(dead_code)]
 
+pub mod consoles;
 pub mod daemon;
 pub mod pool;
 pub mod raw;
