@@ -21,8 +21,13 @@ use crate::stream::Received;
 /// libvirt's largest stream packet; bigger sends are split anyway.
 const CHUNK: usize = 256 * 1024;
 
-/// Default bytes moved per readiness event.
-pub const DEFAULT_BUDGET: usize = 1024 * 1024;
+/// Default bytes moved per readiness event: one packet.
+///
+/// A remote send blocks until its packet is on the socket, so the budget is how long
+/// one upload may hold the loop from everything else. With 1 MiB (four packets) a
+/// console beside a 1 GiB upload waited about 14 ms per echo here; with one packet,
+/// about 3 ms, and the upload itself ran no slower (`docs/benchmarks.md`, scenario 4).
+pub const DEFAULT_BUDGET: usize = 256 * 1024;
 
 /// What a transfer has moved so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

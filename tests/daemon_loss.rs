@@ -125,7 +125,7 @@ fn killing_the_daemon_fails_every_stream_promptly_and_leaves_the_loop_idle() {
     reactor
         .shutdown(DRAIN_TIMEOUT)
         .expect("the loop drains after the connection is gone");
-    let stats = reactor.event_loop().stats();
+    let stats = reactor.event_loop().expect("our loop").stats();
     assert!(stats.is_idle(), "left on the loop: {stats:?}");
 
     // A restarted daemon serves a new transfer on the same reactor.
@@ -157,7 +157,7 @@ fn killing_the_daemon_fails_every_stream_promptly_and_leaves_the_loop_idle() {
 
     drop((vol, pool, conn));
     reactor.shutdown(DRAIN_TIMEOUT).expect("final drain");
-    assert!(reactor.event_loop().stats().is_idle());
+    assert!(reactor.event_loop().expect("our loop").stats().is_idle());
     drop(daemon);
 }
 

@@ -9,10 +9,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::driver::Waker;
 use super::handler::{StreamHandler, StreamToken};
 use super::Reactor;
 use crate::error::{Error, Result};
-use crate::event_loop::LoopHandle;
 use crate::interest::Interest;
 use crate::stream::Stream;
 
@@ -32,7 +32,7 @@ pub(crate) enum Command {
 #[derive(Clone)]
 pub struct ReactorHandle {
     pub(crate) commands: Sender<Command>,
-    pub(crate) loop_handle: LoopHandle,
+    pub(crate) waker: Waker,
 }
 
 impl ReactorHandle {
@@ -40,7 +40,7 @@ impl ReactorHandle {
         self.commands
             .send(command)
             .map_err(|_| Error::ReactorGone)?;
-        self.loop_handle.wake();
+        self.waker.wake();
         Ok(())
     }
 
@@ -125,12 +125,12 @@ impl ReactorHandle {
 
     /// Interrupts a loop sleeping in poll, e.g. after queueing work it should notice.
     pub fn wake(&self) {
-        self.loop_handle.wake();
+        self.waker.wake();
     }
 
     /// Makes [`Reactor::run`] return after its current iteration.
     pub fn stop(&self) {
-        self.loop_handle.stop();
+        self.waker.stop();
     }
 }
 

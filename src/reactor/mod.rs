@@ -6,7 +6,11 @@
 //! iteration the reactor looks the token up and calls the handler with `&mut` access,
 //! outside any libvirt callback, so handlers may finish, abort or re-insert streams
 //! and call any libvirt API.
+//!
+//! The loop underneath is normally our [`EventLoop`]; [`Reactor::register_default`]
+//! runs the same reactor on libvirt's default loop instead (see `driver`).
 
+mod driver;
 mod handle;
 mod handler;
 pub(crate) mod inbox;
@@ -28,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::event_loop::{DrainReport, EventLoop};
 use crate::interest::{Interest, Readiness};
 use crate::stream::Stream;
+use driver::{DefaultLoop, Driver};
 use handle::{Command, Outbox};
 use inbox::Inbox;
 
@@ -58,7 +63,7 @@ struct Connection {
 
 /// Many non-blocking libvirt streams on one thread.
 pub struct Reactor {
-    event_loop: EventLoop,
+    driver: Driver,
     slots: Slab<Slot>,
     /// Generation of each slab key; bumped whenever the key is vacated.
     generations: Vec<u32>,
@@ -72,13 +77,17 @@ pub struct Reactor {
 impl Reactor {
     /// A reactor driving its streams with `event_loop`.
     pub fn new(event_loop: EventLoop) -> Reactor {
+        Reactor::with_driver(Driver::Ours(event_loop))
+    }
+
+    fn with_driver(driver: Driver) -> Reactor {
         let (tx, commands) = crossbeam_channel::unbounded();
         let handle = ReactorHandle {
             commands: tx,
-            loop_handle: event_loop.handle(),
+            waker: driver.waker(),
         };
         Reactor {
-            event_loop,
+            driver,
             slots: Slab::new(),
             generations: Vec::new(),
             connections: HashMap::new(),
@@ -98,14 +107,45 @@ impl Reactor {
         EventLoop::register().map(Reactor::new)
     }
 
+    /// Registers libvirt's default event loop (`virEventRegisterDefaultImpl`) and makes
+    /// a reactor that runs it (`virEventRunDefaultImpl`), with the same streams,
+    /// handlers, budgets and commands as on our loop.
+    ///
+    /// It exists so that benchmarks can compare the two loops under identical stream
+    /// code, and for programs that must keep libvirt's own loop. Such a reactor
+    /// cannot be embedded in another `mio::Poll`, has no [`event_loop`](Self::event_loop),
+    /// and its [`shutdown`](Self::shutdown) drains by running a few iterations (libvirt's
+    /// loop reports nothing about what it holds). Open its connections with
+    /// `virt::connect::Connect::open`: [`crate::connect`] insists on our loop.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AlreadyRegistered`] if any event implementation was registered in this
+    /// process through virt-reactor; libvirt's error if registration fails.
+    #[doc(alias = "virEventRegisterDefaultImpl")]
+    #[doc(alias = "virEventRunDefaultImpl")]
+    pub fn register_default() -> Result<Reactor> {
+        DefaultLoop::register().map(|default| Reactor::with_driver(Driver::Default(default)))
+    }
+
+    /// Whether this reactor runs on libvirt's default loop
+    /// ([`register_default`](Self::register_default)).
+    pub fn is_default_loop(&self) -> bool {
+        matches!(self.driver, Driver::Default(_))
+    }
+
     /// The cross-thread handle.
     pub fn handle(&self) -> ReactorHandle {
         self.handle.clone()
     }
 
-    /// The event loop underneath, e.g. for statistics or embedding.
-    pub fn event_loop(&mut self) -> &mut EventLoop {
-        &mut self.event_loop
+    /// The event loop underneath, e.g. for statistics; `None` on a reactor running
+    /// libvirt's default loop ([`register_default`](Self::register_default)).
+    pub fn event_loop(&mut self) -> Option<&mut EventLoop> {
+        match &mut self.driver {
+            Driver::Ours(event_loop) => Some(event_loop),
+            Driver::Default(_) => None,
+        }
     }
 
     /// Streams in the reactor.
@@ -239,7 +279,7 @@ impl Reactor {
     pub fn run(&mut self) -> Result<()> {
         loop {
             let iteration = self.run_once(None);
-            let stop = self.event_loop.take_stop_request();
+            let stop = self.driver.take_stop_request();
             iteration?;
             if stop {
                 return Ok(());
@@ -275,7 +315,7 @@ impl Reactor {
         } else {
             timeout
         };
-        let looped = self.event_loop.run_once(timeout);
+        let looped = self.driver.run_once(timeout);
         let handled = self.handle_inbox();
         looped.and(handled)
     }
@@ -297,7 +337,7 @@ impl Reactor {
         if inbox::has_news() || !self.commands.is_empty() {
             return Some(Duration::ZERO);
         }
-        self.event_loop.next_timeout()
+        self.driver.next_timeout()
     }
 
     /// Aborts every stream (handlers see [`StreamEnd::Aborted`]), then drains the
@@ -311,7 +351,7 @@ impl Reactor {
         for token in tokens {
             self.apply(token, Flow::Abort);
         }
-        self.event_loop.drain(timeout)
+        self.driver.drain(timeout)
     }
 
     fn run_commands(&mut self) {
@@ -575,7 +615,7 @@ impl mio::event::Source for Reactor {
         token: mio::Token,
         interests: mio::Interest,
     ) -> std::io::Result<()> {
-        self.event_loop.register(registry, token, interests)
+        embeddable(&mut self.driver)?.register(registry, token, interests)
     }
 
     fn reregister(
@@ -584,11 +624,21 @@ impl mio::event::Source for Reactor {
         token: mio::Token,
         interests: mio::Interest,
     ) -> std::io::Result<()> {
-        self.event_loop.reregister(registry, token, interests)
+        embeddable(&mut self.driver)?.reregister(registry, token, interests)
     }
 
     fn deregister(&mut self, registry: &mio::Registry) -> std::io::Result<()> {
-        self.event_loop.deregister(registry)
+        embeddable(&mut self.driver)?.deregister(registry)
+    }
+}
+
+fn embeddable(driver: &mut Driver) -> std::io::Result<&mut EventLoop> {
+    match driver {
+        Driver::Ours(event_loop) => Ok(event_loop),
+        Driver::Default(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "libvirt's default event loop cannot be embedded in a mio::Poll",
+        )),
     }
 }
 

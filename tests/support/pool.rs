@@ -423,7 +423,7 @@ impl Bed {
         reactor
             .shutdown(DRAIN_TIMEOUT)
             .unwrap_or_else(|e| panic!("shutdown with {streams} stream(s) left: {e}"));
-        let stats = reactor.event_loop().stats();
+        let stats = reactor.event_loop().expect("our loop").stats();
         assert!(
             stats.is_idle(),
             "the loop is not idle after shutdown: {stats:?}"

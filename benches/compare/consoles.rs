@@ -1,0 +1,361 @@
+//! Scenario 4: console echo latency through `ConsoleMux`, one console or every
+//! testbed guest at once, quiet or beside a 1 GiB upload on the same loop.
+//!
+//! The loop thread runs `Reactor::run`; a second thread plays the user: it sends
+//! `echo mN` lines through the mux (each console's `StreamWriter`, which wakes the
+//! loop) and takes the output from the mux's event channel, timing each line from
+//! send to the `\nmN\r` of the guest's reply. With every guest, a round sends one
+//! line to each and waits for all replies. The guests run the testbed's plain
+//! read/eval loop (no shell prompt).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use virt::connect::Connect;
+use virt_reactor::console::{ConsoleEvent, ConsoleMux, ConsoleOptions};
+use virt_reactor::{transfer, ReactorHandle, Stream};
+
+use crate::report::{figure, Results};
+use crate::setup::{Env, POOL};
+use crate::{data, run_case, Case, Figures, Opts, Params, MIB};
+
+const UPLOAD_VOLUME: &str = "console-upload";
+
+pub(crate) fn s4_label(all: bool, upload: bool) -> String {
+    format!(
+        "{}{}",
+        if all { "every guest" } else { "one guest" },
+        if upload { " + upload" } else { "" }
+    )
+}
+
+pub(crate) fn scenario4(opts: &Opts, env: &mut Env, results: &mut Results) {
+    let guests = env.boot_guests(&opts.testbed, opts.guests);
+    let upload_len = if opts.quick { 128 * MIB } else { 1024 * MIB };
+    env.create_volume(UPLOAD_VOLUME, upload_len);
+    let samples = if opts.quick { 50 } else { 300 };
+    for upload in [false, true] {
+        for all in [false, true] {
+            let names = if all {
+                guests.join(",")
+            } else {
+                guests[0].clone()
+            };
+            run_case(
+                Case {
+                    scenario: "Scenario 4: console echo latency",
+                    label: s4_label(all, upload),
+                    child: "console",
+                    args: vec![
+                        format!("uri={}", env.uri),
+                        format!("guests={names}"),
+                        format!("samples={samples}"),
+                        format!("upload={}", if upload { upload_len } else { 0 }),
+                    ],
+                    figures: vec![
+                        figure("p50_ms", "median ms"),
+                        figure("p99_ms", "p99 ms"),
+                        figure("samples", "echoes timed"),
+                        figure("lost", "echoes lost (5 s)"),
+                        figure("upload_mibps", "upload MiB/s"),
+                    ],
+                    runs: opts.runs,
+                    before: None,
+                    after: None,
+                },
+                results,
+            );
+        }
+    }
+    results.note(format!(
+        "Scenario 4 guests: {} testbed guests ({}), TCG, plain read/eval console.",
+        guests.len(),
+        guests.join(", ")
+    ));
+}
+
+/// What the user thread found.
+struct Measured {
+    latencies_ms: Vec<f64>,
+    lost: usize,
+    upload_mibps: f64,
+}
+
+pub(crate) fn latency(p: &Params) -> Figures {
+    let mut reactor = p.kind.reactor();
+    let conn = p.kind.connect(p.str("uri"));
+    let guests: Vec<String> = p.str("guests").split(',').map(str::to_owned).collect();
+    let samples: usize = p.num("samples");
+    let upload_len: u64 = p.num("upload");
+    let options = ConsoleOptions {
+        force: true,
+        ..ConsoleOptions::default()
+    };
+    let (mux, events) = ConsoleMux::new(&conn, reactor.handle(), options).expect("mux");
+    for name in &guests {
+        mux.attach(name).expect("attach");
+    }
+    let handle = reactor.handle();
+    let user = {
+        let (mux, conn) = (mux.clone(), conn.clone());
+        thread::spawn(move || {
+            let measured = user(&mux, &events, &guests, samples, upload_len, &conn, &handle);
+            handle.stop();
+            measured
+        })
+    };
+    reactor.run().expect("run the loop");
+    let measured = user.join().expect("user thread");
+    mux.detach_all(&mut reactor);
+    for _ in 0..10 {
+        let _ = reactor.run_once(Some(Duration::from_millis(5)));
+    }
+    let mut v = measured.latencies_ms;
+    v.sort_by(f64::total_cmp);
+    let pct = |q: f64| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
+        }
+    };
+    vec![
+        ("p50_ms", pct(0.5)),
+        ("p99_ms", pct(0.99)),
+        ("samples", v.len() as f64),
+        ("lost", measured.lost as f64),
+        ("upload_mibps", measured.upload_mibps),
+    ]
+}
+
+/// One guest's output, with when each piece arrived.
+#[derive(Default)]
+struct Screen {
+    text: String,
+    /// (end offset in `text`, arrival) of each piece.
+    pieces: Vec<(usize, Instant)>,
+}
+
+impl Screen {
+    fn push(&mut self, bytes: &[u8], at: Instant) {
+        self.text.push_str(&String::from_utf8_lossy(bytes));
+        self.pieces.push((self.text.len(), at));
+    }
+
+    /// When the piece completing `marker` arrived; forgets the output up to it.
+    fn take(&mut self, marker: &str) -> Option<Instant> {
+        let end = self.text.find(marker)? + marker.len();
+        let at = self.pieces.iter().find(|(e, _)| *e >= end)?.1;
+        self.text.drain(..end);
+        self.pieces.retain(|(e, _)| *e > end);
+        for piece in &mut self.pieces {
+            piece.0 -= end;
+        }
+        Some(at)
+    }
+}
+
+enum Pumped {
+    Output,
+    Attached(String),
+    Other,
+}
+
+/// Every guest's output, fed from the mux's events.
+struct Screens<'a> {
+    events: &'a Receiver<ConsoleEvent>,
+    screens: HashMap<String, Screen>,
+}
+
+impl Screens<'_> {
+    /// Takes one event (output goes to its screen); None at `deadline`.
+    fn pump(&mut self, deadline: Instant) -> Option<Pumped> {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match self.events.recv_timeout(left) {
+            Ok(ConsoleEvent::Output { name, bytes }) => {
+                let at = Instant::now();
+                self.screens.entry(name).or_default().push(&bytes, at);
+                Some(Pumped::Output)
+            }
+            Ok(ConsoleEvent::Ended { name, end }) => panic!("{name}: console ended: {end}"),
+            Ok(ConsoleEvent::AttachFailed { name, error }) => {
+                panic!("{name}: cannot attach: {error}")
+            }
+            Ok(ConsoleEvent::Attached { name }) => Some(Pumped::Attached(name)),
+            Ok(_) => Some(Pumped::Other),
+            Err(_) => None,
+        }
+    }
+
+    /// When `marker` arrived from `name`, or None at `deadline`.
+    fn wait_for(&mut self, name: &str, marker: &str, deadline: Instant) -> Option<Instant> {
+        loop {
+            if let Some(at) = self
+                .screens
+                .entry(name.to_owned())
+                .or_default()
+                .take(marker)
+            {
+                return Some(at);
+            }
+            self.pump(deadline)?;
+        }
+    }
+
+    fn wait_attached(&mut self, names: &[String], deadline: Instant) {
+        let mut waiting: Vec<&String> = names.iter().collect();
+        while !waiting.is_empty() {
+            match self.pump(deadline) {
+                Some(Pumped::Attached(name)) => waiting.retain(|n| **n != name),
+                Some(_) => {}
+                None => panic!("consoles not attached in time: {waiting:?}"),
+            }
+        }
+    }
+}
+
+/// The user's side: warm up, then time echo rounds (until the upload ends, if any).
+fn user(
+    mux: &ConsoleMux,
+    events: &Receiver<ConsoleEvent>,
+    guests: &[String],
+    samples: usize,
+    upload_len: u64,
+    conn: &Connect,
+    handle: &ReactorHandle,
+) -> Measured {
+    let mut screens = Screens {
+        events,
+        screens: HashMap::new(),
+    };
+    screens.wait_attached(guests, Instant::now() + Duration::from_secs(30));
+    // The first line reaches a guest only once QEMU notices the new reader (it looks
+    // once a second), and a guest may still be booting.
+    for name in guests {
+        let mut ready = false;
+        for k in 0..120 {
+            mux.send(name, format!("echo w{k}\n").as_bytes())
+                .expect("send");
+            if screens
+                .wait_for(
+                    name,
+                    &format!("\nw{k}\r"),
+                    Instant::now() + Duration::from_secs(1),
+                )
+                .is_some()
+            {
+                ready = true;
+                break;
+            }
+        }
+        assert!(ready, "{name} never echoed");
+        for k in 0..5 {
+            mux.send(name, format!("echo v{k}\n").as_bytes())
+                .expect("send");
+            screens.wait_for(
+                name,
+                &format!("\nv{k}\r"),
+                Instant::now() + Duration::from_secs(5),
+            );
+        }
+    }
+
+    let done = Arc::new(AtomicBool::new(upload_len == 0));
+    let upload_result: Arc<Mutex<Option<Result<f64, String>>>> = Arc::default();
+    if upload_len > 0 {
+        start_upload(handle, conn, upload_len, &done, &upload_result);
+    }
+    let mut latencies_ms = Vec::new();
+    let mut lost = 0;
+    let mut rounds = 0;
+    loop {
+        let finished = if upload_len > 0 {
+            done.load(Ordering::Acquire)
+        } else {
+            rounds >= samples
+        };
+        if finished {
+            break;
+        }
+        rounds += 1;
+        let marker = format!("\nm{rounds}\r");
+        let line = format!("echo m{rounds}\n");
+        let sent: Vec<(&String, Instant)> = guests
+            .iter()
+            .map(|name| {
+                let at = Instant::now();
+                mux.send(name, line.as_bytes()).expect("send");
+                (name, at)
+            })
+            .collect();
+        for (name, at) in sent {
+            match screens.wait_for(name, &marker, at + Duration::from_secs(5)) {
+                Some(arrived) => latencies_ms.push((arrived - at).as_secs_f64() * 1e3),
+                None => lost += 1,
+            }
+        }
+    }
+    let upload_mibps = if upload_len > 0 {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while !done.load(Ordering::Acquire) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        match upload_result.lock().expect("result").take() {
+            Some(Ok(mibps)) => mibps,
+            other => panic!("upload: {other:?}"),
+        }
+    } else {
+        f64::NAN
+    };
+    Measured {
+        latencies_ms,
+        lost,
+        upload_mibps,
+    }
+}
+
+/// Starts uploading `len` generated bytes on the loop thread.
+fn start_upload(
+    handle: &ReactorHandle,
+    conn: &Connect,
+    len: u64,
+    done: &Arc<AtomicBool>,
+    result: &Arc<Mutex<Option<Result<f64, String>>>>,
+) {
+    let (conn, done, result) = (conn.clone(), Arc::clone(done), Arc::clone(result));
+    handle
+        .execute(move |reactor| {
+            let pool = conn.lookup_storage_pool_by_name(POOL).expect("pool");
+            let vol = pool
+                .lookup_storage_vol_by_name(UPLOAD_VOLUME)
+                .expect("upload volume");
+            let stream = Stream::new(&conn).expect("stream");
+            vol.upload(&stream.to_virt(), 0, len, 0).expect("upload");
+            let started = Instant::now();
+            let mut sent = 0;
+            let t = transfer::send_all(move |buf| {
+                let want = buf.len().min((len - sent) as usize);
+                data::fill(sent, &mut buf[..want]);
+                sent += want as u64;
+                Ok(want)
+            })
+            .on_end(move |r| {
+                *result.lock().expect("result") = Some(
+                    r.map(|stats| {
+                        stats.data_bytes as f64 / MIB as f64 / started.elapsed().as_secs_f64()
+                    })
+                    .map_err(|e| e.to_string()),
+                );
+                done.store(true, Ordering::Release);
+            });
+            let interest = t.interest();
+            reactor
+                .insert(stream, interest, t)
+                .expect("insert the upload");
+        })
+        .expect("reactor");
+}

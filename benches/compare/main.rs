@@ -1,0 +1,462 @@
+//! Our reactor against libvirt's default event loop, scenario by scenario, in one
+//! invocation.
+//!
+//! ```text
+//! cargo bench --bench compare -- [--runs 5] [--only s1,s2,s3,s4,s5] [--quick]
+//!                                [--out target/bench] [--svg docs/benchmarks-s2.svg]
+//!                                [--callgrind] [--guests 3] [--scratch DIR]
+//! ```
+//!
+//! The parent process starts a private unprivileged libvirtd (as `tests/support`
+//! does), makes a storage pool with its volumes on /dev/shm, boots the testbed
+//! guests, and then runs every case as one child process per run (libvirt's event
+//! registration is per process), alternating ours and default, on the same daemon
+//! and data. Children are this binary again with `--child`: each registers one loop
+//! (`Reactor::register` or `Reactor::register_default`), drives the same reactor and
+//! transfer code on it, and prints its figures. The parent prints, per figure, the
+//! median and min–max of the runs of each loop and the ratio ours/default, checks
+//! the targets, and writes `results.md`, `raw.tsv` and the scenario 2 plot.
+//!
+//! Scenarios: 1 volume download/upload throughput and client CPU (`streams`),
+//! 2 per-iteration cost against idle watches and timers (`loops`), 3 a download
+//! among idle streams (`streams`), 4 console echo latency (`consoles`), 5 memory
+//! (`memory`). `docs/benchmarks.md` has the figures and the reasoning.
+
+mod consoles;
+#[allow(dead_code, clippy::all, missing_docs, missing_debug_implementations)]
+#[path = "../../tests/support/daemon.rs"]
+mod daemon;
+mod data;
+mod loops;
+mod memory;
+mod report;
+mod setup;
+mod streams;
+mod sys;
+
+use std::collections::HashMap;
+use std::env;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use clap::Parser;
+use virt::connect::Connect;
+use virt_reactor::Reactor;
+
+use report::{Figure, Results};
+use setup::Env;
+
+#[global_allocator]
+static ALLOC: sys::Counting = sys::Counting;
+
+const MIB: u64 = 1 << 20;
+/// The longest any one child may run.
+const CHILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Which loop a child runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Loop {
+    Ours,
+    Default,
+}
+
+impl Loop {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Loop::Ours => "ours",
+            Loop::Default => "default",
+        }
+    }
+
+    fn parse(s: &str) -> Loop {
+        match s {
+            "ours" => Loop::Ours,
+            "default" => Loop::Default,
+            other => panic!("unknown loop {other:?}"),
+        }
+    }
+
+    /// The reactor on this loop.
+    pub(crate) fn reactor(self) -> Reactor {
+        match self {
+            Loop::Ours => Reactor::register().expect("register virt-reactor's loop"),
+            Loop::Default => Reactor::register_default().expect("register the default loop"),
+        }
+    }
+
+    /// A connection, opened after registration.
+    pub(crate) fn connect(self, uri: &str) -> Connect {
+        match self {
+            Loop::Ours => virt_reactor::connect(uri).expect("connect"),
+            Loop::Default => Connect::open(Some(uri)).expect("connect"),
+        }
+    }
+}
+
+/// What a child was asked to do: `key=value` arguments.
+pub(crate) struct Params {
+    pub(crate) kind: Loop,
+    map: HashMap<String, String>,
+}
+
+impl Params {
+    pub(crate) fn str(&self, key: &str) -> &str {
+        self.map
+            .get(key)
+            .unwrap_or_else(|| panic!("child argument {key}= missing"))
+    }
+
+    pub(crate) fn num<T: std::str::FromStr>(&self, key: &str) -> T
+    where
+        T::Err: std::fmt::Debug,
+    {
+        self.str(key).parse().expect("a number")
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
+        self.map.get(key).map(String::as_str)
+    }
+}
+
+/// Figures a child reports: `name value` lines after a `FIGURES` marker.
+pub(crate) type Figures = Vec<(&'static str, f64)>;
+
+#[derive(Parser)]
+#[command(about = "virt-reactor against libvirt's default event loop")]
+pub(crate) struct Opts {
+    /// Runs per case and loop (the median of these is reported).
+    #[arg(long, default_value_t = 5)]
+    pub(crate) runs: usize,
+    /// Runs for the 64 × 64 MiB transfer cases (the longest).
+    #[arg(long)]
+    pub(crate) big_runs: Option<usize>,
+    /// Scenarios to run, e.g. `s1,s2` (default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) only: Vec<String>,
+    /// Small sizes and one run: a smoke test of the harness.
+    #[arg(long)]
+    pub(crate) quick: bool,
+    /// Where results.md and raw.tsv go.
+    #[arg(long, default_value = "target/bench")]
+    pub(crate) out: PathBuf,
+    /// Write the scenario 2 plot (SVG) here.
+    #[arg(long)]
+    pub(crate) svg: Option<PathBuf>,
+    /// Also count instructions per iteration (scenario 2) under callgrind.
+    #[arg(long)]
+    pub(crate) callgrind: bool,
+    /// Testbed guests for scenario 4.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) guests: usize,
+    /// Where the testbed kernel and initramfs are (testbed/build.sh).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/.testbed"))]
+    pub(crate) testbed: PathBuf,
+    /// A directory on a tmpfs for the storage pool (default: a new one in /dev/shm).
+    #[arg(long)]
+    pub(crate) scratch: Option<PathBuf>,
+    /// Only cases whose label contains this (e.g. `upload N=1`).
+    #[arg(long)]
+    pub(crate) filter: Option<String>,
+    /// Ignored (cargo bench passes it).
+    #[arg(long, hide = true)]
+    pub(crate) bench: bool,
+}
+
+impl Opts {
+    pub(crate) fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s.eq_ignore_ascii_case(scenario))
+    }
+}
+
+fn main() {
+    let args: Vec<String> = env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--child") {
+        child(&args[1..]);
+        return;
+    }
+    env_logger::init();
+    virt::error::clear_error_callback();
+    sys::raise_fd_limit();
+    let opts = Opts::parse();
+    parent(&opts);
+}
+
+fn child(args: &[String]) {
+    env_logger::init();
+    virt::error::clear_error_callback();
+    sys::raise_fd_limit();
+    let scenario = args[0].as_str();
+    let mut map = HashMap::new();
+    for arg in &args[1..] {
+        let (k, v) = arg.split_once('=').expect("key=value");
+        map.insert(k.to_owned(), v.to_owned());
+    }
+    let kind = Loop::parse(map.get("loop").expect("loop="));
+    let params = Params { kind, map };
+    let figures = match scenario {
+        "transfer" => streams::transfer(&params),
+        "pingpong" => loops::pingpong(&params),
+        "busy" => loops::busy(&params),
+        "console" => consoles::latency(&params),
+        "memory" => memory::measure(&params),
+        other => panic!("unknown scenario {other:?}"),
+    };
+    println!("FIGURES");
+    for (name, value) in figures {
+        println!("{name} {value}");
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What the figures were measured on.
+fn machine(libvirt: &str, load_before: &str) -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map_or("?", |m| m.trim_start_matches([' ', '\t', ':']));
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1048576.0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "Machine: {model}, {} CPUs, {mem_gib:.0} GiB, Linux {}, libvirt {libvirt}; \
+         load average (1, 5, 15 min) {load_before} at the start, {} at the end.",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel.trim(),
+        loadavg()
+    )
+}
+
+static PROFILED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Runs one child and returns its figures.
+pub(crate) fn run_child(
+    kind: Loop,
+    scenario: &str,
+    args: &[String],
+) -> Result<HashMap<String, f64>, String> {
+    let started = Instant::now();
+    let exe = env::current_exe().expect("own path");
+    // COMPARE_PERF=DIR profiles every child: perf record -g into DIR.
+    let mut command = match env::var_os("COMPARE_PERF") {
+        Some(dir) => {
+            let n = PROFILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let file = PathBuf::from(dir).join(format!("{scenario}-{}-{n}.perf", kind.name()));
+            let mut c = Command::new("perf");
+            c.args(["record", "-q", "-F", "1999", "-g", "-o"])
+                .arg(file)
+                .arg("--")
+                .arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let child = command
+        .arg("--child")
+        .arg(scenario)
+        .arg(format!("loop={}", kind.name()))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn: {e}"))?;
+    // A child that hangs is killed, so that one bad run cannot stop the others.
+    let pid = child.id();
+    let (finished, watchdog) = crossbeam_channel::bounded::<()>(1);
+    std::thread::spawn(move || {
+        if watchdog.recv_timeout(CHILD_TIMEOUT).is_err() {
+            eprintln!("compare: child {pid} overran {CHILD_TIMEOUT:?}; killing it");
+            sys::kill_child(pid);
+        }
+    });
+    let out = child.wait_with_output();
+    let _ = finished.send(());
+    let out = out.map_err(|e| format!("wait: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{scenario} {} {args:?} failed ({}) after {:.1} s:\n{}",
+            kind.name(),
+            out.status,
+            started.elapsed().as_secs_f64(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    parse_figures(&String::from_utf8_lossy(&out.stdout))
+}
+
+pub(crate) fn parse_figures(stdout: &str) -> Result<HashMap<String, f64>, String> {
+    let body = stdout
+        .split_once("FIGURES\n")
+        .map(|(_, b)| b)
+        .ok_or_else(|| format!("no FIGURES in child output: {stdout}"))?;
+    let mut figures = HashMap::new();
+    for line in body.lines() {
+        let (k, v) = line.split_once(' ').ok_or("bad figure line")?;
+        figures.insert(k.to_owned(), v.parse().map_err(|_| "bad figure value")?);
+    }
+    Ok(figures)
+}
+
+/// One benchmark case: a child scenario with its arguments, run `runs` times per
+/// loop, alternating.
+pub(crate) struct Case<'a> {
+    pub(crate) scenario: &'static str,
+    pub(crate) label: String,
+    pub(crate) child: &'static str,
+    pub(crate) args: Vec<String>,
+    pub(crate) figures: Vec<Figure>,
+    pub(crate) runs: usize,
+    /// Before each run (e.g. clear upload targets).
+    pub(crate) before: Option<Box<dyn Fn() + 'a>>,
+    /// After each run: check what the child left (e.g. uploaded bytes).
+    pub(crate) after: Option<Box<dyn Fn() -> Result<(), String> + 'a>>,
+}
+
+/// Runs a case and adds its rows to `results`.
+pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
+    if let Some(filter) = FILTER.get().and_then(Option::as_ref) {
+        if !case.label.contains(filter.as_str()) {
+            return;
+        }
+    }
+    let mut runs: [Vec<HashMap<String, f64>>; 2] = [Vec::new(), Vec::new()];
+    let started = Instant::now();
+    for run in 0..case.runs {
+        // Alternate which loop goes first, so drift over time hits both alike.
+        let order = if run % 2 == 0 {
+            [Loop::Ours, Loop::Default]
+        } else {
+            [Loop::Default, Loop::Ours]
+        };
+        for kind in order {
+            if let Some(before) = &case.before {
+                before();
+            }
+            // A failed run is reported and left out; the others go on.
+            let figures =
+                run_child(kind, case.child, &case.args).and_then(|figures| match &case.after {
+                    Some(after) => after().map(|()| figures),
+                    None => Ok(figures),
+                });
+            match figures {
+                Ok(figures) => runs[(kind == Loop::Default) as usize].push(figures),
+                Err(e) => {
+                    eprintln!(
+                        "compare: {} {} run {run} FAILED: {e}",
+                        case.label,
+                        kind.name()
+                    );
+                    results.note(format!(
+                        "**Failed run:** {} / {} / {}, run {}: {}",
+                        case.scenario,
+                        case.label,
+                        kind.name(),
+                        run + 1,
+                        e.lines().next().unwrap_or("")
+                    ));
+                }
+            }
+        }
+    }
+    eprintln!(
+        "compare: {} {}: {} runs per loop in {:.1} s",
+        case.scenario,
+        case.label,
+        case.runs,
+        started.elapsed().as_secs_f64()
+    );
+    for figure in case.figures {
+        let pick = |rs: &[HashMap<String, f64>]| -> Vec<f64> {
+            rs.iter()
+                .map(|r| *r.get(figure.key).unwrap_or(&f64::NAN))
+                .collect()
+        };
+        results.add(
+            case.scenario,
+            &case.label,
+            figure,
+            pick(&runs[0]),
+            pick(&runs[1]),
+        );
+    }
+}
+
+static FILTER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+fn parent(opts: &Opts) {
+    let _ = FILTER.set(opts.filter.clone());
+    let started = Instant::now();
+    std::fs::create_dir_all(&opts.out).expect("create the output directory");
+    let mut results = Results::default();
+    // Ctrl-C: the children die of it, the failed run panics, and unwinding removes
+    // guests, daemon and pool (Env's Drop).
+    let _ = ctrlc::set_handler(|| eprintln!("compare: interrupted; cleaning up"));
+    let load_before = loadavg();
+    let needs_daemon = ["s1", "s3", "s4", "s5"].iter().any(|s| opts.wants(s));
+    let mut env = needs_daemon.then(|| Env::start(opts));
+    eprintln!(
+        "compare: {} CPUs, load {}, runs {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim(),
+        opts.runs
+    );
+    // results.md is rewritten after each scenario, so a crash keeps what was done.
+    let partial = |results: &Results| {
+        let text = results.render(opts, started.elapsed());
+        let _ = std::fs::write(opts.out.join("results.md"), text);
+    };
+    if opts.wants("s1") {
+        streams::scenario1(opts, env.as_ref().expect("daemon"), &mut results);
+        partial(&results);
+    }
+    if opts.wants("s2") {
+        loops::scenario2(opts, &mut results);
+        partial(&results);
+    }
+    if opts.wants("s3") {
+        streams::scenario3(opts, env.as_ref().expect("daemon"), &mut results);
+        partial(&results);
+    }
+    if opts.wants("s4") {
+        consoles::scenario4(opts, env.as_mut().expect("daemon"), &mut results);
+        partial(&results);
+    }
+    if opts.wants("s5") {
+        memory::scenario5(opts, env.as_ref().expect("daemon"), &mut results);
+    }
+    let libvirt = env
+        .as_ref()
+        .and_then(|e| e.conn.lib_version().ok())
+        .map_or_else(
+            || "?".to_owned(),
+            |v| format!("{}.{}.{}", v / 1_000_000, v / 1000 % 1000, v % 1000),
+        );
+    drop(env);
+    results.note(machine(&libvirt, &load_before));
+    let elapsed = started.elapsed();
+    let text = results.render(opts, elapsed);
+    println!("{text}");
+    std::fs::write(opts.out.join("results.md"), &text).expect("write results.md");
+    std::fs::write(opts.out.join("raw.tsv"), results.raw_tsv()).expect("write raw.tsv");
+    if let Some(svg) = &opts.svg {
+        if let Some(plot) = results.plot_s2() {
+            std::fs::write(svg, plot).expect("write the plot");
+            eprintln!("compare: wrote {}", svg.display());
+        }
+    }
+}

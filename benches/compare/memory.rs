@@ -1,0 +1,116 @@
+//! Scenario 5: memory per idle stream and per idle watch.
+//!
+//! A child registers a few of each first (so that one-time allocations are in the
+//! baseline), reads the counters, registers K more, runs a few iterations and reads
+//! them again. Three counters: the live Rust heap (virt-reactor's own structures:
+//! the slab slot, the handler, our engine's table entries; the counting allocator
+//! in `sys`), every live malloc'd byte (mallinfo2: libvirt's objects too), and RSS.
+//! Peak RSS during scenario 1 is in that scenario's table.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use virt_reactor::{Interest, Reactor, Watch};
+
+use crate::report::{figure, Results};
+use crate::setup::Env;
+use crate::streams::open_idle_streams;
+use crate::{run_case, sys, Case, Figures, Opts, Params};
+
+pub(crate) fn scenario5(opts: &Opts, env: &Env, results: &mut Results) {
+    let cases = [
+        (
+            "idle streams",
+            "streams",
+            if opts.quick { 100 } else { 1_000 },
+        ),
+        (
+            "idle watches",
+            "watches",
+            if opts.quick { 1_000 } else { 10_000 },
+        ),
+    ];
+    for (label, what, count) in cases {
+        run_case(
+            Case {
+                scenario: "Scenario 5: memory per idle stream and watch",
+                label: label.to_owned(),
+                child: "memory",
+                args: vec![
+                    format!("uri={}", env.uri),
+                    format!("what={what}"),
+                    format!("count={count}"),
+                ],
+                figures: vec![
+                    figure("rust_per", "Rust heap bytes each"),
+                    figure("heap_per", "malloc'd bytes each (all)"),
+                    figure("rss_per", "RSS bytes each"),
+                ],
+                runs: opts.runs.min(3),
+                before: None,
+                after: None,
+            },
+            results,
+        );
+    }
+}
+
+fn settle(reactor: &mut Reactor) {
+    for _ in 0..10 {
+        reactor.run_once(Some(Duration::ZERO)).expect("iteration");
+    }
+}
+
+fn counters() -> [i64; 3] {
+    [sys::rust_heap(), sys::malloc_heap(), sys::rss_bytes()]
+}
+
+pub(crate) fn measure(p: &Params) -> Figures {
+    let mut reactor = p.kind.reactor();
+    let count: usize = p.num("count");
+    let (before, after) = match p.str("what") {
+        "streams" => {
+            let conn = p.kind.connect(p.str("uri"));
+            open_idle_streams(&mut reactor, &conn, 16);
+            settle(&mut reactor);
+            let before = counters();
+            open_idle_streams(&mut reactor, &conn, count);
+            settle(&mut reactor);
+            let after = counters();
+            drop(conn);
+            (before, after)
+        }
+        "watches" => {
+            let mut pairs = Vec::with_capacity(count / 2 + 8);
+            let mut watches = Vec::with_capacity(count + 16);
+            let mut add = |pairs: &mut Vec<(UnixStream, UnixStream)>, n: usize| {
+                for _ in 0..n / 2 {
+                    let (a, b) = UnixStream::pair().expect("socketpair");
+                    for end in [&a, &b] {
+                        watches.push(
+                            Watch::add(end.as_raw_fd(), Interest::READABLE, |_, _, _| {})
+                                .expect("watch"),
+                        );
+                    }
+                    pairs.push((a, b));
+                }
+            };
+            add(&mut pairs, 16);
+            settle(&mut reactor);
+            let before = counters();
+            add(&mut pairs, count);
+            settle(&mut reactor);
+            let after = counters();
+            drop(watches);
+            (before, after)
+        }
+        other => panic!("unknown memory case {other:?}"),
+    };
+    let per = |i: usize| (after[i] - before[i]) as f64 / count as f64;
+    vec![
+        ("rust_per", per(0)),
+        ("heap_per", per(1)),
+        ("rss_per", per(2)),
+    ]
+}

@@ -1,0 +1,276 @@
+//! Scenarios 1 and 3: volume downloads and uploads through the reactor, every byte
+//! checked.
+//!
+//! Both loops run the very same code: `virt_reactor::transfer::{recv_all,
+//! send_all}` handlers (the ones `virt_reactor::volume` uses, with its default
+//! 1 MiB budget per readiness event) inserted into a `Reactor`, which is
+//! `Reactor::register()` or `Reactor::register_default()`. The data never touches a
+//! file on the client: downloads are checked byte by byte as they arrive, uploads
+//! are generated on the fly and the parent checks the volume files afterwards, so the
+//! client's CPU is the loop, libvirt's client library and the check.
+
+use std::cell::RefCell;
+use std::io;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use virt::storage_vol::StorageVol;
+use virt_reactor::transfer;
+use virt_reactor::{handler_fn, Flow, Interest, Stream};
+
+use crate::report::{figure, Figure, Results};
+use crate::setup::{Env, POOL, SOURCE};
+use crate::{data, run_case, sys, Case, Figures, Opts, Params, MIB};
+
+pub(crate) const S1_STREAMS: [usize; 4] = [1, 4, 16, 64];
+pub(crate) const S3_IDLE: &[usize] = &[0, 500, 1000, 2000];
+const S3_IDLE_QUICK: &[usize] = &[0, 100];
+const GIB: f64 = (1u64 << 30) as f64;
+
+const THROUGHPUT: [Figure; 3] = [
+    figure("mibps", "aggregate MiB/s"),
+    figure("cpu_per_gib", "client CPU s/GiB"),
+    figure("maxrss_mib", "peak RSS MiB"),
+];
+
+pub(crate) fn s1_label(dir: &str, n: usize, big: bool) -> String {
+    if big {
+        format!("{dir} {n}×64 MiB")
+    } else {
+        format!("{dir} N={n}")
+    }
+}
+
+pub(crate) fn s3_label(k: usize) -> String {
+    format!("K={k}")
+}
+
+/// Scenario 1: N concurrent streams, 512 MiB in all, both ways; and 64 × 64 MiB.
+pub(crate) fn scenario1(opts: &Opts, env: &Env, results: &mut Results) {
+    let total = env.source_size;
+    let big_len = if opts.quick { 4 * MIB } else { 64 * MIB };
+    let mut configs: Vec<(usize, u64, bool)> = S1_STREAMS
+        .iter()
+        .map(|&n| (n, total / n as u64, false))
+        .collect();
+    configs.push((64, big_len, true));
+    for &(n, len, big) in &configs {
+        for i in 0..n {
+            env.create_volume(&upload_volume(n, big, i), len);
+        }
+    }
+    let runs = |big: bool| {
+        if big {
+            opts.big_runs.unwrap_or(opts.runs)
+        } else {
+            opts.runs
+        }
+    };
+    for dir in ["download", "upload"] {
+        for &(n, len, big) in &configs {
+            let mut args = vec![
+                format!("uri={}", env.uri),
+                format!("dir={dir}"),
+                format!("streams={n}"),
+                format!("len={len}"),
+                format!("source_size={}", env.source_size),
+                "idle=0".to_owned(),
+            ];
+            if dir == "upload" {
+                args.push(format!("prefix={}", upload_prefix(n, big)));
+            }
+            let upload = dir == "upload";
+            run_case(
+                Case {
+                    scenario: "Scenario 1: throughput and client CPU",
+                    label: s1_label(dir, n, big),
+                    child: "transfer",
+                    args,
+                    figures: THROUGHPUT.to_vec(),
+                    runs: runs(big),
+                    before: upload.then(|| {
+                        Box::new(move || {
+                            for i in 0..n {
+                                env.clear_volume(&upload_volume(n, big, i));
+                            }
+                        }) as Box<dyn Fn()>
+                    }),
+                    after: upload.then(|| {
+                        Box::new(move || {
+                            for i in 0..n {
+                                env.check_volume(&upload_volume(n, big, i), i as u64 * len, len)?;
+                            }
+                            Ok(())
+                        }) as Box<dyn Fn() -> Result<(), String>>
+                    }),
+                },
+                results,
+            );
+        }
+    }
+}
+
+/// Scenario 3: one download of the whole source volume while K other streams are
+/// open and idle.
+pub(crate) fn scenario3(opts: &Opts, env: &Env, results: &mut Results) {
+    let ks = if opts.quick { S3_IDLE_QUICK } else { S3_IDLE };
+    for &k in ks {
+        run_case(
+            Case {
+                scenario: "Scenario 3: one download among K idle streams",
+                label: s3_label(k),
+                child: "transfer",
+                args: vec![
+                    format!("uri={}", env.uri),
+                    "dir=download".to_owned(),
+                    "streams=1".to_owned(),
+                    format!("len={}", env.source_size),
+                    format!("source_size={}", env.source_size),
+                    format!("idle={k}"),
+                ],
+                figures: THROUGHPUT[..2].to_vec(),
+                runs: opts.runs,
+                before: None,
+                after: None,
+            },
+            results,
+        );
+    }
+}
+
+fn upload_prefix(n: usize, big: bool) -> String {
+    if big {
+        format!("big{n}")
+    } else {
+        format!("up{n}")
+    }
+}
+
+fn upload_volume(n: usize, big: bool, i: usize) -> String {
+    format!("{}-{i}", upload_prefix(n, big))
+}
+
+/// Opens `count` idle streams into the reactor: uploads that send nothing, waiting
+/// for READABLE, which never comes. Each is a remote stream with its (disabled)
+/// event timer in the loop, like any stream between two bursts.
+pub(crate) fn open_idle_streams(
+    reactor: &mut virt_reactor::Reactor,
+    conn: &virt::connect::Connect,
+    count: usize,
+) {
+    if count == 0 {
+        return;
+    }
+    let pool = conn.lookup_storage_pool_by_name(POOL).expect("pool");
+    let vol = pool
+        .lookup_storage_vol_by_name("idle")
+        .expect("idle volume");
+    for i in 0..count {
+        let stream = Stream::new(conn).expect("stream");
+        vol.upload(&stream.to_virt(), 0, MIB, 0)
+            .unwrap_or_else(|e| panic!("idle upload {i}: {e}"));
+        reactor
+            .insert(
+                stream,
+                Interest::READABLE,
+                handler_fn(|_, _| Flow::Continue),
+            )
+            .expect("insert an idle stream");
+    }
+}
+
+/// How each transfer ended: its data bytes, or the error.
+type Outcomes = Rc<RefCell<Vec<Option<Result<u64, String>>>>>;
+
+/// The child: `streams` concurrent transfers of `len` bytes each, `idle` idle streams
+/// beside them.
+pub(crate) fn transfer(p: &Params) -> Figures {
+    let mut reactor = p.kind.reactor();
+    let conn = p.kind.connect(p.str("uri"));
+    let (n, len, idle): (usize, u64, usize) = (p.num("streams"), p.num("len"), p.num("idle"));
+    let source_size: u64 = p.num("source_size");
+    let download = p.str("dir") == "download";
+    let pool = conn.lookup_storage_pool_by_name(POOL).expect("pool");
+    open_idle_streams(&mut reactor, &conn, idle);
+    // Let the idle streams' setup traffic settle.
+    for _ in 0..10 {
+        reactor.run_once(Some(Duration::ZERO)).expect("iteration");
+    }
+    let volumes: Vec<StorageVol> = if download {
+        vec![pool
+            .lookup_storage_vol_by_name(SOURCE)
+            .expect("source volume")]
+    } else {
+        (0..n)
+            .map(|i| {
+                let name = format!("{}-{i}", p.str("prefix"));
+                pool.lookup_storage_vol_by_name(&name)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"))
+            })
+            .collect()
+    };
+    let outcomes: Outcomes = Rc::new(RefCell::new(vec![None; n]));
+
+    let cpu_before = sys::cpu_time();
+    let started = Instant::now();
+    for i in 0..n {
+        let stream = Stream::new(&conn).expect("stream");
+        let base = i as u64 * len;
+        let t = if download {
+            let offset = base % source_size;
+            volumes[0]
+                .download(&stream.to_virt(), offset, len, 0)
+                .expect("virStorageVolDownload");
+            let mut position = offset;
+            transfer::recv_all(move |bytes| {
+                if !data::check(position, bytes) {
+                    return Err(io::Error::other(format!("wrong bytes at {position}")));
+                }
+                position += bytes.len() as u64;
+                Ok(())
+            })
+        } else {
+            volumes[i]
+                .upload(&stream.to_virt(), 0, len, 0)
+                .expect("virStorageVolUpload");
+            let mut sent = 0;
+            transfer::send_all(move |buf| {
+                let want = buf.len().min((len - sent) as usize);
+                data::fill(base + sent, &mut buf[..want]);
+                sent += want as u64;
+                Ok(want)
+            })
+        };
+        let outcomes = Rc::clone(&outcomes);
+        let t = t.on_end(move |result| {
+            outcomes.borrow_mut()[i] = Some(
+                result
+                    .map(|stats| stats.data_bytes)
+                    .map_err(|e| e.to_string()),
+            );
+        });
+        let interest = t.interest();
+        reactor.insert(stream, interest, t).expect("insert");
+    }
+    reactor
+        .run_while(|r| r.len() > idle)
+        .expect("run the transfers");
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = (sys::cpu_time() - cpu_before).as_secs_f64();
+
+    for (i, outcome) in outcomes.borrow().iter().enumerate() {
+        match outcome {
+            Some(Ok(bytes)) if *bytes == len => {}
+            other => panic!("transfer {i}: {other:?} (expected {len} bytes)"),
+        }
+    }
+    let bytes = n as f64 * len as f64;
+    let figures = vec![
+        ("mibps", bytes / MIB as f64 / elapsed),
+        ("cpu_per_gib", cpu / (bytes / GIB)),
+        ("maxrss_mib", sys::max_rss_kib() as f64 / 1024.0),
+    ];
+    drop((volumes, pool, conn));
+    let _ = reactor.shutdown(Duration::from_secs(5));
+    figures
+}

@@ -1,0 +1,114 @@
+//! The few libc calls the benchmark needs: CPU time, peak RSS, malloc'd bytes, the
+//! fd limit; and a counting allocator for the Rust heap.
+#![allow(unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::Duration;
+
+/// The system allocator, counting live Rust heap bytes.
+pub(crate) struct Counting;
+
+static RUST_HEAP: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the counter is
+// only arithmetic on the sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        RUST_HEAP.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        RUST_HEAP.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        RUST_HEAP.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        RUST_HEAP.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+/// Live bytes allocated by Rust code (virt-reactor, virt, the benchmark).
+pub(crate) fn rust_heap() -> i64 {
+    RUST_HEAP.load(Ordering::Relaxed) as i64
+}
+
+/// Live bytes allocated through malloc by anyone (libvirt and Rust alike).
+pub(crate) fn malloc_heap() -> i64 {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let info = unsafe { libc::mallinfo2() };
+    (info.uordblks + info.hblkhd) as i64
+}
+
+/// User + system CPU time of this process.
+pub(crate) fn cpu_time() -> Duration {
+    let usage = rusage();
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Peak resident set size of this process, in KiB.
+pub(crate) fn max_rss_kib() -> u64 {
+    rusage().ru_maxrss as u64
+}
+
+fn rusage() -> libc::rusage {
+    // SAFETY: an all-zero rusage is a valid value, and getrusage writes only into it.
+    unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    }
+}
+
+/// Current resident set size, in bytes (from /proc/self/statm).
+pub(crate) fn rss_bytes() -> i64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: i64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// Raises the soft open-files limit to the hard one (idle watches need fds).
+pub(crate) fn raise_fd_limit() {
+    // SAFETY: get/setrlimit only read and write the struct passed.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// SIGKILLs a child process of ours that overran its time.
+pub(crate) fn kill_child(pid: u32) {
+    if let Ok(pid) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill(2) takes plain integers; `pid` is a child we spawned and have
+        // not reaped yet.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}

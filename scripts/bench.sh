@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The benchmark: virt-reactor against libvirt's default event loop, every scenario
+# of docs/benchmarks.md, in one invocation.
+#
+#   bash scripts/bench.sh                 # the full run (about 15-20 minutes)
+#   bash scripts/bench.sh --quick --runs 1   # a smoke test of the harness (~1 minute)
+#   bash scripts/bench.sh --only s2,s5 --runs 3
+#
+# Arguments go to `cargo bench --bench compare --` (see benches/compare/main.rs).
+# It needs nothing set up by hand: it installs missing packages (setup-host.sh),
+# builds the testbed guests (testbed/build.sh), gives the bench a scratch directory
+# on /dev/shm for the storage pool, and the bench starts its own private,
+# unprivileged libvirtd (as tests/support/daemon.rs does), boots the guests on it,
+# and removes daemon, guests and pool when it ends (also on failure or Ctrl-C).
+# Results: target/bench/results.md (tables and target checks), target/bench/raw.tsv
+# (every run's figures), target/bench/benchmarks-s2.svg (the scenario 2 plot;
+# copied to docs/ by a full run, i.e. one without arguments).
+# With valgrind installed, scenario 2 also counts instructions per iteration.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PATH="$PATH:/usr/sbin:/sbin"
+
+bash scripts/setup-host.sh >/dev/null
+bash testbed/build.sh >/dev/null
+
+parent=/dev/shm
+[ -d "$parent" ] && [ -w "$parent" ] || parent=${TMPDIR:-/tmp}
+scratch=$(mktemp -d "$parent/virt-reactor-bench-XXXXXX")
+chmod 0755 "$scratch"
+trap 'rm -rf "$scratch"' EXIT
+
+extra=()
+if command -v valgrind >/dev/null; then
+    extra+=(--callgrind)
+fi
+
+out=${BENCH_OUT:-target/bench}
+mkdir -p "$out"
+echo "bench: load $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) CPUs; results in $out"
+cargo bench --quiet --bench compare -- \
+    --out "$out" --svg "$out/benchmarks-s2.svg" --scratch "$scratch" "${extra[@]}" "$@"
+# Only a full run (no arguments) replaces the plot in the docs.
+if [ "$#" -eq 0 ] && [ -f "$out/benchmarks-s2.svg" ]; then
+    cp "$out/benchmarks-s2.svg" docs/benchmarks-s2.svg
+    echo "bench: updated docs/benchmarks-s2.svg"
+fi
