@@ -182,29 +182,20 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }) = session
     {
         mux.detach_all(&mut reactor);
-        let (done_tx, done) = crossbeam_channel::bounded(1);
-        thread::spawn(move || {
-            let guests = testbed::Guests::new();
-            for name in &booted {
-                guests.track(&conn, name);
-            }
-            guests.destroy_all();
-            drop((mux, conn));
-            let _ = done_tx.send(booted.len());
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let destroyed = loop {
-            reactor.run_once(Some(Duration::from_millis(50)))?;
-            for event in events.try_iter() {
-                let _ = out.event(&event);
-            }
-            if let Ok(n) = done.try_recv() {
-                break n;
-            }
-            if Instant::now() > deadline {
-                return Err("timed out destroying the guests".into());
-            }
-        };
+        let destroyed = reactor.run_blocking(
+            // Off the loop thread: destroy waits on QEMU's monitor, which the loop serves.
+            move || {
+                let destroyed = testbed::destroy(&conn, &booted);
+                drop((mux, conn));
+                destroyed
+            },
+            Duration::from_secs(30),
+            |_| {
+                for event in events.try_iter() {
+                    let _ = out.event(&event);
+                }
+            },
+        )?;
         out.flush_all();
         if destroyed > 0 {
             out.note(&format!("destroyed {destroyed} guest(s)"));

@@ -1057,32 +1057,30 @@ impl Server {
             booted,
             ..
         } = session;
-        let (done_tx, done) = crossbeam_channel::bounded(1);
-        thread::spawn(move || {
-            let guests = testbed::Guests::new();
-            for name in &booted {
-                guests.track(&conn, name);
-            }
-            guests.destroy_all();
-            drop((mux, conn));
-            let _ = done_tx.send(booted.len());
-        });
-        let deadline = Instant::now() + SHUTDOWN_WAIT;
-        loop {
-            if let Err(e) = reactor.run_once(Some(Duration::from_millis(50))) {
-                log::warn!("{e}");
-            }
-            for event in events.try_iter() {
-                log::debug!("after detach: {event:?}");
-            }
-            if let Ok(n) = done.try_recv() {
+        let destroyed = reactor.run_blocking(
+            move || {
+                let destroyed = testbed::destroy(&conn, &booted);
+                drop((mux, conn));
+                destroyed
+            },
+            SHUTDOWN_WAIT,
+            |_| {
+                for event in events.try_iter() {
+                    log::debug!("after detach: {event:?}");
+                }
+            },
+        );
+        match destroyed {
+            Ok(n) => {
                 if n > 0 {
                     log::info!("destroyed {n} guest(s)");
                 }
-                return result;
+                result
             }
-            if Instant::now() > deadline {
-                return Err("timed out destroying the guests".to_owned());
+            Err(virt_reactor::Error::TimedOut) => Err("timed out destroying the guests".to_owned()),
+            Err(e) => {
+                log::warn!("{e}");
+                result
             }
         }
     }

@@ -62,6 +62,8 @@ pub enum Error {
     StreamClosed,
     /// The transfer was aborted before it completed.
     Aborted,
+    /// Blocking work did not finish in time.
+    TimedOut,
     /// Another client holds the domain's console (open it with `force` to take over).
     ConsoleBusy {
         /// The domain.
@@ -153,6 +155,7 @@ impl fmt::Display for Error {
             Error::ReactorGone => f.write_str("the reactor is gone"),
             Error::StreamClosed => f.write_str("the stream has ended"),
             Error::Aborted => f.write_str("aborted before completion"),
+            Error::TimedOut => f.write_str("timed out"),
             Error::ConsoleBusy { domain } => write!(
                 f,
                 "{domain}: another client holds the console (open with force to take over)"

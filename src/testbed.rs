@@ -131,6 +131,19 @@ pub fn embed_root(root: &Path) -> io::Result<String> {
     Ok(format!("qemu:///embed?root={}", root.display()))
 }
 
+/// Destroys the guests `names` on `conn` now; returns how many it was given. Not
+/// found is success, as for [`Guests::destroy_all`]. With an in-process driver, call
+/// it off the loop thread (e.g. through [`crate::Reactor::run_blocking`]): destroy
+/// waits on QEMU's monitor, which the loop serves.
+pub fn destroy(conn: &Connect, names: &[String]) -> usize {
+    let guests = Guests::new();
+    for name in names {
+        guests.track(conn, name);
+    }
+    guests.destroy_all();
+    names.len()
+}
+
 /// Destroys, when dropped, every guest [`Guests::track`] was given, even when a
 /// test fails halfway.
 #[derive(Default)]

@@ -320,6 +320,51 @@ impl Reactor {
         looped.and(handled)
     }
 
+    /// Runs blocking `work` on a worker thread while this thread keeps running the
+    /// loop, calling `between` after each iteration, until `work` returns its value
+    /// or `timeout` passes.
+    ///
+    /// For calls whose replies come through this loop (with `qemu:///embed`,
+    /// destroying or creating a guest waits on QEMU's monitor, a watch on this loop)
+    /// when the loop thread must wait for them, e.g. at shutdown.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TimedOut`] (the worker is left to finish on its own), or an error
+    /// of [`run_once`](Self::run_once).
+    pub fn run_blocking<T, W>(
+        &mut self,
+        work: W,
+        timeout: Duration,
+        mut between: impl FnMut(&mut Reactor),
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        W: FnOnce() -> T + Send + 'static,
+    {
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let waker = self.handle.clone();
+        std::thread::Builder::new()
+            .name("virt-reactor-blocking".into())
+            .spawn(move || {
+                let _ = done_tx.send(work());
+                waker.wake();
+            })
+            .map_err(Error::Io)?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            self.run_once(Some(left.min(Duration::from_millis(100))))?;
+            between(self);
+            if let Ok(value) = done.try_recv() {
+                return Ok(value);
+            }
+            if left.is_zero() {
+                return Err(Error::TimedOut);
+            }
+        }
+    }
+
     /// Dispatches whatever is ready now without blocking, for a reactor embedded in
     /// another `mio::Poll` (register the reactor there; see [`EventLoop`]'s
     /// Embedding section).
