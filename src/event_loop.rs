@@ -39,7 +39,6 @@ pub struct EventLoop {
     poll: Poll,
     events: Events,
     engine: &'static Engine,
-    owner_pid: u32,
     ready: Vec<ReadyWatch>,
     due: Vec<DueTimer>,
     spare_frees: Vec<FreeCallback>,
@@ -84,6 +83,7 @@ impl EventLoop {
         let waker = Waker::new(poll.registry(), WAKE_TOKEN)?;
         let engine = engine::install(poll.registry().try_clone()?, waker)?;
         ffi::event_impl::register()?;
+        ffi::fork::watch();
         // libvirt ignores a second registration with only a warning: find out whether
         // ours is the one it uses by watching a probe timer arrive in our table.
         let before = engine.totals().timers_removed;
@@ -97,7 +97,6 @@ impl EventLoop {
             poll,
             events: Events::with_capacity(EVENT_CAPACITY),
             engine,
-            owner_pid: std::process::id(),
             ready: Vec::new(),
             due: Vec::new(),
             spare_frees: Vec::new(),
@@ -137,7 +136,7 @@ impl EventLoop {
     ///
     /// As for [`run`](Self::run); a panic is reported after the iteration completes.
     pub fn run_once(&mut self, timeout: Option<Duration>) -> Result<()> {
-        if std::process::id() != self.owner_pid {
+        if ffi::fork::is_child() {
             return Err(Error::WrongProcess);
         }
         let _on_loop = self.engine.enter_loop_thread();

@@ -30,8 +30,8 @@ use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use raw::{
-    remove_handle, remove_timeout, update_handle, update_timeout, RawTimer, RawWatch, Recorder,
-    ERROR, HANGUP, READABLE, WRITABLE,
+    in_forked_child, remove_handle, remove_timeout, update_handle, update_timeout, RawTimer,
+    RawWatch, Recorder, ERROR, HANGUP, READABLE, WRITABLE,
 };
 use virt_reactor::{Error, EventLoop, Interest, Readiness, Timer, Watch};
 
@@ -2381,5 +2381,20 @@ fn embedded_timer_fires_when_dispatch_follows_every_poll() {
     assert_eq!(timer.remove(), 0);
     ev.dispatch().unwrap();
     poll.registry().deregister(&mut ev).unwrap();
+    assert_drains(&mut ev);
+}
+
+/// J1: a child forked after registration shares the parent's epoll instance, so the
+/// loop refuses to run there; the parent's loop is unaffected.
+#[test]
+fn loop_refuses_to_run_in_a_forked_child() {
+    let mut ev = setup();
+    let status = in_forked_child(|| match ev.run_once(Some(Duration::ZERO)) {
+        Err(Error::WrongProcess) => 0,
+        _ => 1,
+    });
+    assert_eq!(status, 0, "the child's run_once was not refused");
+    ev.run_once(Some(Duration::ZERO))
+        .expect("the parent's loop still runs");
     assert_drains(&mut ev);
 }

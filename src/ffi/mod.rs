@@ -10,7 +10,10 @@
 //!   `virEventAddTimeout`), freed by their own free callback;
 //! - [`connection_events`]: Rust closures as domain lifecycle and close callbacks;
 //! - [`opaque`]: Rust values as libvirt opaques, dropped by libvirt's free callback;
-//! - [`panic`]: catching panics so none unwinds into C.
+//! - [`stream`]: raw streams, with the token as their event callback's opaque;
+//! - [`file`]: `lseek` with `SEEK_DATA`/`SEEK_HOLE` for sparse files;
+//! - [`panic`]: catching panics so none unwinds into C;
+//! - [`fork`]: noting forks, so a forked child cannot drive the parent's epoll.
 #![allow(unsafe_code)]
 
 pub(crate) mod callback;
@@ -18,6 +21,7 @@ pub(crate) mod closure;
 pub(crate) mod connection_events;
 pub(crate) mod event_impl;
 pub(crate) mod file;
+pub(crate) mod fork;
 pub(crate) mod opaque;
 pub(crate) mod panic;
 pub(crate) mod stream;

@@ -484,6 +484,23 @@ pub fn register_default_impl() -> i32 {
     unsafe { sys::virEventRegisterDefaultImpl() }
 }
 
+/// Runs `child` in a forked child process and returns its exit status.
+pub fn in_forked_child(child: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the child only runs `child` and then `_exit`s, without returning into
+    // the test harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let code = child();
+        // SAFETY: ends the child at once, skipping the parent's atexit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just forked; `status` is a valid out-pointer.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    libc::WEXITSTATUS(status)
+}
+
 /// A pipe, both ends non-blocking and close-on-exec: `(read end, write end)`.
 pub fn pipe() -> (File, File) {
     let mut fds: [c_int; 2] = [-1, -1];
