@@ -42,6 +42,9 @@ pub struct EventLoop {
     ready: Vec<ReadyWatch>,
     due: Vec<DueTimer>,
     spare_frees: Vec<FreeCallback>,
+    /// The last iteration dispatched a watch, whose fd may still be ready: epoll
+    /// re-reports it to our own poll, but an embedding poll is not woken again.
+    watches_dispatched: bool,
 }
 
 /// A `Send + Clone` handle that stops or wakes the loop from any thread.
@@ -100,6 +103,7 @@ impl EventLoop {
             ready: Vec::new(),
             due: Vec::new(),
             spare_frees: Vec::new(),
+            watches_dispatched: false,
         })
     }
 
@@ -149,7 +153,7 @@ impl EventLoop {
             Err(e) => return Err(e.into()),
         }
         self.engine.dispatch_timers(&mut self.due);
-        self.engine.dispatch_handles(&self.events, &mut self.ready);
+        self.watches_dispatched = self.engine.dispatch_handles(&self.events, &mut self.ready);
         self.engine.run_frees(&mut self.spare_frees);
         match self.engine.take_panic() {
             Some(panic) => Err(panic),
@@ -168,13 +172,22 @@ impl EventLoop {
     }
 
     /// How long an embedding poll may sleep before [`dispatch`](Self::dispatch) must
-    /// run again even without a readiness event: `Some(ZERO)` when work is pending,
-    /// the time to the next timer, or `None` when nothing is scheduled.
+    /// run again even without a readiness event: `Some(ZERO)` when work is pending
+    /// (free callbacks, or watches dispatched last time whose fds may still be
+    /// ready), the time to the next timer, or `None` when nothing is scheduled.
     ///
     /// Call it right before the embedding poll sleeps: from then until the next
     /// [`dispatch`](Self::dispatch), changes made by other threads wake that poll.
     pub fn next_timeout(&self) -> Option<Duration> {
-        self.engine.poll_timeout(None)
+        let timeout = self.engine.poll_timeout(None);
+        if self.watches_dispatched {
+            // libvirt's fds are level-triggered in our epoll, but the embedding poll
+            // hears of them only on a new edge: one still ready after its callback
+            // (data left unread) must be dispatched again without waiting.
+            Some(Duration::ZERO)
+        } else {
+            timeout
+        }
     }
 
     /// Consumes a pending [`LoopHandle::stop`] request.

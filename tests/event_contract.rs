@@ -2016,7 +2016,8 @@ fn stop_in_a_panicking_iteration_does_not_stop_the_next_run() {
 /// Embedding: the loop registered in the caller's own `mio::Poll` makes that poll
 /// report its token when a watched socket becomes readable, and `dispatch()` runs the
 /// callback. Level triggering survives the nesting: a callback reading one byte per
-/// call is dispatched once per outer wake-up until the data is gone.
+/// call is dispatched once per embedder iteration, with `next_timeout()` keeping the
+/// outer poll from sleeping, until the data is gone; then the embedder may sleep.
 #[test]
 fn embedded_in_own_mio_poll_token_fires_and_dispatch_runs_callbacks() {
     const LOOP: mio::Token = mio::Token(7);
@@ -2047,26 +2048,35 @@ fn embedded_in_own_mio_poll_token_fires_and_dispatch_runs_callbacks() {
     );
 
     peer.write_all(&[1; 10]).unwrap();
-    let mut wakeups = 0;
-    while bytes.load(SeqCst) < 10 {
-        let timeout = ev.next_timeout().unwrap_or(Duration::from_secs(5));
-        poll.poll(&mut events, Some(timeout.min(Duration::from_secs(5))))
-            .unwrap();
-        assert!(
-            events.iter().any(|e| e.token() == LOOP),
-            "outer poll timed out with {} of 10 bytes delivered",
-            bytes.load(SeqCst)
-        );
-        wakeups += 1;
+    poll.poll(&mut events, Some(Duration::from_secs(5)))
+        .unwrap();
+    assert!(
+        events.iter().any(|e| e.token() == LOOP),
+        "no token for new data"
+    );
+    for delivered in 1..=10 {
         let before = w.rec.calls();
         ev.dispatch().unwrap();
+        assert_eq!(w.rec.calls(), before + 1, "dispatch {delivered}");
+        assert_eq!(bytes.load(SeqCst), delivered);
         assert_eq!(
-            w.rec.calls(),
-            before + 1,
-            "dispatch after wake-up {wakeups}"
+            ev.next_timeout(),
+            Some(Duration::ZERO),
+            "the embedder would sleep with {} bytes unread",
+            10 - delivered
         );
+        poll.poll(&mut events, ev.next_timeout()).unwrap();
     }
-    assert_eq!(wakeups, 10);
+    // Drained: the next dispatch calls nothing, and then the embedder may sleep.
+    ev.dispatch().unwrap();
+    assert_eq!(w.rec.calls(), 10, "called with nothing to read");
+    assert_eq!(ev.next_timeout(), None, "nothing is left to do");
+    poll.poll(&mut events, Some(Duration::from_millis(100)))
+        .unwrap();
+    assert!(
+        events.iter().all(|e| e.token() != LOOP),
+        "token with everything read"
+    );
     assert_eq!(w.remove(), 0);
     ev.dispatch().unwrap(); // runs the free callback
     assert_eq!(w.rec.frees(), 1);

@@ -249,6 +249,7 @@ pub(crate) fn run_child(
     args: &[String],
 ) -> Result<HashMap<String, f64>, String> {
     let started = Instant::now();
+    let daemon_before = DAEMON_PID.get().and_then(|&pid| sys::process_cpu_time(pid));
     let exe = env::current_exe().expect("own path");
     // COMPARE_PERF=DIR profiles every child: perf record -g into DIR.
     let mut command = match env::var_os("COMPARE_PERF") {
@@ -294,8 +295,23 @@ pub(crate) fn run_child(
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    parse_figures(&String::from_utf8_lossy(&out.stdout))
+    let mut figures = parse_figures(&String::from_utf8_lossy(&out.stdout))?;
+    // Children that move data report how much ("gib"): charge the daemon's CPU
+    // during the run to it, so a profile can tell client-bound from daemon-bound.
+    let daemon_after = DAEMON_PID.get().and_then(|&pid| sys::process_cpu_time(pid));
+    if let (Some(&gib), Some(before), Some(after)) =
+        (figures.get("gib"), daemon_before, daemon_after)
+    {
+        figures.insert(
+            "daemon_cpu_per_gib".to_owned(),
+            (after - before).as_secs_f64() / gib,
+        );
+    }
+    Ok(figures)
 }
+
+/// The private daemon's pid, once it runs: its CPU time is read around each child.
+pub(crate) static DAEMON_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 
 pub(crate) fn parse_figures(stdout: &str) -> Result<HashMap<String, f64>, String> {
     let body = stdout

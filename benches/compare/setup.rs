@@ -82,6 +82,7 @@ impl Env {
             scratch,
             daemon,
         };
+        let _ = crate::DAEMON_PID.set(env.daemon.pid());
         env.create_volume(SOURCE, source_size);
         env.write_source();
         env.create_volume("idle", MIB);

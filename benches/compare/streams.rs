@@ -27,9 +27,10 @@ pub(crate) const S3_IDLE: &[usize] = &[0, 500, 1000, 2000];
 const S3_IDLE_QUICK: &[usize] = &[0, 100];
 const GIB: f64 = (1u64 << 30) as f64;
 
-const THROUGHPUT: [Figure; 3] = [
+const THROUGHPUT: [Figure; 4] = [
     figure("mibps", "aggregate MiB/s"),
     figure("cpu_per_gib", "client CPU s/GiB"),
+    figure("daemon_cpu_per_gib", "daemon CPU s/GiB"),
     figure("maxrss_mib", "peak RSS MiB"),
 ];
 
@@ -128,7 +129,7 @@ pub(crate) fn scenario3(opts: &Opts, env: &Env, results: &mut Results) {
                     format!("source_size={}", env.source_size),
                     format!("idle={k}"),
                 ],
-                figures: THROUGHPUT[..2].to_vec(),
+                figures: THROUGHPUT[..3].to_vec(),
                 runs: opts.runs,
                 before: None,
                 after: None,
@@ -269,6 +270,7 @@ pub(crate) fn transfer(p: &Params) -> Figures {
         ("mibps", bytes / MIB as f64 / elapsed),
         ("cpu_per_gib", cpu / (bytes / GIB)),
         ("maxrss_mib", sys::max_rss_kib() as f64 / 1024.0),
+        ("gib", bytes / GIB),
     ];
     drop((volumes, pool, conn));
     let _ = reactor.shutdown(Duration::from_secs(5));

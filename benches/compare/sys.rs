@@ -61,6 +61,23 @@ pub(crate) fn cpu_time() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
+/// User + system CPU time of another process and of the children it has reaped
+/// (`/proc/PID/stat` fields 14 to 17), e.g. the daemon and its helpers.
+pub(crate) fn process_cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after its ')' do not.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // fields[0] is field 3 (state), so field N is fields[N - 3].
+    let ticks: u64 = fields
+        .get(11..15)?
+        .iter()
+        .map(|f| f.parse::<u64>().ok())
+        .sum::<Option<u64>>()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| Duration::from_secs_f64(ticks as f64 / per_second as f64))
+}
+
 /// Peak resident set size of this process, in KiB.
 pub(crate) fn max_rss_kib() -> u64 {
     rusage().ru_maxrss as u64

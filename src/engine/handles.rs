@@ -1,20 +1,23 @@
-//! The handle table: libvirt's fd watches, and the one mio registration per fd that
+//! The handle table: libvirt's fd watches, and the one epoll registration per fd that
 //! serves all the watches sharing it.
 //!
 //! epoll refuses a second registration of the same fd, while libvirt allows several
 //! watches on one fd. So each fd has one [`FdEntry`] registered with the union of its
 //! enabled watches' interests, and readiness is fanned out to each watch, masked by
 //! what that watch asked for. ERROR and HANGUP go to every enabled watch.
+//!
+//! Registrations are level-triggered ([`crate::ffi::epoll`]), as libvirt's watches
+//! are, in the epoll instance mio polls.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::io;
 use std::os::fd::RawFd;
 
-use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 
 use super::ids::IdAllocator;
 use crate::ffi::callback::{FreeCallback, HandleCallback};
+use crate::ffi::epoll;
 use crate::interest::Readiness;
 
 /// One libvirt watch.
@@ -46,8 +49,8 @@ pub(crate) struct ReadyWatch {
 
 #[derive(Default)]
 pub(super) struct HandleTable {
-    watches: HashMap<i32, Watch>,
-    fds: HashMap<RawFd, FdEntry>,
+    watches: FxHashMap<i32, Watch>,
+    fds: FxHashMap<RawFd, FdEntry>,
     ids: IdAllocator,
     next_generation: u32,
 }
@@ -115,7 +118,7 @@ impl HandleTable {
             let entry = self.fds.remove(&watch.fd).expect("present");
             if entry.registered.is_some() {
                 // The owner may already have closed the fd; epoll then forgot it itself.
-                if let Err(e) = registry.deregister(&mut SourceFd(&watch.fd)) {
+                if let Err(e) = epoll::deregister(registry, watch.fd) {
                     log::debug!("fd {}: deregister: {e} (already closed?)", watch.fd);
                 }
             }
@@ -152,36 +155,6 @@ impl HandleTable {
         }
     }
 
-    /// Re-arms a dispatched fd: an `EPOLL_CTL_MOD` on a still-ready fd queues a fresh
-    /// event, which turns mio's edge triggering back into libvirt's level triggering.
-    pub(super) fn rearm(&mut self, registry: &Registry, fd: RawFd) {
-        let Some(entry) = self.fds.get_mut(&fd) else {
-            return;
-        };
-        let Some(interest) = entry.registered else {
-            return;
-        };
-        let token = encode(fd, entry.generation);
-        match registry.reregister(&mut SourceFd(&fd), token, interest) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
-                // Closed by its owner while still watched: epoll dropped it. Stay quiet
-                // until libvirt removes or updates the watch, rather than spin.
-                log::warn!("fd {fd} was closed while watched; it is no longer polled");
-                entry.registered = None;
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                // Closed and the number reused: poll the file that now has this number,
-                // as poll(2) would.
-                entry.registered = None;
-                if let Err(e) = self.sync_fd(registry, fd) {
-                    log::warn!("fd {fd}: cannot re-register: {e}");
-                }
-            }
-            Err(e) => log::warn!("fd {fd}: re-arm failed: {e}"),
-        }
-    }
-
     /// Makes epoll's registration of `fd` match the union of its enabled watches.
     fn sync_fd(&mut self, registry: &Registry, fd: RawFd) -> io::Result<()> {
         let entry = self.fds.get_mut(&fd).expect("fd entry exists");
@@ -194,13 +167,11 @@ impl HandleTable {
             (None, None) => Ok(()),
             (Some(_), None) => {
                 entry.registered = None;
-                registry
-                    .deregister(&mut SourceFd(&fd))
-                    .or_else(ignore_closed)
+                epoll::deregister(registry, fd).or_else(ignore_closed)
             }
             (Some(_), Some(interest)) => {
                 let token = encode(fd, entry.generation);
-                match registry.reregister(&mut SourceFd(&fd), token, interest) {
+                match epoll::reregister(registry, fd, token, interest) {
                     Ok(()) => {
                         entry.registered = Some(interest);
                         Ok(())
@@ -216,12 +187,11 @@ impl HandleTable {
                 self.next_generation = self.next_generation.wrapping_add(1);
                 entry.generation = self.next_generation;
                 let token = encode(fd, entry.generation);
-                let mut source = SourceFd(&fd);
-                match registry.register(&mut source, token, interest) {
+                match epoll::register(registry, fd, token, interest) {
                     // Someone registered this fd number outside our bookkeeping (a
                     // closed-then-reused fd): take the registration over.
                     Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                        registry.reregister(&mut source, token, interest)
+                        epoll::reregister(registry, fd, token, interest)
                     }
                     other => other,
                 }?;

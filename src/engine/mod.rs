@@ -291,8 +291,15 @@ impl Engine {
         }
     }
 
-    /// Calls every watch that `events` made ready, then re-arms their fds.
-    pub(crate) fn dispatch_handles(&self, events: &mio::Events, ready: &mut Vec<ReadyWatch>) {
+    /// Calls every watch that `events` made ready. Returns whether any was due.
+    ///
+    /// No re-arm follows: the fds are registered level-triggered, so one left ready
+    /// is reported again by the next poll.
+    pub(crate) fn dispatch_handles(
+        &self,
+        events: &mio::Events,
+        ready: &mut Vec<ReadyWatch>,
+    ) -> bool {
         ready.clear();
         {
             let state = lock(&self.state);
@@ -313,16 +320,7 @@ impl Engine {
                 callback.call(watch.id, watch.fd, i32::from(events));
             }
         }
-        if !ready.is_empty() {
-            let mut state = lock(&self.state);
-            let mut last = None;
-            for watch in ready.iter() {
-                if last != Some(watch.fd) {
-                    state.handles.rearm(&self.registry, watch.fd);
-                    last = Some(watch.fd);
-                }
-            }
-        }
+        !ready.is_empty()
     }
 
     /// Runs the free callbacks queued so far, with no lock held.

@@ -6,7 +6,9 @@
 //! matches their timer are stale and skipped, so updates stay O(log n).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 use super::ids::IdAllocator;
@@ -30,7 +32,7 @@ pub(crate) struct DueTimer {
 
 #[derive(Default)]
 pub(super) struct TimerTable {
-    timers: HashMap<i32, Timer>,
+    timers: FxHashMap<i32, Timer>,
     heap: BinaryHeap<Reverse<(Instant, u64, i32)>>,
     ids: IdAllocator,
     next_seq: u64,

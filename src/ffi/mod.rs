@@ -13,12 +13,14 @@
 //! - [`stream`]: raw streams, with the token as their event callback's opaque;
 //! - [`file`]: `lseek` with `SEEK_DATA`/`SEEK_HOLE` for sparse files;
 //! - [`panic`]: catching panics so none unwinds into C;
-//! - [`fork`]: noting forks, so a forked child cannot drive the parent's epoll.
+//! - [`fork`]: noting forks, so a forked child cannot drive the parent's epoll;
+//! - [`epoll`]: level-triggered registrations in mio's epoll instance.
 #![allow(unsafe_code)]
 
 pub(crate) mod callback;
 pub(crate) mod closure;
 pub(crate) mod connection_events;
+pub(crate) mod epoll;
 pub(crate) mod event_impl;
 pub(crate) mod file;
 pub(crate) mod fork;
