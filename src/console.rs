@@ -185,6 +185,10 @@ struct Slot {
     attached: Option<(StreamToken, StreamWriter)>,
     /// An open is under way on a worker thread.
     opening: bool,
+    /// The guest started again while its old console had not been seen to end yet
+    /// (the end arrives through the reactor's inbox, after the iteration that
+    /// delivered the event): reopen as soon as it has.
+    reopen_after_end: bool,
 }
 
 impl ConsoleMux {
@@ -415,14 +419,26 @@ impl Shared {
     }
 }
 
-/// On a lifecycle event: attach again to a known console that is not attached.
+/// On a guest's start: attach again to a known console, now or, if the old one has
+/// not ended yet, once it has.
 fn reopen_if_known(shared: &Weak<Shared>, name: &str) {
     let Some(shared) = shared.upgrade() else {
         return;
     };
-    if !lock(&shared.consoles).contains_key(name) {
-        return;
+    {
+        let mut consoles = lock(&shared.consoles);
+        let Some(slot) = consoles.get_mut(name) else {
+            return;
+        };
+        if slot.attached.is_some() {
+            slot.reopen_after_end = true;
+            return;
+        }
     }
+    reopen(shared, name);
+}
+
+fn reopen(shared: Arc<Shared>, name: &str) {
     let mux = ConsoleMux { shared };
     if let Err(e) = mux.attach(name) {
         log::warn!("{name}: cannot reopen its console: {e}");
@@ -494,13 +510,20 @@ impl StreamHandler for ConsoleHandler {
             (None, StreamEnd::Failed(e)) => ConsoleEnd::Failed(e),
             (None, _) => ConsoleEnd::Detached,
         };
-        if let Some(slot) = lock(&self.shared.consoles).get_mut(&self.name) {
-            slot.attached = None;
-        }
+        let reopen_now = match lock(&self.shared.consoles).get_mut(&self.name) {
+            Some(slot) => {
+                slot.attached = None;
+                std::mem::take(&mut slot.reopen_after_end) && !matches!(end, ConsoleEnd::Detached)
+            }
+            None => false,
+        };
         let _ = self.shared.events.send(ConsoleEvent::Ended {
             name: self.name.clone(),
             end,
         });
+        if reopen_now {
+            reopen(Arc::clone(&self.shared), &self.name);
+        }
     }
 }
 
