@@ -5,8 +5,9 @@
 //! one callback and a round trip takes two iterations. Around them sit N idle
 //! registrations: watches on both ends of N/2 quiet socketpairs, or N disabled
 //! timers. The loop is driven through `Reactor::run_once`, as in every other
-//! scenario. Figures: round trips per second and µs per iteration; with
-//! `--callgrind`, instructions per iteration as well (stable on a noisy machine).
+//! scenario, pinned to one CPU. Figures: round trips per second and µs per
+//! iteration (each the median of 10 ms windows); with `--callgrind`, instructions
+//! per iteration as well (stable on a noisy machine).
 
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -18,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use virt_reactor::{Interest, Reactor, Timer, Watch};
 
-use crate::report::{figure, Results};
-use crate::{run_case, Case, Figures, Loop, Opts, Params};
+use crate::report::{figure, summary, Results};
+use crate::{run_case, sys, Case, Figures, Loop, Opts, Params};
 
 pub(crate) const S2_IDLE: &[usize] = &[0, 100, 1_000, 5_000, 10_000];
 const S2_IDLE_QUICK: &[usize] = &[0, 1_000];
@@ -146,6 +147,7 @@ fn callgrind_run(kind: Loop, what: &str, n: usize, out: &std::path::Path) -> Res
 
 /// The child: ping-pong among idle registrations.
 pub(crate) fn pingpong(p: &Params) -> Figures {
+    sys::pin_to_current_cpu();
     let mut reactor = p.kind.reactor();
     let idle: usize = p.num("idle");
     let timers_wanted = p.str("kind") == "timers";
@@ -206,29 +208,40 @@ pub(crate) fn pingpong(p: &Params) -> Figures {
     for _ in 0..100 {
         reactor.run_once(None).expect("iteration"); // warm up
     }
-    let before = round_trips.load(Ordering::Relaxed);
+    // Windows of at least WINDOW each; the run's figure is the median window, so
+    // that a moment when the VM's host takes the CPU away does not set it.
     let limit = Duration::from_secs_f64(seconds);
     let started = Instant::now();
-    let mut iterations = 0u64;
-    // At least 200 iterations, then until the time is up (checked every 16).
-    while iterations < 200 || started.elapsed() < limit {
-        for _ in 0..16 {
-            reactor.run_once(None).expect("iteration");
+    let (mut per_iteration, mut per_second) = (Vec::new(), Vec::new());
+    while per_iteration.len() < MIN_WINDOWS || started.elapsed() < limit {
+        let trips_before = round_trips.load(Ordering::Relaxed);
+        let window_start = Instant::now();
+        let mut iterations = 0u64;
+        while iterations < 32 || window_start.elapsed() < WINDOW {
+            for _ in 0..16 {
+                reactor.run_once(None).expect("iteration");
+            }
+            iterations += 16;
         }
-        iterations += 16;
+        let elapsed = window_start.elapsed().as_secs_f64();
+        let trips = round_trips.load(Ordering::Relaxed) - trips_before;
+        assert!(
+            trips * 2 + 2 >= iterations,
+            "each iteration dispatched a ping or a pong ({trips} round trips in {iterations} iterations)"
+        );
+        per_iteration.push(elapsed * 1e6 / iterations as f64);
+        per_second.push(trips as f64 / elapsed);
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let trips = round_trips.load(Ordering::Relaxed) - before;
-    assert!(
-        trips * 2 + 2 >= iterations,
-        "each iteration dispatched a ping or a pong ({trips} round trips in {iterations} iterations)"
-    );
     drop((timers, watches, keep));
     vec![
-        ("rtt", trips as f64 / elapsed),
-        ("us_per_iter", elapsed * 1e6 / iterations as f64),
+        ("rtt", summary(&per_second).0),
+        ("us_per_iter", summary(&per_iteration).0),
     ]
 }
+
+/// The length of one measuring window of the ping-pong, and the fewest windows.
+const WINDOW: Duration = Duration::from_millis(10);
+const MIN_WINDOWS: usize = 5;
 
 /// The iterations callgrind counts (`--toggle-collect`).
 #[inline(never)]

@@ -27,10 +27,11 @@ pub(crate) const S3_IDLE: &[usize] = &[0, 500, 1000, 2000];
 const S3_IDLE_QUICK: &[usize] = &[0, 100];
 const GIB: f64 = (1u64 << 30) as f64;
 
-const THROUGHPUT: [Figure; 4] = [
+const THROUGHPUT: [Figure; 5] = [
     figure("mibps", "aggregate MiB/s"),
     figure("cpu_per_gib", "client CPU s/GiB"),
     figure("daemon_cpu_per_gib", "daemon CPU s/GiB"),
+    figure("iterations_per_gib", "loop iterations per GiB"),
     figure("maxrss_mib", "peak RSS MiB"),
 ];
 
@@ -129,7 +130,7 @@ pub(crate) fn scenario3(opts: &Opts, env: &Env, results: &mut Results) {
                     format!("source_size={}", env.source_size),
                     format!("idle={k}"),
                 ],
-                figures: THROUGHPUT[..3].to_vec(),
+                figures: THROUGHPUT[..4].to_vec(),
                 runs: opts.runs,
                 before: None,
                 after: None,
@@ -253,8 +254,12 @@ pub(crate) fn transfer(p: &Params) -> Figures {
         let interest = t.interest();
         reactor.insert(stream, interest, t).expect("insert");
     }
+    let mut iterations = 0u64;
     reactor
-        .run_while(|r| r.len() > idle)
+        .run_while(|r| {
+            iterations += 1;
+            r.len() > idle
+        })
         .expect("run the transfers");
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = (sys::cpu_time() - cpu_before).as_secs_f64();
@@ -271,6 +276,7 @@ pub(crate) fn transfer(p: &Params) -> Figures {
         ("cpu_per_gib", cpu / (bytes / GIB)),
         ("maxrss_mib", sys::max_rss_kib() as f64 / 1024.0),
         ("gib", bytes / GIB),
+        ("iterations_per_gib", iterations as f64 / (bytes / GIB)),
     ];
     drop((volumes, pool, conn));
     let _ = reactor.shutdown(Duration::from_secs(5));

@@ -46,6 +46,8 @@ pub(crate) struct Engine {
     sleeping: AtomicBool,
     stop: AtomicBool,
     panic: Mutex<Option<Error>>,
+    /// Set with `panic`, so that the loop looks at the slot only after a panic.
+    panicked: AtomicBool,
 }
 
 #[derive(Default)]
@@ -98,6 +100,7 @@ pub(crate) fn install(registry: Registry, waker: Waker) -> Result<&'static Engin
             sleeping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             panic: Mutex::new(None),
+            panicked: AtomicBool::new(false),
         }
     });
     if fresh {
@@ -118,6 +121,7 @@ pub(crate) fn report_panic(origin: String, message: String) {
         if slot.is_none() {
             *slot = Some(Error::CallbackPanicked { origin, message });
         }
+        engine.panicked.store(true, Ordering::Release);
     }
 }
 
@@ -246,6 +250,9 @@ impl Engine {
     }
 
     pub(crate) fn take_panic(&self) -> Option<Error> {
+        if !self.panicked.swap(false, Ordering::Acquire) {
+            return None;
+        }
         lock(&self.panic).take()
     }
 

@@ -7,6 +7,7 @@
 //! libvirt's on the stack. The stream callback's opaque is a token, not an address,
 //! so the inbox is process-wide, like libvirt's event registration itself.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use crate::connection_events::CloseReason;
@@ -24,30 +25,41 @@ static INBOX: Mutex<Inbox> = Mutex::new(Inbox {
     closed: Vec::new(),
 });
 
+/// Set, under the lock, whenever something is recorded: lets the loop skip the lock
+/// on the many iterations that bring no stream news.
+static NEWS: AtomicBool = AtomicBool::new(false);
+
 fn inbox() -> std::sync::MutexGuard<'static, Inbox> {
     INBOX.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Called by the stream event trampoline.
 pub(crate) fn stream_ready(token: usize, events: i32) {
-    inbox().streams.push((token, events));
+    let mut inbox = inbox();
+    inbox.streams.push((token, events));
+    NEWS.store(true, Ordering::Release);
 }
 
 /// Called by a connection's close watch.
 pub(crate) fn connection_closed(connection: usize, reason: CloseReason) {
-    inbox().closed.push((connection, reason));
+    let mut inbox = inbox();
+    inbox.closed.push((connection, reason));
+    NEWS.store(true, Ordering::Release);
 }
 
 /// Moves everything recorded so far into `into` (whose vectors must be empty),
 /// leaving `into`'s old allocations behind for reuse.
 pub(crate) fn take(into: &mut Inbox) {
+    if !has_news() {
+        return;
+    }
     let mut inbox = inbox();
+    NEWS.store(false, Ordering::Relaxed);
     std::mem::swap(&mut inbox.streams, &mut into.streams);
     std::mem::swap(&mut inbox.closed, &mut into.closed);
 }
 
 /// Whether news is waiting, so the next poll must not sleep.
 pub(crate) fn has_news() -> bool {
-    let inbox = inbox();
-    !inbox.streams.is_empty() || !inbox.closed.is_empty()
+    NEWS.load(Ordering::Acquire)
 }
