@@ -9,11 +9,11 @@
 //! Registrations are level-triggered ([`crate::ffi::epoll`]), as libvirt's watches
 //! are, in the epoll instance mio polls.
 
-use rustc_hash::FxHashMap;
 use std::io;
 use std::os::fd::RawFd;
 
 use mio::{Interest, Registry, Token};
+use rustc_hash::FxHashMap;
 
 use super::ids::IdAllocator;
 use crate::ffi::callback::{FreeCallback, HandleCallback};

@@ -7,9 +7,9 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
-use std::time::{Duration, Instant};
 
 use super::ids::IdAllocator;
 use crate::ffi::callback::{FreeCallback, TimerCallback};
