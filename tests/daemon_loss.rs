@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::pool::{connect, drive, file_is, pattern, Bed, DirPool, Tracker, DRAIN_TIMEOUT, MIB};
-use virt_reactor::volume::{self, VolumeRange};
+use virt_reactor::volume::VolumeRange;
 use virt_reactor::Error;
 
 const DOWNLOADS: usize = 8;
@@ -42,16 +42,15 @@ fn killing_the_daemon_fails_every_stream_promptly_and_leaves_the_loop_idle() {
         .collect();
     let tracker = Tracker::default();
     for (vol, file) in vols.iter().zip(&files) {
-        let (_, callbacks) = tracker.callbacks();
-        volume::download(
-            &mut bed.reactor,
-            &bed.conn,
-            vol,
-            file,
-            VolumeRange::default(),
-            callbacks,
-        )
-        .expect("start a download");
+        tracker
+            .download(
+                &mut bed.reactor,
+                &bed.conn,
+                vol,
+                file,
+                VolumeRange::default(),
+            )
+            .expect("start a download");
     }
     drive(
         &mut bed.reactor,
@@ -136,16 +135,9 @@ fn killing_the_daemon_fails_every_stream_promptly_and_leaves_the_loop_idle() {
     let vol = pool.volume_with("after", &data);
     let file = out.join("after");
     let tracker = Tracker::default();
-    let (index, callbacks) = tracker.callbacks();
-    volume::download(
-        &mut reactor,
-        &conn,
-        &vol,
-        &file,
-        VolumeRange::default(),
-        callbacks,
-    )
-    .expect("start a download after the restart");
+    let (index, _) = tracker
+        .download(&mut reactor, &conn, &vol, &file, VolumeRange::default())
+        .expect("start a download after the restart");
     drive(
         &mut reactor,
         Duration::from_secs(60),
@@ -239,16 +231,15 @@ fn losing_one_connection_fails_only_its_streams() {
     // connection table.
     let tracker = Tracker::default();
     for (i, vol) in victim_vols.iter().enumerate() {
-        let (_, callbacks) = tracker.callbacks();
-        volume::download(
-            &mut bed.reactor,
-            &bed.conn,
-            vol,
-            &victim_file(i),
-            VolumeRange::default(),
-            callbacks,
-        )
-        .expect("start a victim download");
+        tracker
+            .download(
+                &mut bed.reactor,
+                &bed.conn,
+                vol,
+                &victim_file(i),
+                VolumeRange::default(),
+            )
+            .expect("start a victim download");
     }
     drive(
         &mut bed.reactor,
@@ -268,16 +259,15 @@ fn losing_one_connection_fails_only_its_streams() {
         })
         .collect();
     for (i, (conn, vol)) in bystanders.iter().zip(&bystander_vols).enumerate() {
-        let (_, callbacks) = tracker.callbacks();
-        volume::download(
-            &mut bed.reactor,
-            conn,
-            vol,
-            &bystander_file(i),
-            VolumeRange::default(),
-            callbacks,
-        )
-        .expect("start a bystander download");
+        tracker
+            .download(
+                &mut bed.reactor,
+                conn,
+                vol,
+                &bystander_file(i),
+                VolumeRange::default(),
+            )
+            .expect("start a bystander download");
     }
     for i in 0..tracker.len() {
         assert!(

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use support::pool::{drive, file_is, pattern, Bed, Tracker, KIB, MIB};
 use virt::storage_vol::StorageVol;
-use virt_reactor::volume::{self, VolumeRange};
+use virt_reactor::volume::VolumeRange;
 use virt_reactor::{
     Error, Flow, Interest, Readiness, Stream, StreamCtx, StreamEnd, StreamHandler, StreamToken,
 };
@@ -360,18 +360,17 @@ fn running_transfers_survive_the_slab_growing_under_them() {
 
     let tracker = Tracker::default();
     for (i, vol) in vols.iter().enumerate() {
-        let (index, callbacks) = tracker.callbacks();
-        assert_eq!(index, i);
         let file = bed.out(&format!("file{i}"));
-        volume::download(
-            &mut bed.reactor,
-            &bed.conn,
-            vol,
-            &file,
-            VolumeRange::default(),
-            callbacks,
-        )
-        .expect("start a download");
+        let (index, _) = tracker
+            .download(
+                &mut bed.reactor,
+                &bed.conn,
+                vol,
+                &file,
+                VolumeRange::default(),
+            )
+            .expect("start a download");
+        assert_eq!(index, i);
     }
     drive(
         &mut bed.reactor,
@@ -635,17 +634,16 @@ fn a_panicking_handler_aborts_only_its_stream() {
     let vol = bed.pool.volume_with("vol", &data);
 
     let tracker = Tracker::default();
-    let (other, callbacks) = tracker.callbacks();
     let file = bed.out("file");
-    volume::download(
-        &mut bed.reactor,
-        &bed.conn,
-        &vol,
-        &file,
-        VolumeRange::default(),
-        callbacks,
-    )
-    .expect("start the download");
+    let (other, _) = tracker
+        .download(
+            &mut bed.reactor,
+            &bed.conn,
+            &vol,
+            &file,
+            VolumeRange::default(),
+        )
+        .expect("start the download");
     let (dropped, closed) = (Arc::default(), Arc::default());
     let stream = download_stream(&bed, &vol);
     let token = bed

@@ -41,18 +41,17 @@ fn sixty_four_concurrent_downloads_arrive_intact() {
     }
     let tracker = Tracker::default();
     for (i, vol) in vols.iter().enumerate() {
-        let (index, callbacks) = tracker.callbacks();
-        assert_eq!(index, i);
         let file = bed.out(&format!("file{i}"));
-        volume::download(
-            &mut bed.reactor,
-            &bed.conn,
-            vol,
-            &file,
-            VolumeRange::default(),
-            callbacks,
-        )
-        .unwrap_or_else(|e| panic!("start download {i}: {e}"));
+        let (index, _) = tracker
+            .download(
+                &mut bed.reactor,
+                &bed.conn,
+                vol,
+                &file,
+                VolumeRange::default(),
+            )
+            .unwrap_or_else(|e| panic!("start download {i}: {e}"));
+        assert_eq!(index, i);
     }
     assert_eq!(bed.reactor.len(), CONCURRENT, "all downloads run at once");
     drive(&mut bed.reactor, BATCH_LIMIT, "64 downloads", |r| {
@@ -92,18 +91,17 @@ fn sixty_four_concurrent_uploads_arrive_intact() {
 
     let tracker = Tracker::default();
     for (i, vol) in vols.iter().enumerate() {
-        let (index, callbacks) = tracker.callbacks();
-        assert_eq!(index, i);
         let file = bed.out(&format!("file{i}"));
-        volume::upload(
-            &mut bed.reactor,
-            &bed.conn,
-            vol,
-            &file,
-            VolumeRange::default(),
-            callbacks,
-        )
-        .unwrap_or_else(|e| panic!("start upload {i}: {e}"));
+        let (index, _) = tracker
+            .upload(
+                &mut bed.reactor,
+                &bed.conn,
+                vol,
+                &file,
+                VolumeRange::default(),
+            )
+            .unwrap_or_else(|e| panic!("start upload {i}: {e}"));
+        assert_eq!(index, i);
     }
     assert_eq!(bed.reactor.len(), CONCURRENT, "all uploads run at once");
     drive(&mut bed.reactor, BATCH_LIMIT, "64 uploads", |r| {
@@ -171,16 +169,9 @@ fn sparse_round_trip_of_a_gibibyte_keeps_its_holes() {
     };
 
     let tracker = Tracker::default();
-    let (up, callbacks) = tracker.callbacks();
-    volume::upload(
-        &mut bed.reactor,
-        &bed.conn,
-        &vol,
-        &source,
-        sparse,
-        callbacks,
-    )
-    .expect("start the sparse upload");
+    let (up, _) = tracker
+        .upload(&mut bed.reactor, &bed.conn, &vol, &source, sparse)
+        .expect("start the sparse upload");
     drive(&mut bed.reactor, BATCH_LIMIT, "sparse upload", |r| {
         r.is_empty()
     });
@@ -202,8 +193,8 @@ fn sparse_round_trip_of_a_gibibyte_keeps_its_holes() {
     );
 
     let copy = bed.out("copy.img");
-    let (down, callbacks) = tracker.callbacks();
-    volume::download(&mut bed.reactor, &bed.conn, &vol, &copy, sparse, callbacks)
+    let (down, _) = tracker
+        .download(&mut bed.reactor, &bed.conn, &vol, &copy, sparse)
         .expect("start the sparse download");
     drive(&mut bed.reactor, BATCH_LIMIT, "sparse download", |r| {
         r.is_empty()
@@ -251,17 +242,16 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
     let data = pattern(4000, LEN);
     let vol = bed.pool.volume_with("background", &data);
     let tracker = Tracker::default();
-    let (background, callbacks) = tracker.callbacks();
     let background_file = bed.out("background");
-    let background_token = volume::download(
-        &mut bed.reactor,
-        &bed.conn,
-        &vol,
-        &background_file,
-        VolumeRange::default(),
-        callbacks,
-    )
-    .expect("start the background download");
+    let (background, background_token) = tracker
+        .download(
+            &mut bed.reactor,
+            &bed.conn,
+            &vol,
+            &background_file,
+            VolumeRange::default(),
+        )
+        .expect("start the background download");
     drive(&mut bed.reactor, BATCH_LIMIT, "background progress", |_| {
         tracker.position(background) > 0
     });
@@ -392,16 +382,15 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
 
     // A download that fails half way leaves neither FILE nor FILE.part.
     let file = bed.out("interrupted");
-    let (interrupted, callbacks) = tracker.callbacks();
-    let token = volume::download(
-        &mut bed.reactor,
-        &bed.conn,
-        &vol,
-        &file,
-        VolumeRange::default(),
-        callbacks,
-    )
-    .expect("start a download");
+    let (interrupted, token) = tracker
+        .download(
+            &mut bed.reactor,
+            &bed.conn,
+            &vol,
+            &file,
+            VolumeRange::default(),
+        )
+        .expect("start a download");
     drive(
         &mut bed.reactor,
         BATCH_LIMIT,

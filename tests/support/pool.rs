@@ -21,8 +21,8 @@ use virt::connect::Connect;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 use virt_reactor::transfer::TransferStats;
-use virt_reactor::volume::Callbacks;
-use virt_reactor::Reactor;
+use virt_reactor::volume::{self, Callbacks, VolumeRange};
+use virt_reactor::{Reactor, StreamToken};
 
 use super::daemon::PrivateDaemon;
 
@@ -306,7 +306,7 @@ pub struct Track {
 
 impl Tracker {
     /// Callbacks for a new transfer, and its index.
-    pub fn callbacks(&self) -> (usize, Callbacks) {
+    fn callbacks(&self) -> (usize, Callbacks) {
         let index = {
             let mut tracks = self.0.borrow_mut();
             tracks.push(Track::default());
@@ -328,6 +328,32 @@ impl Tracker {
             }),
         };
         (index, callbacks)
+    }
+
+    /// Starts a tracked `volume::download` of `vol` into `file`: its index and token.
+    pub fn download(
+        &self,
+        reactor: &mut Reactor,
+        conn: &Connect,
+        vol: &StorageVol,
+        file: &Path,
+        range: VolumeRange,
+    ) -> virt_reactor::Result<(usize, StreamToken)> {
+        let (index, callbacks) = self.callbacks();
+        volume::download(reactor, conn, vol, file, range, callbacks).map(|token| (index, token))
+    }
+
+    /// Starts a tracked `volume::upload` of `file` into `vol`: its index and token.
+    pub fn upload(
+        &self,
+        reactor: &mut Reactor,
+        conn: &Connect,
+        vol: &StorageVol,
+        file: &Path,
+        range: VolumeRange,
+    ) -> virt_reactor::Result<(usize, StreamToken)> {
+        let (index, callbacks) = self.callbacks();
+        volume::upload(reactor, conn, vol, file, range, callbacks).map(|token| (index, token))
     }
 
     pub fn len(&self) -> usize {
