@@ -2013,6 +2013,15 @@ fn stop_in_a_panicking_iteration_does_not_stop_the_next_run() {
     assert_drains(&mut ev);
 }
 
+/// An embedder's own `mio::Poll` with the loop registered on it under `token`.
+fn embed(ev: &mut EventLoop, token: mio::Token) -> (mio::Poll, mio::Events) {
+    let poll = mio::Poll::new().unwrap();
+    poll.registry()
+        .register(ev, token, mio::Interest::READABLE)
+        .unwrap();
+    (poll, mio::Events::with_capacity(16))
+}
+
 /// Embedding: the loop registered in the caller's own `mio::Poll` makes that poll
 /// report its token when a watched socket becomes readable, and `dispatch()` runs the
 /// callback. Level triggering survives the nesting: a callback reading one byte per
@@ -2022,11 +2031,7 @@ fn stop_in_a_panicking_iteration_does_not_stop_the_next_run() {
 fn embedded_in_own_mio_poll_token_fires_and_dispatch_runs_callbacks() {
     const LOOP: mio::Token = mio::Token(7);
     let mut ev = setup();
-    let mut poll = mio::Poll::new().unwrap();
-    let mut events = mio::Events::with_capacity(16);
-    poll.registry()
-        .register(&mut ev, LOOP, mio::Interest::READABLE)
-        .unwrap();
+    let (mut poll, mut events) = embed(&mut ev, LOOP);
     let (ours, mut peer) = socketpair();
     let sock = Arc::new(ours);
     let bytes = counter();
@@ -2091,11 +2096,7 @@ fn embedded_in_own_mio_poll_token_fires_and_dispatch_runs_callbacks() {
 fn embedded_outer_poll_is_woken_by_a_timer_added_from_another_thread() {
     const LOOP: mio::Token = mio::Token(3);
     let mut ev = setup();
-    let mut poll = mio::Poll::new().unwrap();
-    let mut events = mio::Events::with_capacity(16);
-    poll.registry()
-        .register(&mut ev, LOOP, mio::Interest::READABLE)
-        .unwrap();
+    let (mut poll, mut events) = embed(&mut ev, LOOP);
     assert_eq!(ev.next_timeout(), None, "nothing is scheduled");
     let adder = thread::spawn(|| {
         thread::sleep(Duration::from_millis(100));
@@ -2368,11 +2369,7 @@ fn panicking_timer_closure_is_reported_and_the_loop_stays_usable() {
 fn embedded_timer_fires_when_dispatch_follows_every_poll() {
     const LOOP: mio::Token = mio::Token(5);
     let mut ev = setup();
-    let mut poll = mio::Poll::new().unwrap();
-    let mut events = mio::Events::with_capacity(16);
-    poll.registry()
-        .register(&mut ev, LOOP, mio::Interest::READABLE)
-        .unwrap();
+    let (mut poll, mut events) = embed(&mut ev, LOOP);
     let timer = RawTimer::recorded(20);
     let mut polls = 0;
     let start = Instant::now();
