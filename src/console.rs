@@ -239,12 +239,9 @@ impl ConsoleMux {
         let shared = Arc::clone(&self.shared);
         self.shared.handle.spawn_blocking(
             {
-                let (conn, options, name) =
-                    (shared.conn.clone(), shared.options.clone(), name.clone());
-                move || {
-                    let domain = conn.lookup_domain_by_name(&name)?;
-                    open_stream(&conn, &domain, &options)
-                }
+                let shared = Arc::clone(&shared);
+                let name = name.clone();
+                move || shared.open(&name)
             },
             move |reactor, opened| shared.finish_opening(reactor, &name, opened),
         )
@@ -316,7 +313,18 @@ impl ConsoleMux {
     /// Finishes every console (each ends as [`ConsoleEnd::Detached`]) and stops
     /// reopening. Call it on the loop thread, e.g. from [`ReactorHandle::execute`].
     pub fn detach_all(&self, reactor: &mut Reactor) {
-        lock(&self.shared.subscription).take();
+        // Unsubscribing waits for a remote daemon's answer: not on the loop thread,
+        // and not under our lock.
+        let subscription = lock(&self.shared.subscription).take();
+        if let Some(subscription) = subscription {
+            let dropped = self
+                .shared
+                .handle
+                .spawn_blocking(move || drop(subscription), |_, ()| {});
+            if let Err(e) = dropped {
+                log::warn!("cannot unsubscribe from lifecycle events: {e}");
+            }
+        }
         let tokens: Vec<StreamToken> = lock(&self.shared.consoles)
             .values()
             .filter_map(|slot| slot.attached.as_ref().map(|(token, _)| *token))
@@ -349,6 +357,24 @@ impl Shared {
         true
     }
 
+    /// On a worker thread: opens `name`'s console.
+    ///
+    /// On a remote connection each console gets a connection of its own. The daemon
+    /// stops reading a client's socket while that client's streams hold its request
+    /// quota (`max_client_requests`, 5 by default) in packets the guest has not
+    /// taken yet, so on a shared connection one console flooded with input would
+    /// hold up every other console's input, and every call.
+    fn open(&self, name: &str) -> Result<Stream> {
+        let conn = if crate::connect::is_remote(&self.conn) {
+            let uri = self.conn.uri().map_err(Error::Libvirt)?;
+            crate::connect::connect(&uri)?
+        } else {
+            self.conn.clone()
+        };
+        let domain = conn.lookup_domain_by_name(name)?;
+        open_stream(&conn, &domain, &self.options)
+    }
+
     /// On a worker thread: create paused, open the console, hand it to the reactor,
     /// wait until it is attached, resume.
     fn boot(self: Arc<Self>, name: &str, xml: &str) {
@@ -356,9 +382,7 @@ impl Shared {
             .conn
             .create_domain_xml(xml, sys::VIR_DOMAIN_START_PAUSED)
             .map_err(Error::Libvirt)
-            .and_then(|domain| {
-                open_stream(&self.conn, &domain, &self.options).map(|s| (domain, s))
-            });
+            .and_then(|domain| self.open(name).map(|s| (domain, s)));
         let (domain, stream) = match created {
             Ok(pair) => pair,
             Err(error) => {

@@ -12,16 +12,30 @@ use virt::connect::Connect;
 
 use crate::error::{Error, Result};
 use crate::ffi::stream::RawStream;
+use crate::reactor::lane::{LaneStream, Then};
 
 /// A `VIR_STREAM_NONBLOCK` stream.
 ///
 /// Attach it to what it carries with the `virt` call that takes a stream (through
 /// [`Stream::to_virt`]), then hand it to a [`Reactor`](crate::Reactor). Dropping a
 /// stream that is neither finished nor aborted aborts it; dropping never panics.
+///
+/// # Sends on remote connections
+///
+/// libvirt's remote client never answers a send with -2: it waits until the packet
+/// is on the socket, however long the daemon takes to read it. Once a stream of a
+/// remote connection is in a [`Reactor`](crate::Reactor), its sends, holes, finish
+/// and abort go through its connection's sender thread instead: [`send`](Self::send)
+/// queues up to two packets and answers `WouldBlock` beyond, so the loop thread
+/// never waits for the daemon. Outside a reactor, and on in-process drivers
+/// (`test:///`, `qemu:///embed`), the calls go straight to libvirt.
 pub struct Stream {
     raw: RawStream,
-    conn: Connect,
+    /// `None` only while dropping, when a lane takes it to close off the loop.
+    conn: Option<Connect>,
+    remote: bool,
     active: bool,
+    lane: Option<LaneStream>,
 }
 
 /// What one sparse-aware receive got.
@@ -45,14 +59,16 @@ impl Stream {
     pub fn new(conn: &Connect) -> Result<Stream> {
         Ok(Stream {
             raw: RawStream::new_nonblocking(conn)?,
-            conn: conn.clone(),
+            conn: Some(conn.clone()),
+            remote: crate::connect::is_remote(conn),
             active: true,
+            lane: None,
         })
     }
 
     /// The connection the stream belongs to.
     pub fn connection(&self) -> &Connect {
-        &self.conn
+        self.conn.as_ref().expect("the connection stays until drop")
     }
 
     /// A `virt` handle on this stream (its own reference), for calls such as
@@ -69,6 +85,9 @@ impl Stream {
     /// `WouldBlock` when the stream cannot take data now; libvirt's error otherwise.
     #[doc(alias = "virStreamSend")]
     pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(lane) = &self.lane {
+            return lane.send(buf);
+        }
         match self.raw.send(buf) {
             n if n >= 0 => Ok(n as usize),
             -2 => Err(io::ErrorKind::WouldBlock.into()),
@@ -116,30 +135,48 @@ impl Stream {
     /// libvirt's error, e.g. when the stream was not opened for sparse transfer.
     #[doc(alias = "virStreamSendHole")]
     pub fn send_hole(&self, length: u64) -> io::Result<()> {
+        if let Some(lane) = &self.lane {
+            return lane.send_hole(length);
+        }
         Ok(self.raw.send_hole(length)?)
     }
 
     /// Completes the transfer: confirms that every byte arrived. Remove any event
-    /// callback first (the reactor does).
+    /// callback first (the reactor does). On a remote connection this waits for the
+    /// daemon's answer (and for queued sends): the reactor's [`Flow::Finish`](crate::Flow)
+    /// does not.
     ///
     /// # Errors
     ///
     /// libvirt's error: the transfer failed on the other side.
     #[doc(alias = "virStreamFinish")]
     pub fn finish(&mut self) -> Result<()> {
-        self.active = false;
-        self.raw.finish()
+        self.end(false)
     }
 
-    /// Abandons the transfer.
+    /// Abandons the transfer. On a remote connection this waits for the daemon's
+    /// answer: the reactor's [`Flow::Abort`](crate::Flow) does not.
     ///
     /// # Errors
     ///
     /// libvirt's error (the stream is then unusable anyway).
     #[doc(alias = "virStreamAbort")]
     pub fn abort(&mut self) -> Result<()> {
+        self.end(true)
+    }
+
+    fn end(&mut self, abort: bool) -> Result<()> {
         self.active = false;
-        self.raw.abort()
+        let Some(lane) = &self.lane else {
+            return if abort {
+                self.raw.abort()
+            } else {
+                self.raw.finish()
+            };
+        };
+        let (reply, result) = crossbeam_channel::bounded(1);
+        lane.end(abort, Then::Reply(reply));
+        result.recv().unwrap_or(Err(Error::StreamClosed))
     }
 
     /// Neither finished nor aborted yet.
@@ -153,15 +190,45 @@ impl Stream {
 
     /// Identifies the connection, to group streams by it.
     pub(crate) fn connection_key(&self) -> usize {
-        crate::ffi::connection_events::connection_key(&self.conn)
+        crate::ffi::connection_events::connection_key(self.connection())
+    }
+
+    /// Whether libvirt's client may block in this stream's sends (see the type's docs).
+    pub(crate) fn is_remote(&self) -> bool {
+        self.remote
+    }
+
+    pub(crate) fn lane(&self) -> Option<&LaneStream> {
+        self.lane.as_ref()
+    }
+
+    pub(crate) fn set_lane(&mut self, lane: LaneStream) {
+        self.lane = Some(lane);
+    }
+
+    /// Hands the stream's end to its lane (which must exist): `then` hears the result.
+    pub(crate) fn end_on_lane(mut self, abort: bool, then: impl FnOnce(Stream) -> Then) {
+        self.active = false;
+        let lane = self.lane.take().expect("a laned stream");
+        lane.end(abort, then(self));
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        if self.active {
-            if let Err(e) = self.abort() {
-                log::debug!("aborting a dropped stream: {e}");
+        if !self.active {
+            return;
+        }
+        self.active = false;
+        match &self.lane {
+            // Off the loop: the abort waits for the daemon, and so may the close of
+            // the connection if this was its last reference.
+            Some(lane) => lane.end(true, Then::Release(self.conn.take())),
+            None => {
+                let aborted = self.raw.abort();
+                if let Err(e) = aborted {
+                    log::debug!("aborting a dropped stream: {e}");
+                }
             }
         }
     }

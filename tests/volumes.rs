@@ -400,6 +400,10 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
     assert!(file.with_file_name("interrupted.part").exists());
     assert!(!tracker.is_ended(interrupted), "mid-flight (precondition)");
     bed.reactor.abort(token).expect("abort it");
+    // A remote stream's abort waits for the daemon's answer, off the loop.
+    drive(&mut bed.reactor, BATCH_LIMIT, "the abort", |_| {
+        tracker.is_ended(interrupted)
+    });
     tracker.with(interrupted, |t| {
         assert!(matches!(t.end, Some(Err(Error::Aborted))), "{:?}", t.end);
     });

@@ -30,6 +30,13 @@ impl RawStream {
         Ok(RawStream { ptr })
     }
 
+    /// Another reference to the same stream, released when dropped.
+    pub(crate) fn new_ref(&self) -> RawStream {
+        // SAFETY: `self.ptr` is live; the reference taken here is owned by the result.
+        unsafe { sys::virStreamRef(self.ptr) };
+        RawStream { ptr: self.ptr }
+    }
+
     /// A `virt` handle on the same stream (its own reference), for the `virt` calls
     /// that attach a stream: `StorageVol::download`, `Domain::open_console`, ...
     pub(crate) fn to_virt(&self) -> VirtStream {

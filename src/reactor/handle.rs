@@ -25,6 +25,10 @@ pub(crate) enum Command {
     SetInterest(StreamToken, Interest),
     /// A stream's outbox went from empty to non-empty.
     Flush(StreamToken),
+    /// A stream's lane failed to send (see `lane`).
+    SendFailed(StreamToken, Error),
+    /// A stream's lane finished or aborted it, with libvirt's result.
+    Ended(StreamToken, Result<()>),
 }
 
 /// A `Send + Clone` handle on a [`Reactor`]: insert streams, change interest, run
@@ -36,7 +40,7 @@ pub struct ReactorHandle {
 }
 
 impl ReactorHandle {
-    fn send(&self, command: Command) -> Result<()> {
+    pub(super) fn send(&self, command: Command) -> Result<()> {
         self.commands
             .send(command)
             .map_err(|_| Error::ReactorGone)?;

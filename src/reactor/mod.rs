@@ -14,20 +14,22 @@ mod driver;
 mod handle;
 mod handler;
 pub(crate) mod inbox;
+pub(crate) mod lane;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
+use rustc_hash::{FxHashMap, FxHashSet};
 use slab::Slab;
 
 pub use handle::{ReactorHandle, StreamWriter};
 pub use handler::{handler_fn, Flow, StreamCtx, StreamEnd, StreamHandler, StreamToken};
 
-use crate::connection_events::CloseWatch;
+use crate::connection_events::{CloseReason, CloseWatch};
 use crate::error::{Error, Result};
 use crate::event_loop::{DrainReport, EventLoop};
 use crate::interest::{Interest, Readiness};
@@ -35,6 +37,7 @@ use crate::stream::Stream;
 use driver::{DefaultLoop, Driver};
 use handle::{Command, Outbox};
 use inbox::Inbox;
+use lane::{Lane, Then};
 
 /// Bytes the reactor sends from one stream's outbox per iteration, so that one busy
 /// writer cannot hold the loop (a remote `virStreamSend` blocks until it is written).
@@ -50,15 +53,28 @@ struct Slot {
     /// What the handler asked for.
     interest: Interest,
     /// What libvirt's callback is registered for now: the handler's interest, plus
-    /// WRITABLE while the outbox holds bytes.
+    /// WRITABLE while the outbox holds bytes; never WRITABLE for a stream that sends
+    /// through a lane (its writability is the lane's room).
     registered: Interest,
     outbox: Option<Arc<Outbox>>,
+    /// The connection was found dead: the close watch will fail the stream with
+    /// its reason.
+    lost: bool,
 }
 
-/// A connection some of the reactor's streams use, and its close watch.
+/// A connection some of the reactor's streams use, its close watch, and for a remote
+/// connection the lane its streams send through.
 struct Connection {
     streams: usize,
-    _close_watch: Option<CloseWatch>,
+    close_watch: Option<CloseWatch>,
+    lane: Option<Lane>,
+}
+
+/// A stream whose end is under way on its lane, and what to tell its handler.
+struct Ending {
+    handler: Box<dyn StreamHandler>,
+    abort: bool,
+    failure: Option<Error>,
 }
 
 /// Many non-blocking libvirt streams on one thread.
@@ -72,6 +88,12 @@ pub struct Reactor {
     handle: ReactorHandle,
     inbox: Inbox,
     scratch: Vec<u8>,
+    /// Streams sending through a lane that want to hear when it has room.
+    writers: FxHashSet<StreamToken>,
+    /// Scratch list of writers with room, reused each iteration.
+    ready_writers: Vec<StreamToken>,
+    /// Handlers of streams whose finish or abort runs on a lane.
+    ending: FxHashMap<StreamToken, Ending>,
 }
 
 impl Reactor {
@@ -95,6 +117,9 @@ impl Reactor {
             handle,
             inbox: Inbox::default(),
             scratch: vec![0; OUTBOX_BUDGET],
+            writers: FxHashSet::default(),
+            ready_writers: Vec::new(),
+            ending: FxHashMap::default(),
         }
     }
 
@@ -148,14 +173,15 @@ impl Reactor {
         }
     }
 
-    /// Streams in the reactor.
+    /// Streams in the reactor, counting those whose finish or abort is still under
+    /// way (their handlers have not been told the end yet).
     pub fn len(&self) -> usize {
-        self.slots.len()
+        self.slots.len() + self.ending.len()
     }
 
-    /// No streams in the reactor.
+    /// No streams in the reactor, and no end under way.
     pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
+        self.slots.is_empty() && self.ending.is_empty()
     }
 
     /// Whether `token` names a stream in the reactor.
@@ -172,15 +198,14 @@ impl Reactor {
     #[doc(alias = "virStreamEventAddCallback")]
     pub fn insert<H>(
         &mut self,
-        stream: Stream,
+        mut stream: Stream,
         interest: Interest,
         handler: H,
     ) -> Result<StreamToken>
     where
         H: StreamHandler + 'static,
     {
-        let entry = self.slots.vacant_entry();
-        let key = entry.key();
+        let key = self.slots.vacant_key();
         if self.generations.len() <= key {
             self.generations.resize(key + 1, 0);
         }
@@ -188,19 +213,37 @@ impl Reactor {
             key: u32::try_from(key).map_err(|_| Error::InvalidToken)?,
             generation: self.generations[key],
         };
-        stream
-            .raw()
-            .add_callback(interest.to_raw(), token.to_opaque())?;
         let connection = stream.connection_key();
-        entry.insert(Slot {
+        self.track_connection(connection, &stream)?;
+        if let Some(own) = stream.lane() {
+            // Inserted again: keep its lane, so its sends stay in order.
+            own.retarget(self.handle.clone(), token);
+        } else if let Some(lane) = self
+            .connections
+            .get(&connection)
+            .and_then(|c| c.lane.as_ref())
+        {
+            let own = lane.attach(stream.raw().new_ref(), self.handle.clone(), token);
+            stream.set_lane(own);
+        }
+        let registered = libvirt_interest(&stream, interest);
+        if let Err(e) = stream
+            .raw()
+            .add_callback(registered.to_raw(), token.to_opaque())
+        {
+            self.untrack_connection(connection);
+            return Err(e);
+        }
+        self.slots.insert(Slot {
             stream,
             handler: Box::new(handler),
             token,
             interest,
-            registered: interest,
+            registered,
             outbox: None,
+            lost: false,
         });
-        self.track_connection(connection, token);
+        self.sync_registration(token)?;
         log::debug!("inserted stream {token:?} for {interest:?}");
         Ok(token)
     }
@@ -213,9 +256,8 @@ impl Reactor {
     /// error if the callback cannot be updated.
     #[doc(alias = "virStreamEventUpdateCallback")]
     pub fn set_interest(&mut self, token: StreamToken, interest: Interest) -> Result<()> {
-        let slot = self.slot_mut(token)?;
-        slot.interest = interest;
-        sync_registration(slot)
+        self.slot_mut(token)?.interest = interest;
+        self.sync_registration(token)
     }
 
     /// A writer that queues bytes for the stream from any thread, with a bounded
@@ -310,14 +352,15 @@ impl Reactor {
     /// others carry on) or in a loop callback, or a poll failure.
     pub fn run_once(&mut self, timeout: Option<Duration>) -> Result<()> {
         self.run_commands();
-        let timeout = if inbox::has_news() {
+        let timeout = if inbox::has_news() || self.writer_has_room() {
             Some(Duration::ZERO)
         } else {
             timeout
         };
         let looped = self.driver.run_once(timeout);
         let handled = self.handle_inbox();
-        looped.and(handled)
+        let written = self.serve_writers();
+        looped.and(handled).and(written)
     }
 
     /// Runs blocking `work` on a worker thread while this thread keeps running the
@@ -379,24 +422,39 @@ impl Reactor {
     /// How long an embedding poll may sleep before [`dispatch`](Self::dispatch) must
     /// run again; call it right before that poll.
     pub fn next_timeout(&self) -> Option<Duration> {
-        if inbox::has_news() || !self.commands.is_empty() {
+        if inbox::has_news() || !self.commands.is_empty() || self.writer_has_room() {
             return Some(Duration::ZERO);
         }
         self.driver.next_timeout()
     }
 
-    /// Aborts every stream (handlers see [`StreamEnd::Aborted`]), then drains the
-    /// event loop: see [`EventLoop::drain`]. Close connections before calling it.
+    /// Aborts every stream (handlers see [`StreamEnd::Aborted`]), waits for the
+    /// aborts that run on sender threads, then drains the event loop: see
+    /// [`EventLoop::drain`]. Close connections before calling it.
     ///
     /// # Errors
     ///
-    /// As [`EventLoop::drain`].
+    /// [`Error::TimedOut`] when a daemon did not answer an abort in time (its sender
+    /// thread carries on alone); otherwise as [`EventLoop::drain`].
     pub fn shutdown(&mut self, timeout: Duration) -> Result<DrainReport> {
+        let deadline = Instant::now() + timeout;
         let tokens: Vec<StreamToken> = self.slots.iter().map(|(_, s)| s.token).collect();
         for token in tokens {
             self.apply(token, Flow::Abort);
         }
-        self.driver.drain(timeout)
+        while !self.ending.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::warn!(
+                    "shutdown: {} stream(s) still waiting for their daemon",
+                    self.ending.len()
+                );
+                return Err(Error::TimedOut);
+            }
+            self.run_once(Some(left.min(Duration::from_millis(50))))?;
+        }
+        self.driver
+            .drain(deadline.saturating_duration_since(Instant::now()))
     }
 
     fn run_commands(&mut self) {
@@ -409,14 +467,75 @@ impl Reactor {
                     }
                 }
                 Command::Flush(token) => {
-                    if let Ok(slot) = self.slot_mut(token) {
-                        if let Err(e) = sync_registration(slot) {
+                    if self.contains(token) {
+                        if let Err(e) = self.sync_registration(token) {
                             log::warn!("stream {token:?}: cannot ask for WRITABLE: {e}");
                         }
                     }
                 }
+                Command::SendFailed(token, error) => {
+                    if self.contains(token) {
+                        self.apply(token, Flow::Fail(error));
+                    }
+                }
+                Command::Ended(token, result) => self.ended(token, result),
             }
         }
+    }
+
+    /// A lane finished or aborted a stream: tell its handler.
+    fn ended(&mut self, token: StreamToken, result: Result<()>) {
+        let Some(Ending {
+            mut handler,
+            abort,
+            failure,
+        }) = self.ending.remove(&token)
+        else {
+            return;
+        };
+        let end = match (failure, result) {
+            (Some(e), _) => StreamEnd::Failed(e),
+            (None, Err(e)) if !abort => StreamEnd::Failed(e),
+            (None, Ok(())) if !abort => StreamEnd::Finished,
+            (None, result) => {
+                if let Err(e) = result {
+                    log::debug!("stream {token:?}: abort: {e}");
+                }
+                StreamEnd::Aborted
+            }
+        };
+        handler.closed(end);
+    }
+
+    /// Whether some stream that sends through a lane wants room and has it.
+    fn writer_has_room(&self) -> bool {
+        self.writers.iter().any(|&token| self.has_room(token))
+    }
+
+    fn has_room(&self, token: StreamToken) -> bool {
+        self.slot(token)
+            .ok()
+            .and_then(|slot| slot.stream.lane())
+            .is_some_and(|lane| lane.has_room())
+    }
+
+    /// Tells the handlers of lane streams with room that they are WRITABLE (their
+    /// libvirt callback is never registered for it).
+    fn serve_writers(&mut self) -> Result<()> {
+        if self.writers.is_empty() {
+            return Ok(());
+        }
+        let mut ready = std::mem::take(&mut self.ready_writers);
+        ready.extend(self.writers.iter().copied().filter(|&t| self.has_room(t)));
+        let mut result = Ok(());
+        for &token in &ready {
+            if let Err(e) = self.handle_stream_event(token, Readiness::WRITABLE) {
+                result = Err(e);
+            }
+        }
+        ready.clear();
+        self.ready_writers = ready;
+        result
     }
 
     fn handle_inbox(&mut self) -> Result<()> {
@@ -446,10 +565,22 @@ impl Reactor {
         else {
             return Ok(()); // the stream ended earlier in this batch
         };
+        if slot.lost {
+            return Ok(()); // waiting for the close watch
+        }
         if readiness.is_writable() {
-            if let Err(e) = flush_outbox(slot, &mut self.scratch) {
-                self.apply(token, Flow::Fail(e));
-                return Ok(());
+            match flush_outbox(slot, &mut self.scratch) {
+                Ok(false) => {}
+                Ok(true) => {
+                    if let Err(e) = self.sync_registration(token) {
+                        self.apply(token, Flow::Fail(e));
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    self.apply(token, Flow::Fail(e));
+                    return Ok(());
+                }
             }
         }
         let slot = self
@@ -475,7 +606,7 @@ impl Reactor {
             Ok(flow) => {
                 if new_interest != slot.interest {
                     slot.interest = new_interest;
-                    if let Err(e) = sync_registration(slot) {
+                    if let Err(e) = self.sync_registration(token) {
                         self.apply(token, Flow::Fail(e));
                         return Ok(());
                     }
@@ -490,10 +621,8 @@ impl Reactor {
                 };
                 log::error!("{error}; aborting that stream");
                 let slot = self.vacate(token);
-                let mut stream = slot.stream;
-                if let Err(e) = stream.abort() {
-                    log::debug!("abort after panic: {e}");
-                }
+                // Dropping an active stream aborts it, off the loop for a lane's.
+                drop(slot.stream);
                 // Its state may be half-updated: drop it without calling it again.
                 if panic::catch_unwind(AssertUnwindSafe(|| drop(slot.handler))).is_err() {
                     log::error!("dropping the panicked handler of {token:?} panicked too");
@@ -505,7 +634,7 @@ impl Reactor {
 
     /// Carries out what a handler asked for.
     fn apply(&mut self, token: StreamToken, flow: Flow) {
-        let end = match flow {
+        let (abort, failure) = match flow {
             Flow::Continue => return,
             Flow::Remove => {
                 let slot = self.vacate(token);
@@ -513,26 +642,79 @@ impl Reactor {
                 handler.closed(StreamEnd::Removed(slot.stream));
                 return;
             }
-            Flow::Finish => None,
-            Flow::Abort => Some(None),
-            Flow::Fail(e) => Some(Some(e)),
+            Flow::Finish => (false, None),
+            Flow::Abort => (true, None),
+            Flow::Fail(e) => {
+                if self.await_close_watch(token, &e) {
+                    return;
+                }
+                (true, Some(e))
+            }
         };
         let slot = self.vacate(token);
         let (mut stream, mut handler) = (slot.stream, slot.handler);
-        let end = match end {
-            None => match stream.finish() {
+        if stream.lane().is_some() {
+            // The daemon answers finish and abort: wait for it off the loop.
+            self.ending.insert(
+                token,
+                Ending {
+                    handler,
+                    abort,
+                    failure,
+                },
+            );
+            let handle = self.handle.clone();
+            stream.end_on_lane(abort, |stream| Then::Notify {
+                handle,
+                token,
+                stream,
+            });
+            return;
+        }
+        let end = if abort {
+            if let Err(e) = stream.abort() {
+                log::debug!("stream {token:?}: abort: {e}");
+            }
+            failure.map_or(StreamEnd::Aborted, StreamEnd::Failed)
+        } else {
+            match stream.finish() {
                 Ok(()) => StreamEnd::Finished,
                 Err(e) => StreamEnd::Failed(e),
-            },
-            Some(error) => {
-                if let Err(e) = stream.abort() {
-                    log::debug!("stream {token:?}: abort: {e}");
-                }
-                error.map_or(StreamEnd::Aborted, StreamEnd::Failed)
             }
         };
         drop(stream);
         handler.closed(end);
+    }
+
+    /// A stream failing because its connection died is failed by the connection's
+    /// close watch instead, with libvirt's reason, rather than with whatever error
+    /// the dead socket produced first ("client socket is closed", "Broken pipe").
+    /// Returns true when the stream now waits for that.
+    fn await_close_watch(&mut self, token: StreamToken, error: &Error) -> bool {
+        if matches!(error, Error::ConnectionClosed { .. }) {
+            return false;
+        }
+        let Ok(slot) = self.slot(token) else {
+            return false;
+        };
+        let conn = slot.stream.connection();
+        let watched = self
+            .connections
+            .get(&slot.stream.connection_key())
+            .is_some_and(|c| c.close_watch.is_some());
+        if !watched || conn.is_alive().unwrap_or(true) {
+            return false;
+        }
+        log::debug!(
+            "stream {token:?} failed on a dead connection ({error}); the close watch ends it"
+        );
+        let slot = self.slot_mut(token).expect("checked above");
+        slot.lost = true;
+        slot.interest = Interest::NONE;
+        if let Err(e) = self.sync_registration(token) {
+            log::debug!("stream {token:?}: pausing: {e}");
+        }
+        true
     }
 
     /// Takes a stream's slot out: removes its libvirt callback, closes its outbox,
@@ -547,23 +729,22 @@ impl Reactor {
         if let Some(outbox) = &slot.outbox {
             outbox.close();
         }
-        let connection = slot.stream.connection_key();
-        if let Some(entry) = self.connections.get_mut(&connection) {
-            entry.streams -= 1;
-            if entry.streams == 0 {
-                self.connections.remove(&connection);
-            }
-        }
+        self.writers.remove(&token);
+        self.untrack_connection(slot.stream.connection_key());
         slot
     }
 
-    fn track_connection(&mut self, connection: usize, token: StreamToken) {
+    fn track_connection(&mut self, connection: usize, stream: &Stream) -> Result<()> {
         if let Some(entry) = self.connections.get_mut(&connection) {
             entry.streams += 1;
-            return;
+            return Ok(());
         }
-        let conn = self.slots[token.key as usize].stream.connection().clone();
-        let close_watch = CloseWatch::new(&conn, move |reason| {
+        let lane = if stream.is_remote() {
+            Some(Lane::spawn()?)
+        } else {
+            None
+        };
+        let close_watch = CloseWatch::new(stream.connection(), move |reason| {
             inbox::connection_closed(connection, reason);
         })
         .map_err(|e| {
@@ -577,18 +758,48 @@ impl Reactor {
             connection,
             Connection {
                 streams: 1,
-                _close_watch: close_watch,
+                close_watch,
+                lane,
             },
         );
+        Ok(())
+    }
+
+    fn untrack_connection(&mut self, connection: usize) {
+        if let Some(entry) = self.connections.get_mut(&connection) {
+            entry.streams -= 1;
+            if entry.streams == 0 {
+                self.connections.remove(&connection);
+            }
+        }
+    }
+
+    /// Makes libvirt's callback registration match what the stream wants: the
+    /// handler's interest, plus WRITABLE while bytes wait in the outbox. A stream
+    /// on a lane hears of WRITABLE from the lane's room instead (`writers`).
+    fn sync_registration(&mut self, token: StreamToken) -> Result<()> {
+        let slot = self.slot_mut(token)?;
+        let mut wanted = slot.interest;
+        if slot.outbox.as_ref().is_some_and(|o| !o.is_empty()) {
+            wanted |= Interest::WRITABLE;
+        }
+        let laned = slot.stream.lane().is_some();
+        let registered = libvirt_interest(&slot.stream, wanted);
+        if registered != slot.registered {
+            slot.stream.raw().update_callback(registered.to_raw())?;
+            slot.registered = registered;
+        }
+        if laned && wanted.is_writable() {
+            self.writers.insert(token);
+        } else {
+            self.writers.remove(&token);
+        }
+        Ok(())
     }
 
     /// libvirt leaves a lost connection's streams stuck (no event, recv -2 forever),
     /// so fail each of them here.
-    fn fail_connection(
-        &mut self,
-        connection: usize,
-        reason: crate::connection_events::CloseReason,
-    ) {
+    fn fail_connection(&mut self, connection: usize, reason: CloseReason) {
         let tokens: Vec<StreamToken> = self
             .slots
             .iter()
@@ -619,38 +830,31 @@ impl Reactor {
     }
 }
 
-/// Makes libvirt's callback registration match the handler's interest plus WRITABLE
-/// while bytes wait in the outbox.
-fn sync_registration(slot: &mut Slot) -> Result<()> {
-    let mut wanted = slot.interest;
-    if slot.outbox.as_ref().is_some_and(|o| !o.is_empty()) {
-        wanted |= Interest::WRITABLE;
+/// What libvirt's callback is registered for when the stream wants `wanted`.
+fn libvirt_interest(stream: &Stream, wanted: Interest) -> Interest {
+    if stream.lane().is_some() {
+        Interest::from_raw(wanted.to_raw() & !Interest::WRITABLE.to_raw())
+    } else {
+        wanted
     }
-    if wanted != slot.registered {
-        slot.stream.raw().update_callback(wanted.to_raw())?;
-        slot.registered = wanted;
-    }
-    Ok(())
 }
 
-/// Sends what the outbox holds, up to [`OUTBOX_BUDGET`] bytes.
-fn flush_outbox(slot: &mut Slot, scratch: &mut [u8]) -> Result<()> {
+/// Sends what the outbox holds, up to [`OUTBOX_BUDGET`] bytes. Returns true when
+/// that emptied it (the registration then changes).
+fn flush_outbox(slot: &mut Slot, scratch: &mut [u8]) -> Result<bool> {
     let Some(outbox) = slot.outbox.clone() else {
-        return Ok(());
+        return Ok(false);
     };
     let n = outbox.peek(scratch);
     if n == 0 {
-        return Ok(());
+        return Ok(false);
     }
     let sent = match slot.stream.send(&scratch[..n]) {
         Ok(sent) => sent,
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(Error::from_io(e)),
     };
-    if outbox.consume(sent) {
-        sync_registration(slot)?;
-    }
-    Ok(())
+    Ok(outbox.consume(sent))
 }
 
 impl mio::event::Source for Reactor {

@@ -302,6 +302,17 @@ impl PrivateDaemon {
         }
     }
 
+    /// Freezes the daemon (SIGSTOP) until [`thaw`](Self::thaw): it keeps its sockets
+    /// open but reads and answers nothing, like a deadlocked or paused daemon.
+    pub fn freeze(&self) {
+        assert!(send_signal(self.pid, libc::SIGSTOP), "SIGSTOP the daemon");
+    }
+
+    /// Lets a frozen daemon run again (SIGCONT). Idempotent.
+    pub fn thaw(&self) {
+        send_signal(self.pid, libc::SIGCONT);
+    }
+
     /// SIGKILLs the daemon now and reaps it. Domains (QEMU) keep running; the
     /// stale socket file stays. Idempotent.
     pub fn kill(&mut self) {
@@ -456,7 +467,9 @@ impl PrivateDaemon {
             return;
         };
         if graceful && matches!(child.try_wait(), Ok(None)) {
-            // The child is not reaped yet, so its pid cannot have been reused.
+            // The child is not reaped yet, so its pid cannot have been reused. A
+            // frozen daemon only acts on SIGTERM once thawed.
+            send_signal(child.id(), libc::SIGCONT);
             send_signal(child.id(), libc::SIGTERM);
             let until = Instant::now() + STOP_GRACE;
             while Instant::now() < until {

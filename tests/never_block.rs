@@ -1,0 +1,248 @@
+//! The loop never waits on the network: a frozen daemon (SIGSTOP) stalls nothing but
+//! its own streams, which fail through keepalive instead of hanging.
+//!
+//! libvirt's remote client sends a stream packet in its own `poll` with no timeout
+//! (`virNetClientSendStream`), so an upload made on the loop thread to a daemon that
+//! stopped reading would hold the loop, and every other connection's streams, until
+//! keepalive gave up. The reactor sends through a thread per connection instead.
+//!
+//! The test registers the process-wide event loop itself: run under cargo-nextest.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::daemon::PrivateDaemon;
+use support::pool::{connect, drive, file_is, pattern, sparse_file, Bed, DirPool, Tracker, MIB};
+use virt_reactor::connection_events::CloseReason;
+use virt_reactor::volume::VolumeRange;
+use virt_reactor::{Error, KeepAlive, Timer};
+
+/// The upload is far bigger than what the sockets can hold once the daemon stops
+/// reading (a few hundred KiB), so it is mid-flight when the daemon freezes.
+const UPLOAD: u64 = 512 * MIB;
+/// The download from the other daemon, served while the first one is frozen.
+const DOWNLOAD: usize = 16 * MIB as usize;
+/// Keepalive of the frozen daemon's connection: lost after about 1 × (2 + 1) s.
+const KEEPALIVE: KeepAlive = KeepAlive {
+    interval: Duration::from_secs(1),
+    count: 2,
+};
+/// The behaviour bound: the loop ran at least this often all along. A loop that
+/// waited in libvirt's send would be absent until keepalive gave up, about 3 s.
+const MAX_GAP: Duration = Duration::from_millis(500);
+
+#[test]
+fn a_frozen_daemon_stalls_only_its_own_upload_which_fails_by_keepalive() {
+    let mut frozen = Bed::start("frozen");
+    KEEPALIVE
+        .set(&frozen.conn)
+        .expect("set keepalive on the frozen daemon's connection");
+    let other = PrivateDaemon::start().expect("start a second private libvirtd");
+    let other_conn = connect(&other);
+    let other_pool = DirPool::create(&other, &other_conn, "other");
+    let data = pattern(7, DOWNLOAD);
+    let source_vol = other_pool.volume_with("served", &data);
+
+    // An upload that keeps the frozen daemon's socket full.
+    let big = frozen.out("big");
+    sparse_file(&big, UPLOAD, &[(0, &pattern(1, UPLOAD as usize))]);
+    let target = frozen.pool.create_volume("target", UPLOAD);
+    let tracker = Tracker::default();
+    let (upload, _) = tracker
+        .upload(
+            &mut frozen.reactor,
+            &frozen.conn,
+            &target,
+            &big,
+            VolumeRange::default(),
+        )
+        .expect("start the upload");
+    drive(
+        &mut frozen.reactor,
+        Duration::from_secs(60),
+        "the upload moves",
+        |_| tracker.position(upload) >= 8 * MIB,
+    );
+
+    // A timer on the loop records the longest gap between its runs: (last, longest).
+    let gaps = Arc::new(Mutex::new((Instant::now(), Duration::ZERO)));
+    let ticker = {
+        let gaps = Arc::clone(&gaps);
+        move |_| {
+            let mut gaps = gaps.lock().expect("gaps");
+            let now = Instant::now();
+            gaps.1 = gaps.1.max(now - gaps.0);
+            gaps.0 = now;
+        }
+    };
+    let timer = Timer::add(Some(Duration::from_millis(10)), ticker).expect("a timer");
+
+    frozen.daemon.freeze();
+    let frozen_at = Instant::now();
+    *gaps.lock().expect("gaps") = (frozen_at, Duration::ZERO);
+    let out = frozen.out("served");
+    let (download, _) = tracker
+        .download(
+            &mut frozen.reactor,
+            &other_conn,
+            &source_vol,
+            &out,
+            VolumeRange::default(),
+        )
+        .expect("start the download from the other daemon");
+    drive(
+        &mut frozen.reactor,
+        Duration::from_secs(30),
+        "the other daemon's download completes while the first is frozen",
+        |_| tracker.is_ended(download),
+    );
+    assert!(
+        !tracker.is_ended(upload),
+        "the upload is still waiting on the frozen daemon when the download is done"
+    );
+    assert_eq!(tracker.ok(download).data_bytes, DOWNLOAD as u64);
+    assert!(file_is(&out, &data), "the download arrived intact");
+
+    drive(
+        &mut frozen.reactor,
+        Duration::from_secs(20),
+        "the upload to the frozen daemon fails",
+        |_| tracker.is_ended(upload),
+    );
+    let failed_after = frozen_at.elapsed();
+    tracker.with(upload, |t| {
+        assert_eq!(t.ends, 1, "the upload ended once");
+        match &t.end {
+            Some(Err(Error::ConnectionClosed {
+                reason: CloseReason::Keepalive,
+            })) => {}
+            other => panic!("the upload ends as a keepalive loss, not {other:?}"),
+        }
+    });
+    let longest = gaps.lock().expect("gaps").1;
+    assert!(
+        longest < MAX_GAP,
+        "the loop ran all along: longest gap {longest:?} (the upload failed after \
+         {failed_after:?})"
+    );
+    eprintln!("longest loop gap {longest:?}; upload failed {failed_after:?} after the freeze");
+
+    frozen.daemon.thaw();
+    drop(timer);
+    drop((target, source_vol, other_pool, other_conn));
+    frozen.finish();
+}
+
+/// Echo rounds measured on the quiet console, idle and then during the flood.
+const ROUNDS: usize = 100;
+/// Input poured into the flooded console per write: no newline, so the guest's
+/// line discipline keeps nothing of it and the guest takes it only as fast as its
+/// emulated UART does.
+const FLOOD_CHUNK: usize = 4096;
+/// Input queued for the flooded console before the measured rounds start: far more
+/// than the daemon's quota of queued packets on one connection (5 × 256 KiB) and
+/// what our queues hold.
+const FLOOD_BEFORE: u64 = 2 * MIB;
+/// Idle p99 below this counts as this: a millisecond of scheduling noise on a busy
+/// 2-core machine is not a doubling.
+const P99_FLOOR: Duration = Duration::from_millis(10);
+
+#[test]
+fn a_console_flooded_with_input_does_not_slow_another_consoles_echo() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use support::consoles::{names, MuxRig};
+    use virt_reactor::console::ConsoleOptions;
+
+    let (rig, mut tr) = MuxRig::start(ConsoleOptions::default());
+    let guests = names("flood", 2);
+    let (flooded, quiet) = (guests[0].clone(), guests[1].clone());
+    rig.boot(&guests);
+    tr.wait_banners(&guests, None);
+    let send = |name: &str, bytes: &[u8]| rig.mux().send(name, bytes);
+    // The first input after attaching waits for QEMU's pty reader: warm both up.
+    tr.echo_round(&guests, 0, send);
+
+    let mut round = 1;
+    let mut measure = |tr: &mut support::consoles::Transcript| {
+        let mut times: Vec<Duration> = (0..ROUNDS)
+            .map(|_| {
+                let started = Instant::now();
+                tr.echo_round(std::slice::from_ref(&quiet), round, send);
+                round += 1;
+                started.elapsed()
+            })
+            .collect();
+        times.sort();
+        times
+    };
+    let idle = measure(&mut tr);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let poured = Arc::new(AtomicU64::new(0));
+    // Writes the full queues refused: the flood pressed on them all along.
+    let refused = Arc::new(AtomicU64::new(0));
+    let flood = {
+        let (mux, stop) = (rig.mux().clone(), Arc::clone(&stop));
+        let (poured, refused) = (Arc::clone(&poured), Arc::clone(&refused));
+        std::thread::spawn(move || {
+            let chunk = [b'x'; FLOOD_CHUNK];
+            while !stop.load(Ordering::Relaxed) {
+                match mux.try_send(&flooded, &chunk) {
+                    Ok(n) => {
+                        poured.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        assert!(
+                            matches!(&e, Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock),
+                            "flooding {flooded}: {e}"
+                        );
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        })
+    };
+    let flood_started = Instant::now();
+    let deadline = flood_started + Duration::from_secs(60);
+    while poured.load(Ordering::Relaxed) < FLOOD_BEFORE {
+        assert!(
+            Instant::now() < deadline,
+            "the flood got only {} bytes in",
+            poured.load(Ordering::Relaxed)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    eprintln!(
+        "flood of {FLOOD_BEFORE} bytes queued after {:?}",
+        flood_started.elapsed()
+    );
+    let refused_before = refused.load(Ordering::Relaxed);
+    let during = measure(&mut tr);
+    let poured_total = poured.load(Ordering::Relaxed);
+    let refused_during = refused.load(Ordering::Relaxed) - refused_before;
+    stop.store(true, Ordering::Relaxed);
+    flood.join().expect("the flood thread");
+
+    let p99 = |times: &[Duration]| times[(times.len() * 99).div_ceil(100) - 1];
+    let (idle_p99, during_p99) = (p99(&idle), p99(&during));
+    eprintln!(
+        "quiet console echo: idle median {:?} p99 {idle_p99:?}; during a flood of \
+         {poured_total} bytes median {:?} p99 {during_p99:?}",
+        idle[ROUNDS / 2],
+        during[ROUNDS / 2]
+    );
+    assert!(
+        refused_during > 0,
+        "the flood kept the flooded console's queues full during the rounds"
+    );
+    assert!(
+        during_p99 <= 2 * idle_p99.max(P99_FLOOR),
+        "the flood slowed the quiet console: p99 {during_p99:?} against {idle_p99:?} idle"
+    );
+    let teardown = Instant::now();
+    rig.finish();
+    eprintln!("teardown took {:?}", teardown.elapsed());
+}
