@@ -202,9 +202,15 @@ fn run(args: &Args) -> virt_reactor::Result<u8> {
                 }
             });
         if let Err(e) = started {
+            let hint = match e {
+                virt_reactor::Error::DestinationExists { kind, .. } if kind != "directory" => {
+                    " (--force writes over it)"
+                }
+                _ => "",
+            };
             bar.abandon_with_message(format!("failed: {e}"));
             outcomes.borrow_mut()[index] = Some(Outcome::Failed {
-                error: e.to_string(),
+                error: format!("{e}{hint}"),
                 sent: 0,
             });
         }

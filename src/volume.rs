@@ -343,10 +343,11 @@ impl Sink {
         match self {
             Sink::Part { file, .. } | Sink::Through { file, .. } => file.write_all(bytes),
         }
+        .map_err(|e| with_path(self.path(), e))
     }
 
     fn hole(&mut self, length: u64) -> io::Result<()> {
-        match self {
+        let written = match self {
             Sink::Part { file, .. } => {
                 let offset = i64::try_from(length).map_err(|_| io::ErrorKind::InvalidInput)?;
                 file.seek(SeekFrom::Current(offset)).map(drop)
@@ -361,7 +362,8 @@ impl Sink {
                 }
                 Ok(())
             }
-        }
+        };
+        written.map_err(|e| with_path(self.path(), e))
     }
 
     /// Sizes the file (trailing holes included), syncs it and gives it its name.
@@ -522,7 +524,7 @@ impl Source {
             };
             match read {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                read => break read?,
+                read => break read.map_err(|e| with_path(&self.path, e))?,
             }
         };
         if n == 0 {
@@ -544,6 +546,10 @@ impl Source {
     /// Where the source is: `(true, n)` n bytes of data, `(false, n)` a hole of n
     /// bytes, `(_, 0)` the end.
     fn section(&mut self) -> io::Result<(bool, u64)> {
+        self.probe().map_err(|e| with_path(&self.path, e))
+    }
+
+    fn probe(&mut self) -> io::Result<(bool, u64)> {
         if self.position >= self.end {
             return Ok((false, 0));
         }
@@ -556,7 +562,7 @@ impl Source {
             None if self.file.metadata()?.len() < self.end => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("{}: shrank below {} bytes", self.path.display(), self.end),
+                    format!("shrank below {} bytes", self.end),
                 ))
             }
             None => self.end,
@@ -575,5 +581,10 @@ impl Source {
 }
 
 fn file_error(path: &Path, e: io::Error) -> Error {
-    Error::Io(io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    Error::Io(with_path(path, e))
+}
+
+/// `e`, its message starting with the path it is about.
+fn with_path(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
