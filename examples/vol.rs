@@ -239,7 +239,7 @@ fn run(args: &Args) -> virt_reactor::Result<u8> {
                 code = PARTLY_WRITTEN;
                 partly_written.push(pair[0].as_str());
                 println!(
-                    "{}: failed: {error}; PARTLY WRITTEN: {sent} byte(s) from offset {} were sent",
+                    "{}: failed: {error}; volume PARTLY WRITTEN: {sent} byte(s) from offset {} were sent",
                     pair[0], args.offset
                 );
             }

@@ -11,12 +11,13 @@ mod support;
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use support::pool::{allocated, data_extents, file_is, pattern, read_range, Bed, KIB, MIB};
 
-/// Runs `vol ARGS...` and returns its output.
-fn run_vol(args: &[&str]) -> Output {
+/// The command that runs `vol ARGS...`.
+fn vol_command(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO"));
     command
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -25,7 +26,12 @@ fn run_vol(args: &[&str]) -> Output {
         command.arg("--release");
     }
     command.arg("--").args(args);
-    command.output().expect("run the vol example")
+    command
+}
+
+/// Runs `vol ARGS...` and returns its output.
+fn run_vol(args: &[&str]) -> Output {
+    vol_command(args).output().expect("run the vol example")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -544,4 +550,85 @@ fn vol_refuses_two_downloads_into_one_file() {
 
     drop(vols);
     bed.finish();
+}
+
+/// 6 of the issue: the daemon dies while an upload is part way. The summary names
+/// the volume as partly written, and the exit code (3) says so. The source is a
+/// FIFO the test feeds, so the kill comes while the upload is surely in flight.
+#[test]
+fn vol_names_the_volume_a_lost_daemon_leaves_partly_written() {
+    let mut bed = Bed::start("example");
+    const LEN: usize = 4 * MIB as usize;
+    let data = pattern(5700, LEN);
+    let vol = bed.pool.create_volume("fed", LEN as u64);
+    let volume_file = bed.pool.path_of("fed");
+    let fifo = bed.out("fifo");
+    let status = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(status.success());
+    let uri = bed.daemon.uri("qemu");
+    let length = LEN.to_string();
+    let vol_process = vol_command(&[
+        "upload",
+        "--uri",
+        &uri,
+        "--pool",
+        "example",
+        "--length",
+        &length,
+        "fed",
+        path(&fifo),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start the vol example");
+
+    // The first MiB now; the rest once the daemon is gone (vol may have stopped
+    // reading by then: a broken pipe is expected).
+    let (killed, killed_rx) = std::sync::mpsc::channel::<()>();
+    let feeder = {
+        let (fifo, data) = (fifo.clone(), data.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut pipe = fs::OpenOptions::new().write(true).open(&fifo)?;
+            pipe.write_all(&data[..MIB as usize])?;
+            let _ = killed_rx.recv();
+            pipe.write_all(&data[MIB as usize..])
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = 64 * KIB;
+    while read_range(&volume_file, 0, first) != data[..first as usize] {
+        assert!(
+            Instant::now() < deadline,
+            "the upload's first bytes did not reach the volume"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bed.daemon.kill();
+    killed.send(()).unwrap();
+    let output = vol_process.wait_with_output().expect("wait for vol");
+    let _ = feeder.join().expect("the feeder thread");
+
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(output.status.code(), Some(3), "{all}");
+    let line = report_line(&stdout, "fed");
+    assert!(
+        line.starts_with("fed: failed: ") && line.contains("; PARTLY WRITTEN: "),
+        "{all}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l == "1 volume(s) partly written: fed"),
+        "{all}"
+    );
+    assert!(
+        !file_is(&volume_file, &data),
+        "precondition: the upload did not complete"
+    );
+
+    drop(vol);
+    drop(bed);
 }
