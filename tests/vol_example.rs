@@ -615,7 +615,7 @@ fn vol_names_the_volume_a_lost_daemon_leaves_partly_written() {
     assert_eq!(output.status.code(), Some(3), "{all}");
     let line = report_line(&stdout, "fed");
     assert!(
-        line.starts_with("fed: failed: ") && line.contains("; PARTLY WRITTEN: "),
+        line.starts_with("fed: failed: ") && line.contains("; volume PARTLY WRITTEN: "),
         "{all}"
     );
     assert!(
