@@ -81,10 +81,12 @@ pub fn download(
     range: VolumeRange,
     callbacks: Callbacks,
 ) -> Result<StreamToken> {
-    // The physical size is what a download streams (for raw volumes, the capacity).
-    let size = vol
-        .info_flags(sys::VIR_STORAGE_VOL_GET_PHYSICAL)?
-        .allocation;
+    // The physical size is what a download streams (for raw volumes, the capacity);
+    // a driver without the flag gives the capacity.
+    let size = match vol.info_flags(sys::VIR_STORAGE_VOL_GET_PHYSICAL) {
+        Ok(info) => info.allocation,
+        Err(_) => vol.info()?.capacity,
+    };
     let length = download_length(range, size)?;
     let sink = Rc::new(RefCell::new(Sink::open(path, range.force)?));
     let started = start_download(reactor, conn, vol, &sink, range, length, callbacks);

@@ -504,9 +504,9 @@ fn vol_download_refuses_a_range_past_the_volume_end() {
 
 /// 5 of the issue: two volumes downloaded into one FILE both reported `ok` and the
 /// file matched neither. Now the run is refused before anything starts, also when
-/// the two name the file differently.
+/// the two name the file differently; so are two uploads into one volume.
 #[test]
-fn vol_refuses_two_downloads_into_one_file() {
+fn vol_refuses_two_transfers_into_one_file_or_volume() {
     let bed = Bed::start("example");
     let vols = [
         bed.pool
@@ -546,6 +546,32 @@ fn vol_refuses_two_downloads_into_one_file() {
         listing(&bed).is_empty(),
         "nothing created: {:?}",
         listing(&bed)
+    );
+
+    // Two uploads into one volume would interleave.
+    let source = bed.out("source");
+    fs::write(&source, pattern(5602, 64 * KIB as usize)).unwrap();
+    let output = run_vol(&[
+        "upload",
+        "--uri",
+        &uri,
+        "--pool",
+        "example",
+        "one",
+        path(&source),
+        "one",
+        path(&source),
+    ]);
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert_eq!(stderr.trim_end(), "vol: volume one is given twice");
+    assert!(
+        file_is(&bed.pool.path_of("one"), &pattern(5600, 64 * KIB as usize)),
+        "the volume is untouched"
     );
 
     drop(vols);
