@@ -43,7 +43,8 @@ pub struct VolumeRange {
     pub sparse: bool,
     /// Download over something that exists: a regular file is replaced once the
     /// download is complete; a device or FIFO is written through, never replaced
-    /// (holes are written as zeros); a symbolic link is followed to what it names,
+    /// (holes are written as zeros, a FIFO's open waits for its reader, and a failed
+    /// download leaves what it wrote); a symbolic link is followed to what it names,
     /// which is treated the same way. A directory is always refused. Without it,
     /// anything at the destination is refused with [`Error::DestinationExists`].
     pub force: bool,
