@@ -36,7 +36,7 @@ struct Args {
     #[arg(long)]
     uri: Option<String>,
     /// With --uri: the domains to attach to (default: every running domain).
-    #[arg(long = "domain")]
+    #[arg(long = "domain", requires = "uri")]
     domains: Vec<String>,
     /// Testbed guests to boot (without --uri).
     #[arg(long, default_value_t = 3)]
@@ -51,8 +51,16 @@ struct Args {
     #[arg(long)]
     force: bool,
     /// After end of input, wait this long for the guests' last output, in seconds.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, default_value_t = 2.0, value_parser = seconds)]
     linger: f64,
+}
+
+/// A duration in seconds, as `Duration::from_secs_f64` takes it without panicking.
+fn seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s.is_finite() && (0.0..=86400.0).contains(&s) => Ok(s),
+        _ => Err(format!("{text}: not a number of seconds from 0 to 86400")),
+    }
 }
 
 /// The connection, the consoles, their events, and the guests this run booted.
@@ -83,6 +91,8 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Before anything starts: a bad log directory must not leave guests behind.
+    let mut out = Output::new(args.log_dir.clone())?;
     let mut reactor = Reactor::register()?;
     let handle = reactor.handle();
     let (notes_tx, notes) = crossbeam_channel::unbounded();
@@ -113,20 +123,24 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         });
     }
 
-    let mut out = Output::new(args.log_dir.clone())?;
     let mut session: Option<Session> = None;
     let mut waiting_for: BTreeMap<String, bool> = BTreeMap::new(); // name -> banner seen
     let mut input_started = false;
     let mut quit_at: Option<Instant> = None;
+    // Consoles that failed to attach or failed later: the exit status tells.
+    let mut failed: Vec<String> = Vec::new();
 
     let result: Result<(), String> = 'run: loop {
-        reactor.run_once(Some(Duration::from_millis(100)))?;
+        if let Err(e) = reactor.run_once(Some(Duration::from_millis(100))) {
+            break Err(e.to_string()); // still clean up below
+        }
         for note in notes.try_iter() {
             match note {
                 Note::Ready(ready) => {
+                    // Booted guests are ready at their banner; running ones once
+                    // their console is attached.
                     for name in ready.mux.names() {
-                        // Booted guests are ready at their banner; running ones at once.
-                        waiting_for.insert(name.clone(), !ready.booted.contains(&name));
+                        waiting_for.insert(name, false);
                     }
                     session = Some(ready);
                 }
@@ -136,12 +150,39 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
         }
-        let Some(Session { mux, events, .. }) = &session else {
+        let Some(Session {
+            mux,
+            events,
+            booted,
+            ..
+        }) = &session
+        else {
             continue;
         };
         for event in events.try_iter() {
             if let Some(name) = out.event(&event) {
                 waiting_for.insert(name, true); // its banner line
+            }
+            match &event {
+                ConsoleEvent::Attached { name } if !booted.contains(name) => {
+                    waiting_for.insert(name.clone(), true);
+                }
+                ConsoleEvent::AttachFailed { name, error } => {
+                    failed.push(format!("{name}: {error}"));
+                }
+                ConsoleEvent::Ended {
+                    end: ConsoleEnd::ConnectionLost(reason),
+                    ..
+                } => {
+                    // Every console ends with it, and none can come back.
+                    out.flush_all();
+                    break 'run Err(format!("lost the connection to libvirt ({reason})"));
+                }
+                ConsoleEvent::Ended {
+                    name,
+                    end: ConsoleEnd::Failed(error),
+                } => failed.push(format!("{name}: {error}")),
+                _ => {}
             }
             if let ConsoleEvent::AttachFailed { name, .. } | ConsoleEvent::Ended { name, .. } =
                 &event
@@ -151,6 +192,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     waiting_for.remove(name);
                 }
             }
+        }
+        if let Some(e) = out.failed.take() {
+            break Err(e);
         }
         out.flush_stale();
         if !input_started && !waiting_for.is_empty() && waiting_for.values().all(|seen| *seen) {
@@ -169,11 +213,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             break Err("no console came up".to_owned());
         }
         if quit_at.is_some_and(|at| Instant::now() >= at) {
-            break Ok(());
+            break match failed.is_empty() {
+                true => Ok(()),
+                false => Err(format!("console(s) failed: {}", failed.join("; "))),
+            };
         }
     };
 
     // Clean shutdown: finish the consoles on the loop, destroy what we booted off it.
+    // The run's own error, if any, is the one reported; clean-up errors come after.
+    let mut destroyed = Ok(0);
     if let Some(Session {
         conn,
         mux,
@@ -182,7 +231,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }) = session
     {
         mux.detach_all(&mut reactor);
-        let destroyed = reactor.run_blocking(
+        destroyed = reactor.run_blocking(
             // Off the loop thread: destroy waits on QEMU's monitor, which the loop serves.
             move || {
                 let destroyed = testbed::destroy(&conn, &booted);
@@ -195,18 +244,21 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     let _ = out.event(&event);
                 }
             },
-        )?;
+        );
         out.flush_all();
-        if destroyed > 0 {
-            out.note(&format!("destroyed {destroyed} guest(s)"));
+        if let Ok(n @ 1..) = destroyed {
+            out.note(&format!("destroyed {n} guest(s)"));
         }
     }
-    let report = reactor.shutdown(Duration::from_secs(10))?;
-    log::debug!("drained: {report:?}");
+    let drained = reactor.shutdown(Duration::from_secs(10));
+    log::debug!("drained: {drained:?}");
     if let Some(root) = embed_root {
         let _ = fs::remove_dir_all(root);
     }
-    result.map_err(Into::into)
+    result?;
+    destroyed?;
+    drained?;
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -255,6 +307,15 @@ fn set_up(
         };
         if names.is_empty() {
             return Err(format!("{uri}: no running domains"));
+        }
+        // Named domains that are missing or stopped fail now, not after "ready".
+        for name in &names {
+            let domain = conn
+                .lookup_domain_by_name(name)
+                .map_err(|e| format!("{name}: {}", e.message()))?;
+            if !domain.is_active().map_err(|e| format!("{name}: {e}"))? {
+                return Err(format!("{name}: the domain is not running"));
+            }
         }
         for name in names {
             mux.attach(&name).map_err(|e| e.to_string())?;
@@ -313,7 +374,10 @@ fn spawn_input(mux: ConsoleMux, names: Vec<String>, handle: ReactorHandle, notes
 struct Output {
     color: bool,
     log_dir: Option<PathBuf>,
-    logs: HashMap<String, File>,
+    /// `None`: the log could not be opened (reported through `failed`).
+    logs: HashMap<String, Option<File>>,
+    /// A log that could not be opened, naming it; the run ends with it.
+    failed: Option<String>,
     partial: HashMap<String, (String, Instant)>,
     colors: HashMap<String, &'static str>,
 }
@@ -321,12 +385,15 @@ struct Output {
 impl Output {
     fn new(log_dir: Option<PathBuf>) -> io::Result<Output> {
         if let Some(dir) = &log_dir {
-            fs::create_dir_all(dir)?;
+            fs::create_dir_all(dir).map_err(|e| {
+                io::Error::new(e.kind(), format!("log directory {}: {e}", dir.display()))
+            })?;
         }
         Ok(Output {
             color: io::stdout().is_terminal(),
             log_dir,
             logs: HashMap::new(),
+            failed: None,
             partial: HashMap::new(),
             colors: HashMap::new(),
         })
@@ -419,14 +486,19 @@ impl Output {
             writeln!(stdout, "{name}| {line}")
         };
         if let Some(dir) = &self.log_dir {
+            let failed = &mut self.failed;
             let log = self.logs.entry(name.to_owned()).or_insert_with(|| {
+                let path = dir.join(format!("{name}.log"));
                 OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(dir.join(format!("{name}.log")))
-                    .expect("log file")
+                    .open(&path)
+                    .map_err(|e| *failed = Some(format!("log {}: {e}", path.display())))
+                    .ok()
             });
-            let _ = writeln!(log, "{line}");
+            if let Some(log) = log {
+                let _ = writeln!(log, "{line}");
+            }
         }
     }
 

@@ -1,16 +1,28 @@
 //! Uploads or downloads many storage volumes at once, on one thread.
 //!
 //! ```text
-//! vol download --uri URI --pool POOL VOL FILE [VOL FILE ...] [--sparse] [--offset N] [--length N]
+//! vol download --uri URI --pool POOL VOL FILE [VOL FILE ...] [--sparse] [--offset N] [--length N] [--force]
 //! vol upload   --uri URI --pool POOL VOL FILE [VOL FILE ...] [--sparse] [--offset N] [--length N]
 //! ```
 //!
 //! Every transfer runs on one reactor; progress shows per transfer and in total. Each
-//! failure names its volume and reason, the others carry on, and the exit code is 1
-//! if any transfer failed.
+//! failure names its volume and reason, and the others carry on.
+//!
+//! A download never writes over anything that exists unless `--force` is given; then
+//! a regular file is replaced once the download is complete, a device or FIFO is
+//! written through (never replaced), and a symbolic link is followed. A directory is
+//! always refused. An upload from a pipe or character device needs `--length`, and
+//! sends exactly that many bytes. Two pairs with one FILE (download) or one VOL
+//! (upload) are refused before anything starts.
+//!
+//! Exit code: 0 all transfers succeeded; 1 some failed, and no volume was changed;
+//! 2 bad arguments or no connection, nothing transferred; 3 an upload failed part
+//! way, so its volume is partly written (the summary names each such volume).
 
-use std::cell::RefCell;
-use std::path::PathBuf;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::rc::Rc;
 use std::time::Instant;
@@ -41,6 +53,10 @@ struct Args {
     /// bytes per transfer (0: to the end of the volume, or the whole file)
     #[arg(long, default_value_t = 0)]
     length: u64,
+    /// download over an existing FILE: replace a regular file, write through a
+    /// device or FIFO, follow a symbolic link
+    #[arg(long)]
+    force: bool,
     /// VOL FILE pairs
     #[arg(required = true, num_args = 2.., value_name = "VOL FILE")]
     pairs: Vec<String>,
@@ -52,8 +68,23 @@ enum Direction {
     Upload,
 }
 
+/// How one transfer ended.
+enum Outcome {
+    Done(TransferStats),
+    /// Failed, after `sent` bytes had gone into the stream (0 if it never started).
+    Failed {
+        error: String,
+        sent: u64,
+    },
+}
+
 /// How each transfer ended, by its index.
-type Outcomes = Rc<RefCell<Vec<Option<Result<TransferStats, String>>>>>;
+type Outcomes = Rc<RefCell<Vec<Option<Outcome>>>>;
+
+/// Exit codes besides 0.
+const SOME_FAILED: u8 = 1;
+const BAD_INPUT: u8 = 2;
+const PARTLY_WRITTEN: u8 = 3;
 
 fn main() -> ExitCode {
     env_logger::init();
@@ -61,20 +92,72 @@ fn main() -> ExitCode {
     let args = Args::parse();
     if args.pairs.len() % 2 != 0 {
         eprintln!("vol: arguments must be VOL FILE pairs");
-        return ExitCode::from(2);
+        return ExitCode::from(BAD_INPUT);
+    }
+    if let Err(e) = check_duplicates(&args) {
+        eprintln!("vol: {e}");
+        return ExitCode::from(BAD_INPUT);
     }
     match run(&args) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("vol: {e}");
-            ExitCode::from(2)
+            ExitCode::from(BAD_INPUT)
         }
     }
 }
 
-/// Returns whether every transfer succeeded.
-fn run(args: &Args) -> virt_reactor::Result<bool> {
+/// Refuses two downloads into one file (they would clobber each other) and two
+/// uploads into one volume (they would interleave).
+fn check_duplicates(args: &Args) -> Result<(), String> {
+    let mut seen: HashMap<String, &str> = HashMap::new();
+    let mut inodes: HashMap<(u64, u64), &str> = HashMap::new();
+    for pair in args.pairs.chunks(2) {
+        let (vol, file) = (pair[0].as_str(), pair[1].as_str());
+        let (key, inode, what) = match args.direction {
+            Direction::Download => {
+                let (path, inode) = destination_key(Path::new(file));
+                (path.display().to_string(), inode, file)
+            }
+            Direction::Upload => (vol.to_owned(), None, vol),
+        };
+        let earlier = inode
+            .and_then(|inode| inodes.insert(inode, vol))
+            .or_else(|| seen.insert(key, vol));
+        if let Some(earlier) = earlier {
+            return Err(match args.direction {
+                Direction::Download => {
+                    format!("{what} is the destination of both {earlier} and {vol}")
+                }
+                Direction::Upload => format!("volume {what} is given twice"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The destination's directory, resolved, with its name; and the file it names if
+/// it exists (through a link, as `--force` would write through it).
+fn destination_key(file: &Path) -> (PathBuf, Option<(u64, u64)>) {
+    let inode = std::fs::metadata(file).ok().map(|m| (m.dev(), m.ino()));
+    let path = match (file.parent(), file.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            std::fs::canonicalize(dir)
+                .unwrap_or_else(|_| dir.to_path_buf())
+                .join(name)
+        }
+        _ => file.to_path_buf(),
+    };
+    (path, inode)
+}
+
+/// Returns the exit code: 0, [`SOME_FAILED`] or [`PARTLY_WRITTEN`].
+fn run(args: &Args) -> virt_reactor::Result<u8> {
     let mut reactor = Reactor::register()?;
     let conn = virt_reactor::connect(&args.uri)?;
     let pool = conn.lookup_storage_pool_by_name(&args.pool)?;
@@ -82,16 +165,17 @@ fn run(args: &Args) -> virt_reactor::Result<bool> {
         offset: args.offset,
         length: args.length,
         sparse: args.sparse,
+        force: args.force,
     };
     let bars = MultiProgress::new();
-    let total = bars.add(ProgressBar::new(0).with_style(style("total")));
+    let total = bars.add(bar("total"));
     let outcomes: Outcomes = Rc::default();
     let started = Instant::now();
 
     for (index, pair) in args.pairs.chunks(2).enumerate() {
         let (name, file) = (&pair[0], PathBuf::from(&pair[1]));
         outcomes.borrow_mut().push(None);
-        let bar = bars.add(ProgressBar::new(0).with_style(style(name)));
+        let bar = bars.add(bar(name));
         let started = pool
             .lookup_storage_vol_by_name(name)
             .map_err(virt_reactor::Error::Libvirt)
@@ -118,8 +202,17 @@ fn run(args: &Args) -> virt_reactor::Result<bool> {
                 }
             });
         if let Err(e) = started {
+            let hint = match e {
+                virt_reactor::Error::DestinationExists { kind, .. } if kind != "directory" => {
+                    " (--force writes over it)"
+                }
+                _ => "",
+            };
             bar.abandon_with_message(format!("failed: {e}"));
-            outcomes.borrow_mut()[index] = Some(Err(e.to_string()));
+            outcomes.borrow_mut()[index] = Some(Outcome::Failed {
+                error: format!("{e}{hint}"),
+                sent: 0,
+            });
         }
     }
 
@@ -127,23 +220,35 @@ fn run(args: &Args) -> virt_reactor::Result<bool> {
     total.finish();
     let elapsed = started.elapsed().as_secs_f64();
 
-    let mut ok = true;
+    let mut code = 0;
     let mut bytes = 0;
+    let mut partly_written = Vec::new();
     for (pair, outcome) in args.pairs.chunks(2).zip(outcomes.borrow().iter()) {
         match outcome {
-            Some(Ok(stats)) => {
+            Some(Outcome::Done(stats)) => {
                 bytes += stats.position();
                 println!(
                     "{}: ok, {} data bytes, {} hole(s) of {} bytes",
                     pair[0], stats.data_bytes, stats.holes, stats.hole_bytes
                 );
             }
-            Some(Err(e)) => {
-                ok = false;
-                println!("{}: failed: {e}", pair[0]);
+            // Bytes went into the volume's stream: some of them may be on disk.
+            Some(Outcome::Failed { error, sent })
+                if *sent > 0 && matches!(args.direction, Direction::Upload) =>
+            {
+                code = PARTLY_WRITTEN;
+                partly_written.push(pair[0].as_str());
+                println!(
+                    "{}: failed: {error}; volume PARTLY WRITTEN: {sent} byte(s) from offset {} were sent",
+                    pair[0], args.offset
+                );
+            }
+            Some(Outcome::Failed { error, .. }) => {
+                code = code.max(SOME_FAILED);
+                println!("{}: failed: {error}", pair[0]);
             }
             None => {
-                ok = false;
+                code = code.max(SOME_FAILED);
                 println!("{}: failed: did not finish", pair[0]);
             }
         }
@@ -154,10 +259,21 @@ fn run(args: &Args) -> virt_reactor::Result<bool> {
         bytes as f64 / 1048576.0,
         bytes as f64 / 1048576.0 / elapsed
     );
+    if !partly_written.is_empty() {
+        println!(
+            "{} volume(s) partly written: {}",
+            partly_written.len(),
+            partly_written.join(", ")
+        );
+    }
     drop(pool);
     drop(conn);
-    reactor.shutdown(std::time::Duration::from_secs(5))?;
-    Ok(ok)
+    if let Err(e) = reactor.shutdown(std::time::Duration::from_secs(5)) {
+        // The transfers are settled and reported; their code says more than this.
+        eprintln!("vol: shutting down: {e}");
+        code = code.max(SOME_FAILED);
+    }
+    Ok(code)
 }
 
 fn callbacks(
@@ -168,27 +284,40 @@ fn callbacks(
 ) -> Callbacks {
     let (bar, total, done_bar) = (bar.clone(), total.clone(), bar.clone());
     let outcomes = Rc::clone(outcomes);
-    let mut last = 0;
+    // The position of the last progress call: the `done` of a failure has none.
+    let sent = Rc::new(Cell::new(0));
+    let last = Rc::clone(&sent);
     Callbacks {
         progress: Box::new(move |stats: TransferStats| {
-            total.inc(stats.position() - last);
-            last = stats.position();
-            bar.set_position(last);
+            total.inc(stats.position() - last.get());
+            last.set(stats.position());
+            bar.set_position(stats.position());
         }),
         done: Box::new(move |result| {
             match &result {
                 Ok(_) => done_bar.finish_with_message("done"),
                 Err(e) => done_bar.abandon_with_message(format!("failed: {e}")),
             }
-            outcomes.borrow_mut()[index] = Some(result.map_err(|e| e.to_string()));
+            let outcome = match result {
+                Ok(stats) => Outcome::Done(stats),
+                Err(e) => Outcome::Failed {
+                    error: e.to_string(),
+                    sent: sent.get(),
+                },
+            };
+            outcomes.borrow_mut()[index] = Some(outcome);
         }),
     }
 }
 
-fn style(name: &str) -> ProgressStyle {
-    ProgressStyle::with_template(&format!(
-        "{name:>12} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{bytes_per_sec}} {{msg}}"
-    ))
+/// A bar named `name`, as its prefix: a name inside the template would be parsed.
+fn bar(name: &str) -> ProgressBar {
+    let style = ProgressStyle::with_template(
+        "{prefix:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+    )
     .expect("valid template")
-    .progress_chars("=> ")
+    .progress_chars("=> ");
+    ProgressBar::new(0)
+        .with_style(style)
+        .with_prefix(name.to_owned())
 }

@@ -81,6 +81,23 @@ pub enum Error {
         /// The volume's capacity.
         capacity: u64,
     },
+    /// A download range reaches past the end of the volume.
+    OutOfRange {
+        /// Where the range starts in the volume.
+        offset: u64,
+        /// Its length (0: to the end).
+        length: u64,
+        /// Bytes the volume holds (what a download of all of it streams).
+        size: u64,
+    },
+    /// A download's destination exists and is not to be overwritten: a directory
+    /// never is; anything else only when asked (`VolumeRange::force`).
+    DestinationExists {
+        /// The destination.
+        path: std::path::PathBuf,
+        /// What is there, e.g. `"symbolic link"` or `"character device"`.
+        kind: &'static str,
+    },
     /// libvirt closed the stream's connection (daemon gone, socket error,
     /// keepalive timeout); every stream of that connection fails with this.
     ConnectionClosed {
@@ -164,6 +181,26 @@ impl fmt::Display for Error {
             Error::VolumeTooSmall { needed, capacity } => write!(
                 f,
                 "the upload needs {needed} bytes but the volume holds {capacity}"
+            ),
+            Error::OutOfRange {
+                offset,
+                length,
+                size,
+            } => {
+                let end = if *length == 0 {
+                    "its end".to_owned()
+                } else {
+                    offset.saturating_add(*length).to_string()
+                };
+                write!(
+                    f,
+                    "bytes {offset} to {end} are outside the volume, which holds {size} bytes"
+                )
+            }
+            Error::DestinationExists { path, kind } => write!(
+                f,
+                "{}: a {kind} is there already; not overwritten",
+                path.display()
             ),
             Error::ConnectionClosed { reason } => {
                 write!(f, "the connection to libvirt was lost ({reason})")

@@ -1,17 +1,26 @@
 //! Storage volume upload and download on the reactor, sparse-aware, many at once.
 //!
-//! A download writes to `FILE.part` and renames it to `FILE` only once libvirt
-//! confirmed the transfer (`virStreamFinish`), so a failed or interrupted download
-//! never leaves a file that looks complete. In sparse mode holes travel as holes both
-//! ways: the file gets them by seeking (and a final `set_len`), an upload finds them
-//! with `SEEK_DATA`/`SEEK_HOLE`.
+//! A download into a new FILE writes to a private `FILE.<pid>-<n>.part`, created
+//! exclusively, and gives it its name only once libvirt confirmed the transfer
+//! (`virStreamFinish`): a failed or interrupted download never leaves a file that
+//! looks complete, two downloads never share a `.part`, and a name taken meanwhile
+//! is not replaced. Whatever is already at FILE is left alone unless
+//! [`VolumeRange::force`] asks otherwise; a directory always is. In sparse mode
+//! holes travel as holes both ways: the file gets them by seeking (and a final
+//! `set_len`), an upload finds them with `SEEK_DATA`/`SEEK_HOLE`.
+//!
+//! Both directions check the range against the volume before they start, and count
+//! the bytes: a source that ends early, or a volume that sends fewer bytes than
+//! asked, fails the transfer.
 
 use std::cell::RefCell;
-use std::fs::{self, File};
-use std::io::{self, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::ffi::OsString;
+use std::fs::{self, File, FileType, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use virt::connect::Connect;
 use virt::storage_vol::StorageVol;
@@ -32,6 +41,13 @@ pub struct VolumeRange {
     pub length: u64,
     /// Keep holes as holes (`VIR_STORAGE_VOL_*_SPARSE_STREAM`).
     pub sparse: bool,
+    /// Download over something that exists: a regular file is replaced once the
+    /// download is complete; a device or FIFO is written through, never replaced
+    /// (holes are written as zeros, a FIFO's open waits for its reader, and a failed
+    /// download leaves what it wrote); a symbolic link is followed to what it names,
+    /// which is treated the same way. A directory is always refused. Without it,
+    /// anything at the destination is refused with [`Error::DestinationExists`].
+    pub force: bool,
 }
 
 /// What to call as a transfer goes.
@@ -52,9 +68,11 @@ impl std::fmt::Debug for Callbacks {
 ///
 /// # Errors
 ///
-/// The file cannot be created, or libvirt refuses the download (a missing volume, a
-/// range beyond its end). Nothing is left behind then. Errors during the transfer go
-/// to `callbacks.done`.
+/// [`Error::OutOfRange`] when the range reaches past the volume's end;
+/// [`Error::DestinationExists`] when something is at `path` and `range.force` does
+/// not allow writing over it; the file cannot be created, or libvirt refuses the
+/// download (a missing volume). Nothing is left behind then. Errors during the
+/// transfer go to `callbacks.done`, a short one included.
 #[doc(alias = "virStorageVolDownload")]
 pub fn download(
     reactor: &mut Reactor,
@@ -64,24 +82,47 @@ pub fn download(
     range: VolumeRange,
     callbacks: Callbacks,
 ) -> Result<StreamToken> {
-    let part = part_path(path);
-    let file = File::create(&part).map_err(|e| file_error(&part, e))?;
-    let started = start_download(reactor, conn, vol, file, path, &part, range, callbacks);
+    // The physical size is what a download streams (for raw volumes, the capacity);
+    // a driver without the flag gives the capacity.
+    let size = match vol.info_flags(sys::VIR_STORAGE_VOL_GET_PHYSICAL) {
+        Ok(info) => info.allocation,
+        Err(_) => vol.info()?.capacity,
+    };
+    let length = download_length(range, size)?;
+    let sink = Rc::new(RefCell::new(Sink::open(path, range.force)?));
+    let started = start_download(reactor, conn, vol, &sink, range, length, callbacks);
     if started.is_err() {
-        let _ = fs::remove_file(&part);
+        sink.borrow().discard();
     }
     started
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The bytes to download: the range must lie inside the volume's `size` bytes.
+fn download_length(range: VolumeRange, size: u64) -> Result<u64> {
+    let out_of_range = Error::OutOfRange {
+        offset: range.offset,
+        length: range.length,
+        size,
+    };
+    let Some(available) = size.checked_sub(range.offset) else {
+        return Err(out_of_range);
+    };
+    match range.length {
+        // An empty range at the very end is a mistake, not a download.
+        0 if available == 0 && range.offset > 0 => Err(out_of_range),
+        0 => Ok(available),
+        length if length > available => Err(out_of_range),
+        length => Ok(length),
+    }
+}
+
 fn start_download(
     reactor: &mut Reactor,
     conn: &Connect,
     vol: &StorageVol,
-    file: File,
-    path: &Path,
-    part: &Path,
+    sink: &Rc<RefCell<Sink>>,
     range: VolumeRange,
+    length: u64,
     callbacks: Callbacks,
 ) -> Result<StreamToken> {
     let stream = Stream::new(conn)?;
@@ -90,28 +131,35 @@ fn start_download(
     } else {
         0
     };
-    vol.download(&stream.to_virt(), range.offset, range.length, flags)?;
+    // Always a definite length: libvirt then never sends more than was checked.
+    vol.download(&stream.to_virt(), range.offset, length, flags)?;
 
-    let file = Rc::new(RefCell::new(file));
-    let sink = Rc::clone(&file);
-    let write = move |bytes: &[u8]| sink.borrow_mut().write_all(bytes);
+    let data = Rc::clone(sink);
+    let write = move |bytes: &[u8]| data.borrow_mut().write(bytes);
     let transfer = if range.sparse {
-        let holes = Rc::clone(&file);
-        transfer::sparse_recv_all(write, move |length| {
-            let offset = i64::try_from(length).map_err(|_| io::ErrorKind::InvalidInput)?;
-            holes.borrow_mut().seek(SeekFrom::Current(offset)).map(drop)
-        })
+        let holes = Rc::clone(sink);
+        transfer::sparse_recv_all(write, move |length| holes.borrow_mut().hole(length))
     } else {
         transfer::recv_all(write)
     };
-    let (path, part) = (path.to_path_buf(), part.to_path_buf());
+    let sink = Rc::clone(sink);
     let Callbacks { progress, done } = callbacks;
     let transfer = transfer.on_progress(progress).on_end(move |result| {
+        let sink = sink.borrow();
         let result = result.and_then(|stats| {
-            complete_file(&file.borrow(), stats.position(), &part, &path).map(|()| stats)
+            if stats.position() != length {
+                return Err(file_error(
+                    sink.path(),
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the volume sent {} of {length} bytes", stats.position()),
+                    ),
+                ));
+            }
+            sink.complete(stats.position()).map(|()| stats)
         });
         if result.is_err() {
-            let _ = fs::remove_file(&part);
+            sink.discard();
         }
         done(result);
     });
@@ -120,10 +168,17 @@ fn start_download(
 
 /// Starts uploading the file at `path` into `vol` on `reactor`.
 ///
+/// A regular file or block device is read from its start; anything else (a pipe, a
+/// character device) is read as a plain stream, which needs `range.length`, and
+/// blocks the loop while it waits for data. Exactly `range.length` bytes are sent
+/// (the whole file when 0): a source that ends before fails the transfer.
+///
 /// # Errors
 ///
-/// The file cannot be read, it holds more than the volume from `range.offset` on
-/// ([`Error::VolumeTooSmall`]), or libvirt refuses the upload (a missing volume). Errors during the transfer go to `callbacks.done`.
+/// The file cannot be read, holds fewer bytes than `range.length`, or its size is
+/// unknown and no length was given; it holds more than the volume from
+/// `range.offset` on ([`Error::VolumeTooSmall`]), or libvirt refuses the upload (a
+/// missing volume). Errors during the transfer go to `callbacks.done`.
 #[doc(alias = "virStorageVolUpload")]
 pub fn upload(
     reactor: &mut Reactor,
@@ -133,13 +188,8 @@ pub fn upload(
     range: VolumeRange,
     callbacks: Callbacks,
 ) -> Result<StreamToken> {
-    let file = File::open(path).map_err(|e| file_error(path, e))?;
-    let size = file.metadata().map_err(|e| file_error(path, e))?.len();
-    let length = if range.length == 0 {
-        size
-    } else {
-        range.length.min(size)
-    };
+    let source = Source::open(path, range.length)?;
+    let length = source.end;
     let capacity = vol.info()?.capacity;
     if range.offset.saturating_add(length) > capacity {
         return Err(Error::VolumeTooSmall {
@@ -155,11 +205,7 @@ pub fn upload(
     };
     vol.upload(&stream.to_virt(), range.offset, length, flags)?;
 
-    let source = Rc::new(RefCell::new(Source {
-        file,
-        position: 0,
-        end: length,
-    }));
+    let source = Rc::new(RefCell::new(source));
     let reader = Rc::clone(&source);
     let read = move |buf: &mut [u8]| reader.borrow_mut().read(buf);
     let transfer = if range.sparse {
@@ -183,20 +229,319 @@ fn insert(reactor: &mut Reactor, stream: Stream, transfer: Transfer) -> Result<S
     reactor.insert(stream, interest, transfer)
 }
 
-/// The part of the source file an upload sends: `[0, end)`.
+/// What a download writes into.
+enum Sink {
+    /// A new file under a private name, given `path` once complete; `replace`: a
+    /// regular file at `path` is replaced (`force`).
+    Part {
+        file: File,
+        part: PathBuf,
+        path: PathBuf,
+        replace: bool,
+    },
+    /// An existing device or FIFO, written through in place (`force`); `sync`: a
+    /// block device, flushed at the end.
+    Through {
+        file: File,
+        path: PathBuf,
+        sync: bool,
+    },
+}
+
+/// Private `.part` names of this process.
+static NEXT_PART: AtomicU32 = AtomicU32::new(0);
+
+/// Zeros for the holes written into a device.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+impl Sink {
+    fn open(path: &Path, force: bool) -> Result<Sink> {
+        let meta = match fs::symlink_metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Sink::part(path, false),
+            Err(e) => return Err(file_error(path, e)),
+        };
+        let kind = kind_of(meta.file_type());
+        let refused = || Error::DestinationExists {
+            path: path.to_path_buf(),
+            kind,
+        };
+        let file_type = meta.file_type();
+        if file_type.is_dir() || !force {
+            Err(refused())
+        } else if file_type.is_symlink() {
+            // What it names gets the same treatment; a canonical path has no links.
+            let target = fs::canonicalize(path).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => {
+                    file_error(path, io::Error::new(e.kind(), "a symbolic link to nothing"))
+                }
+                _ => file_error(path, e),
+            })?;
+            Sink::open(&target, force)
+        } else if file_type.is_file() {
+            Sink::part(path, true)
+        } else if is_device_or_fifo(file_type) {
+            let file = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+                .map_err(|e| file_error(path, e))?;
+            // What was opened must still be what was checked.
+            let opened = file
+                .metadata()
+                .map_err(|e| file_error(path, e))?
+                .file_type();
+            if !is_device_or_fifo(opened) {
+                return Err(Error::DestinationExists {
+                    path: path.to_path_buf(),
+                    kind: kind_of(opened),
+                });
+            }
+            Ok(Sink::Through {
+                file,
+                path: path.to_path_buf(),
+                sync: opened.is_block_device(),
+            })
+        } else {
+            Err(refused()) // a socket
+        }
+    }
+
+    /// Creates this download's own `.part` next to `path`.
+    fn part(path: &Path, replace: bool) -> Result<Sink> {
+        let name = path.file_name().ok_or_else(|| {
+            file_error(
+                path,
+                io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
+            )
+        })?;
+        loop {
+            let n = NEXT_PART.fetch_add(1, Ordering::Relaxed);
+            let mut part_name = OsString::from(name);
+            part_name.push(format!(".{}-{n}.part", std::process::id()));
+            let part = path.with_file_name(part_name);
+            // O_EXCL: a leftover of an earlier process with this pid is not reused.
+            match OpenOptions::new().write(true).create_new(true).open(&part) {
+                Ok(file) => {
+                    return Ok(Sink::Part {
+                        file,
+                        part,
+                        path: path.to_path_buf(),
+                        replace,
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(file_error(path, e)),
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Sink::Part { path, .. } | Sink::Through { path, .. } => path,
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Sink::Part { file, .. } | Sink::Through { file, .. } => file.write_all(bytes),
+        }
+        .map_err(|e| with_path(self.path(), e))
+    }
+
+    fn hole(&mut self, length: u64) -> io::Result<()> {
+        let written = match self {
+            Sink::Part { file, .. } => {
+                let offset = i64::try_from(length).map_err(|_| io::ErrorKind::InvalidInput)?;
+                file.seek(SeekFrom::Current(offset)).map(drop)
+            }
+            // A device keeps what it held where the hole is: write the zeros.
+            Sink::Through { file, .. } => {
+                let mut left = length;
+                while left > 0 {
+                    let n = left.min(ZEROS.len() as u64) as usize;
+                    file.write_all(&ZEROS[..n])?;
+                    left -= n as u64;
+                }
+                Ok(())
+            }
+        };
+        written.map_err(|e| with_path(self.path(), e))
+    }
+
+    /// Sizes the file (trailing holes included), syncs it and gives it its name.
+    fn complete(&self, size: u64) -> Result<()> {
+        let (file, part, path, replace) = match self {
+            Sink::Part {
+                file,
+                part,
+                path,
+                replace,
+            } => (file, part, path, *replace),
+            Sink::Through { file, path, sync } => {
+                return match sync {
+                    true => file.sync_all().map_err(|e| file_error(path, e)),
+                    false => Ok(()),
+                };
+            }
+        };
+        file.set_len(size).map_err(|e| file_error(part, e))?;
+        file.sync_all().map_err(|e| file_error(part, e))?;
+        let taken = |path: &Path| -> Result<()> {
+            match fs::symlink_metadata(path) {
+                Ok(meta) if replace && meta.is_file() => Ok(()),
+                Ok(meta) => Err(Error::DestinationExists {
+                    path: path.to_path_buf(),
+                    kind: kind_of(meta.file_type()),
+                }),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(file_error(path, e)),
+            }
+        };
+        if !replace {
+            // A link, unlike a rename, fails if the name was taken meanwhile.
+            match fs::hard_link(part, path) {
+                Ok(()) => {
+                    if let Err(e) = fs::remove_file(part) {
+                        log::warn!("{}: {e}", part.display());
+                    }
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => taken(path)?,
+                // No hard links on this filesystem: check, then rename.
+                Err(_) => {}
+            }
+        }
+        taken(path)?;
+        fs::rename(part, path).map_err(|e| file_error(path, e))
+    }
+
+    /// Removes what this download created.
+    fn discard(&self) {
+        if let Sink::Part { part, .. } = self {
+            let _ = fs::remove_file(part);
+        }
+    }
+}
+
+fn is_device_or_fifo(file_type: FileType) -> bool {
+    file_type.is_char_device() || file_type.is_block_device() || file_type.is_fifo()
+}
+
+/// What a file is, for messages.
+fn kind_of(file_type: FileType) -> &'static str {
+    if file_type.is_file() {
+        "regular file"
+    } else if file_type.is_dir() {
+        "directory"
+    } else if file_type.is_symlink() {
+        "symbolic link"
+    } else if file_type.is_char_device() {
+        "character device"
+    } else if file_type.is_block_device() {
+        "block device"
+    } else if file_type.is_fifo() {
+        "FIFO"
+    } else {
+        "socket"
+    }
+}
+
+/// The part of the source an upload sends: `[0, end)`.
 struct Source {
     file: File,
+    path: PathBuf,
+    kind: SourceKind,
     position: u64,
     end: u64,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SourceKind {
+    /// A regular file: positioned reads, holes found with `SEEK_DATA`/`SEEK_HOLE`.
+    File,
+    /// A block device: positioned reads, all data.
+    Device,
+    /// A pipe or character device: read as it comes, all data.
+    Stream,
+}
+
 impl Source {
+    /// Opens the source of an upload of `length` bytes (0: all of it).
+    fn open(path: &Path, length: u64) -> Result<Source> {
+        let error = |e| file_error(path, e);
+        let invalid = |message: String| error(io::Error::new(io::ErrorKind::InvalidInput, message));
+        let file = File::open(path).map_err(error)?;
+        let meta = file.metadata().map_err(error)?;
+        let file_type = meta.file_type();
+        let (kind, size) = if file_type.is_file() {
+            (SourceKind::File, Some(meta.len()))
+        } else if file_type.is_block_device() {
+            let size = (&file).seek(SeekFrom::End(0)).map_err(error)?;
+            (SourceKind::Device, Some(size))
+        } else if file_type.is_dir() {
+            return Err(invalid("a directory, not something to upload".to_owned()));
+        } else {
+            (SourceKind::Stream, None)
+        };
+        let end = match (size, length) {
+            (Some(size), 0) => size,
+            (Some(size), length) if length > size => {
+                return Err(error(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("holds {size} bytes, fewer than the {length} to upload"),
+                )))
+            }
+            (Some(_), length) => length,
+            (None, 0) => {
+                return Err(invalid(format!(
+                    "a {} has no size: give the length to upload",
+                    kind_of(file_type)
+                )))
+            }
+            (None, length) => length,
+        };
+        Ok(Source {
+            file,
+            path: path.to_path_buf(),
+            kind,
+            position: 0,
+            end,
+        })
+    }
+
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let left = usize::try_from(self.end - self.position).unwrap_or(usize::MAX);
         let want = buf.len().min(left);
-        // Positioned read: `section` probes with lseek(SEEK_DATA/SEEK_HOLE), which
-        // moves the file offset to the end of the data section.
-        let n = self.file.read_at(&mut buf[..want], self.position)?;
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = loop {
+            // Positioned reads where possible: `section` probes with
+            // lseek(SEEK_DATA/SEEK_HOLE), which moves the file offset.
+            let read = match self.kind {
+                SourceKind::Stream => (&self.file).read(&mut buf[..want]),
+                SourceKind::File | SourceKind::Device => {
+                    self.file.read_at(&mut buf[..want], self.position)
+                }
+            };
+            match read {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                read => break read.map_err(|e| with_path(&self.path, e))?,
+            }
+        };
+        if n == 0 {
+            // 0 means the end of the transfer to it: an early end must fail it.
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{}: ended after {} of {} bytes",
+                    self.path.display(),
+                    self.position,
+                    self.end
+                ),
+            ));
+        }
         self.position += n as u64;
         Ok(n)
     }
@@ -204,12 +549,27 @@ impl Source {
     /// Where the source is: `(true, n)` n bytes of data, `(false, n)` a hole of n
     /// bytes, `(_, 0)` the end.
     fn section(&mut self) -> io::Result<(bool, u64)> {
+        self.probe().map_err(|e| with_path(&self.path, e))
+    }
+
+    fn probe(&mut self) -> io::Result<(bool, u64)> {
         if self.position >= self.end {
             return Ok((false, 0));
         }
-        let data = next_data(&self.file, self.position)?
-            .unwrap_or(self.end)
-            .min(self.end);
+        if self.kind != SourceKind::File {
+            return Ok((true, self.end - self.position));
+        }
+        let data = match next_data(&self.file, self.position)? {
+            Some(data) => data.min(self.end),
+            // No data up to the end of the file: a file that shrank is short.
+            None if self.file.metadata()?.len() < self.end => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("shrank below {} bytes", self.end),
+                ))
+            }
+            None => self.end,
+        };
         if data > self.position {
             return Ok((false, data - self.position));
         }
@@ -223,20 +583,11 @@ impl Source {
     }
 }
 
-/// `FILE.part`, next to `FILE`.
-fn part_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".part");
-    path.with_file_name(name)
-}
-
-/// Sizes the file (trailing holes included), syncs it and gives it its real name.
-fn complete_file(file: &File, size: u64, part: &Path, path: &Path) -> Result<()> {
-    file.set_len(size).map_err(|e| file_error(part, e))?;
-    file.sync_all().map_err(|e| file_error(part, e))?;
-    fs::rename(part, path).map_err(|e| file_error(path, e))
-}
-
 fn file_error(path: &Path, e: io::Error) -> Error {
-    Error::Io(io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    Error::Io(with_path(path, e))
+}
+
+/// `e`, its message starting with the path it is about.
+fn with_path(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }

@@ -1,18 +1,23 @@
 //! The `vol` example end to end, as a user runs it, against a private libvirtd:
-//! several downloads with one missing volume among them, and a sparse download.
+//! several downloads with one missing volume among them, a sparse download, and
+//! bad input: destinations that must not be replaced, sources of unknown size,
+//! ranges past the end, one file for two downloads, a daemon lost mid-upload.
 //!
 //! The example is run through `cargo run --example vol` (cargo builds it if needed,
 //! with the profile of this test build).
 
 mod support;
 
-use std::path::Path;
-use std::process::{Command, Output};
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use support::pool::{allocated, data_extents, file_is, pattern, read_range, Bed, MIB};
+use support::pool::{allocated, data_extents, file_is, pattern, read_range, Bed, KIB, MIB};
 
-/// Runs `vol ARGS...` and returns its output.
-fn run_vol(args: &[&str]) -> Output {
+/// The command that runs `vol ARGS...`.
+fn vol_command(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO"));
     command
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -21,7 +26,12 @@ fn run_vol(args: &[&str]) -> Output {
         command.arg("--release");
     }
     command.arg("--").args(args);
-    command.output().expect("run the vol example")
+    command
+}
+
+/// Runs `vol ARGS...` and returns its output.
+fn run_vol(args: &[&str]) -> Output {
+    vol_command(args).output().expect("run the vol example")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -159,4 +169,492 @@ fn vol_sparse_download_keeps_holes() {
 
     drop(vol);
     bed.finish();
+}
+
+/// A device node `name` in the output directory, like the one at /dev (`mknod`):
+/// the tests write to their own nodes, never to the system's.
+fn device(bed: &Bed, name: &str, major: u32, minor: u32) -> PathBuf {
+    let node = bed.out(name);
+    let status = Command::new("mknod")
+        .arg(&node)
+        .args(["c", &major.to_string(), &minor.to_string()])
+        .status()
+        .expect("run mknod");
+    assert!(status.success(), "mknod {}", node.display());
+    node
+}
+
+/// Whether `path` is still the character device `major:minor`.
+fn is_char_device(path: &Path, major: u64, minor: u64) -> bool {
+    let meta = fs::symlink_metadata(path).expect("stat the node");
+    meta.file_type().is_char_device() && meta.rdev() == libc::makedev(major as u32, minor as u32)
+}
+
+/// The names in the output directory, sorted.
+fn listing(bed: &Bed) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(&bed.out)
+        .expect("list the output directory")
+        .map(|e| {
+            e.expect("an entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// A download target of each kind: a device, a link to a file, a directory and a
+/// file, with what the link names.
+struct Targets {
+    full: PathBuf,
+    link: PathBuf,
+    linked: PathBuf,
+    dir: PathBuf,
+    file: PathBuf,
+}
+
+impl Targets {
+    fn new(bed: &Bed) -> Targets {
+        let targets = Targets {
+            full: device(bed, "full", 1, 7),
+            link: bed.out("link"),
+            linked: bed.out("linked"),
+            dir: bed.out("dir"),
+            file: bed.out("file"),
+        };
+        fs::write(&targets.linked, b"linked").unwrap();
+        std::os::unix::fs::symlink(&targets.linked, &targets.link).unwrap();
+        fs::create_dir(&targets.dir).unwrap();
+        fs::write(&targets.file, b"file").unwrap();
+        targets
+    }
+}
+
+/// 4 of the issue: as root, `vol download VOL /dev/full` exited 0 and replaced the
+/// device node with a regular file, and a symbolic link was replaced. Now anything
+/// at the destination is refused, named with what it is, and left as it was.
+#[test]
+fn vol_download_leaves_devices_links_directories_and_files_alone() {
+    let bed = Bed::start("example");
+    let vols: Vec<_> = ["a", "b", "c", "d"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            bed.pool
+                .volume_with(name, &pattern(5200 + i as u64, 64 * KIB as usize))
+        })
+        .collect();
+    let t = Targets::new(&bed);
+    let before = listing(&bed);
+    let uri = bed.daemon.uri("qemu");
+
+    let output = run_vol(&[
+        "download",
+        "--uri",
+        &uri,
+        "--pool",
+        "example",
+        "a",
+        path(&t.full),
+        "b",
+        path(&t.link),
+        "c",
+        path(&t.dir),
+        "d",
+        path(&t.file),
+    ]);
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(output.status.code(), Some(1), "{all}");
+    let hint = " (--force writes over it)";
+    for (name, target, kind, hint) in [
+        ("a", &t.full, "character device", hint),
+        ("b", &t.link, "symbolic link", hint),
+        ("c", &t.dir, "directory", ""),
+        ("d", &t.file, "regular file", hint),
+    ] {
+        assert_eq!(
+            report_line(&stdout, name),
+            format!(
+                "{name}: failed: {}: a {kind} is there already; not overwritten{hint}",
+                target.display()
+            ),
+            "{all}"
+        );
+    }
+    assert!(is_char_device(&t.full, 1, 7), "the device node is kept");
+    assert_eq!(
+        fs::read_link(&t.link).unwrap(),
+        t.linked,
+        "the link is kept"
+    );
+    assert_eq!(fs::read(&t.linked).unwrap(), b"linked");
+    assert_eq!(fs::read_dir(&t.dir).unwrap().count(), 0);
+    assert_eq!(fs::read(&t.file).unwrap(), b"file");
+    assert_eq!(listing(&bed), before, "nothing created");
+
+    drop(vols);
+    bed.finish();
+}
+
+/// 4 of the issue, when asked with `--force`: a device is written through and stays
+/// a device (a full one fails, naming the device), a link is followed and stays a
+/// link, a regular file is replaced; a directory is still refused.
+#[test]
+fn vol_download_with_force_writes_through_devices_and_links() {
+    let bed = Bed::start("example");
+    let data: Vec<Vec<u8>> = (0..5)
+        .map(|i| pattern(5300 + i, 64 * KIB as usize + 11))
+        .collect();
+    let vols: Vec<_> = ["a", "b", "c", "d", "e"]
+        .iter()
+        .zip(&data)
+        .map(|(name, data)| bed.pool.volume_with(name, data))
+        .collect();
+    let t = Targets::new(&bed);
+    let null = device(&bed, "null", 1, 3);
+    let before = listing(&bed);
+    let uri = bed.daemon.uri("qemu");
+
+    let output = run_vol(&[
+        "download",
+        "--uri",
+        &uri,
+        "--pool",
+        "example",
+        "--force",
+        "--sparse",
+        "a",
+        path(&null),
+        "b",
+        path(&t.link),
+        "c",
+        path(&t.file),
+        "d",
+        path(&t.dir),
+        "e",
+        path(&t.full),
+    ]);
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(output.status.code(), Some(1), "{all}");
+    for name in ["a", "b", "c"] {
+        assert!(
+            report_line(&stdout, name).starts_with(&format!("{name}: ok, ")),
+            "{all}"
+        );
+    }
+    assert_eq!(
+        report_line(&stdout, "d"),
+        format!(
+            "d: failed: {}: a directory is there already; not overwritten",
+            t.dir.display()
+        )
+    );
+    let e = report_line(&stdout, "e");
+    assert!(
+        e.starts_with(&format!("e: failed: I/O: {}: ", t.full.display()))
+            && e.contains("No space left on device"),
+        "{all}"
+    );
+    assert!(is_char_device(&null, 1, 3), "written through, not replaced");
+    assert!(
+        is_char_device(&t.full, 1, 7),
+        "written through, not replaced"
+    );
+    assert_eq!(
+        fs::read_link(&t.link).unwrap(),
+        t.linked,
+        "the link is kept"
+    );
+    assert!(
+        file_is(&t.linked, &data[1]),
+        "what the link names is replaced"
+    );
+    assert!(file_is(&t.file, &data[2]), "the file is replaced");
+    assert_eq!(fs::read_dir(&t.dir).unwrap().count(), 0);
+    assert_eq!(listing(&bed), before, "nothing else created");
+
+    drop(vols);
+    bed.finish();
+}
+
+/// 5 of the issue: an upload from a character device took its size from its
+/// metadata, 0, and reported `ok, 0 data bytes`. Now it sends exactly `--length`
+/// bytes; without `--length`, or from a source that ends early, it fails, names
+/// the source and leaves the volume as it was.
+#[test]
+fn vol_upload_from_a_stream_sends_exactly_the_length() {
+    let bed = Bed::start("example");
+    let data: Vec<Vec<u8>> = (0..4)
+        .map(|i| pattern(5400 + i, 64 * KIB as usize))
+        .collect();
+    let vols: Vec<_> = ["a", "b", "c", "d"]
+        .iter()
+        .zip(&data)
+        .map(|(name, data)| bed.pool.volume_with(name, data))
+        .collect();
+    let zero = device(&bed, "zero", 1, 5);
+    let null = device(&bed, "null", 1, 3);
+    let short = bed.out("short");
+    fs::write(&short, pattern(5410, 1000)).unwrap();
+    let uri = bed.daemon.uri("qemu");
+    let upload = |extra: &[&str], pairs: &[&str]| {
+        let mut args = vec!["upload", "--uri", &uri, "--pool", "example"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(pairs);
+        let output = run_vol(&args);
+        let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+        (output.status.code(), stdout, stderr)
+    };
+
+    let (code, stdout, stderr) = upload(&["--length", "4096"], &["a", path(&zero)]);
+    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(
+        report_line(&stdout, "a"),
+        "a: ok, 4096 data bytes, 0 hole(s) of 0 bytes"
+    );
+    let mut expected = data[0].clone();
+    expected[..4096].fill(0);
+    assert!(file_is(&bed.pool.path_of("a"), &expected), "4096 zeros");
+
+    let (code, stdout, stderr) = upload(&[], &["b", path(&zero)]);
+    assert_eq!(code, Some(1), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(
+        report_line(&stdout, "b"),
+        format!(
+            "b: failed: I/O: {}: a character device has no size: give the length to upload",
+            zero.display()
+        )
+    );
+
+    let (code, stdout, stderr) = upload(
+        &["--length", "4096"],
+        &["c", path(&null), "d", path(&short)],
+    );
+    assert_eq!(code, Some(1), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(
+        report_line(&stdout, "c"),
+        format!(
+            "c: failed: I/O: {}: ended after 0 of 4096 bytes",
+            null.display()
+        )
+    );
+    assert_eq!(
+        report_line(&stdout, "d"),
+        format!(
+            "d: failed: I/O: {}: holds 1000 bytes, fewer than the 4096 to upload",
+            short.display()
+        )
+    );
+    for (i, name) in ["b", "c", "d"].iter().enumerate() {
+        assert!(
+            file_is(&bed.pool.path_of(name), &data[i + 1]),
+            "volume {name} is untouched"
+        );
+    }
+
+    drop(vols);
+    bed.finish();
+}
+
+/// 5 of the issue: `--offset 999999999` past the end of a 4 MiB volume exited 0
+/// with an empty file. Now it fails before anything starts, and creates nothing.
+#[test]
+fn vol_download_refuses_a_range_past_the_volume_end() {
+    let bed = Bed::start("example");
+    let vol = bed
+        .pool
+        .volume_with("four", &pattern(5500, 4 * MIB as usize));
+    let file = bed.out("four");
+    let uri = bed.daemon.uri("qemu");
+
+    let output = run_vol(&[
+        "download",
+        "--uri",
+        &uri,
+        "--pool",
+        "example",
+        "--offset",
+        "999999999",
+        "four",
+        path(&file),
+    ]);
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert_eq!(
+        report_line(&stdout, "four"),
+        "four: failed: bytes 999999999 to its end are outside the volume, which holds 4194304 bytes"
+    );
+    assert!(
+        listing(&bed).is_empty(),
+        "nothing created: {:?}",
+        listing(&bed)
+    );
+
+    drop(vol);
+    bed.finish();
+}
+
+/// 5 of the issue: two volumes downloaded into one FILE both reported `ok` and the
+/// file matched neither. Now the run is refused before anything starts, also when
+/// the two name the file differently; so are two uploads into one volume.
+#[test]
+fn vol_refuses_two_transfers_into_one_file_or_volume() {
+    let bed = Bed::start("example");
+    let vols = [
+        bed.pool
+            .volume_with("one", &pattern(5600, 64 * KIB as usize)),
+        bed.pool
+            .volume_with("two", &pattern(5601, 64 * KIB as usize)),
+    ];
+    let file = bed.out("same");
+    let other_name = bed.out.join(".").join("same");
+    let uri = bed.daemon.uri("qemu");
+
+    let output = run_vol(&[
+        "download",
+        "--uri",
+        &uri,
+        "--pool",
+        "example",
+        "one",
+        path(&file),
+        "two",
+        path(&other_name),
+    ]);
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert_eq!(
+        stderr.trim_end(),
+        format!(
+            "vol: {} is the destination of both one and two",
+            other_name.display()
+        )
+    );
+    assert!(
+        listing(&bed).is_empty(),
+        "nothing created: {:?}",
+        listing(&bed)
+    );
+
+    // Two uploads into one volume would interleave.
+    let source = bed.out("source");
+    fs::write(&source, pattern(5602, 64 * KIB as usize)).unwrap();
+    let output = run_vol(&[
+        "upload",
+        "--uri",
+        &uri,
+        "--pool",
+        "example",
+        "one",
+        path(&source),
+        "one",
+        path(&source),
+    ]);
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert_eq!(stderr.trim_end(), "vol: volume one is given twice");
+    assert!(
+        file_is(&bed.pool.path_of("one"), &pattern(5600, 64 * KIB as usize)),
+        "the volume is untouched"
+    );
+
+    drop(vols);
+    bed.finish();
+}
+
+/// 6 of the issue: the daemon dies while an upload is part way. The summary names
+/// the volume as partly written, and the exit code (3) says so. The source is a
+/// FIFO the test feeds, so the kill comes while the upload is surely in flight.
+#[test]
+fn vol_names_the_volume_a_lost_daemon_leaves_partly_written() {
+    let mut bed = Bed::start("example");
+    const LEN: usize = 4 * MIB as usize;
+    let data = pattern(5700, LEN);
+    let vol = bed.pool.create_volume("fed", LEN as u64);
+    let volume_file = bed.pool.path_of("fed");
+    let fifo = bed.out("fifo");
+    let status = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(status.success());
+    let uri = bed.daemon.uri("qemu");
+    let length = LEN.to_string();
+    let vol_process = vol_command(&[
+        "upload",
+        "--uri",
+        &uri,
+        "--pool",
+        "example",
+        "--length",
+        &length,
+        "fed",
+        path(&fifo),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start the vol example");
+
+    // The first MiB now; the rest once the daemon is gone (vol may have stopped
+    // reading by then: a broken pipe is expected).
+    let (killed, killed_rx) = std::sync::mpsc::channel::<()>();
+    let feeder = {
+        let (fifo, data) = (fifo.clone(), data.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut pipe = fs::OpenOptions::new().write(true).open(&fifo)?;
+            pipe.write_all(&data[..MIB as usize])?;
+            let _ = killed_rx.recv();
+            pipe.write_all(&data[MIB as usize..])
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let first = 64 * KIB;
+    while read_range(&volume_file, 0, first) != data[..first as usize] {
+        assert!(
+            Instant::now() < deadline,
+            "the upload's first bytes did not reach the volume"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bed.daemon.kill();
+    killed.send(()).unwrap();
+    let output = vol_process.wait_with_output().expect("wait for vol");
+    let _ = feeder.join().expect("the feeder thread");
+
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(output.status.code(), Some(3), "{all}");
+    let line = report_line(&stdout, "fed");
+    assert!(
+        line.starts_with("fed: failed: ") && line.contains("; volume PARTLY WRITTEN: "),
+        "{all}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l == "1 volume(s) partly written: fed"),
+        "{all}"
+    );
+    assert!(
+        !file_is(&volume_file, &data),
+        "precondition: the upload did not complete"
+    );
+
+    drop(vol);
+    drop(bed);
 }

@@ -68,7 +68,7 @@ fn sixty_four_concurrent_downloads_arrive_intact() {
         assert_eq!((stats.holes, stats.hole_bytes), (0, 0), "download {i}");
         let file = bed.out(&format!("file{i}"));
         assert!(file_is(&file, data), "download {i}: content differs");
-        assert!(!bed.out(&format!("file{i}.part")).exists());
+        assert!(parts_of(&bed.out(&format!("file{i}"))).is_empty());
     }
     drop(vols);
     bed.finish();
@@ -227,6 +227,21 @@ fn sparse_round_trip_of_a_gibibyte_keeps_its_holes() {
     bed.finish();
 }
 
+/// The `.part` files of downloads into `file` (`FILE.<pid>-<n>.part`), if any.
+fn parts_of(file: &Path) -> Vec<std::path::PathBuf> {
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir(file.parent().unwrap()) else {
+        return Vec::new();
+    };
+    entries
+        .map(|entry| entry.expect("a directory entry").path())
+        .filter(|path| {
+            let other = path.file_name().unwrap().to_string_lossy();
+            other.starts_with(&format!("{name}.")) && other.ends_with(".part")
+        })
+        .collect()
+}
+
 /// libvirt's error inside one of ours.
 fn libvirt_code(e: &Error) -> ErrorNumber {
     match e.libvirt().map(|e| e.code()) {
@@ -268,11 +283,8 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
     };
     let nothing_at = |file: &Path, case: &str| {
         assert!(!file.exists(), "{case}: left {}", file.display());
-        let part = file.with_file_name(format!(
-            "{}.part",
-            file.file_name().unwrap().to_string_lossy()
-        ));
-        assert!(!part.exists(), "{case}: left {}", part.display());
+        let parts = parts_of(file);
+        assert!(parts.is_empty(), "{case}: left {parts:?}");
     };
     let ignore = || Callbacks {
         progress: Box::new(|_| {}),
@@ -358,7 +370,7 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
     let at_offset = VolumeRange {
         offset: MIB + MIB / 2,
         length: MIB,
-        sparse: false,
+        ..VolumeRange::default()
     };
     let e = volume::upload(
         &mut bed.reactor,
@@ -380,7 +392,7 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
     );
     still_running(&mut bed, "upload too big");
 
-    // A download that fails half way leaves neither FILE nor FILE.part.
+    // A download that fails half way leaves neither FILE nor its `.part`.
     let file = bed.out("interrupted");
     let (interrupted, token) = tracker
         .download(
@@ -397,7 +409,7 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
         "a second download moves",
         |_| tracker.position(interrupted) > 0,
     );
-    assert!(file.with_file_name("interrupted.part").exists());
+    assert_eq!(parts_of(&file).len(), 1, "its .part while it runs");
     assert!(!tracker.is_ended(interrupted), "mid-flight (precondition)");
     bed.reactor.abort(token).expect("abort it");
     // A remote stream's abort waits for the daemon's answer, off the loop.
@@ -420,5 +432,108 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
     assert!(file_is(&background_file, &data), "the background content");
 
     drop((vol, doomed, small));
+    bed.finish();
+}
+
+/// Two downloads into one FILE on one reactor: each writes its own `.part` (before,
+/// both wrote one `FILE.part`, and the file matched neither volume). The first to
+/// finish takes the name; the second is refused rather than replace it.
+#[test]
+fn two_downloads_into_one_file_never_mix() {
+    let mut bed = Bed::start("same");
+    let (one, two) = (
+        pattern(6000, 3 * MIB as usize),
+        pattern(6001, 3 * MIB as usize),
+    );
+    let vols = [
+        bed.pool.volume_with("one", &one),
+        bed.pool.volume_with("two", &two),
+    ];
+    let file = bed.out("same");
+    let tracker = Tracker::default();
+    for vol in &vols {
+        tracker
+            .download(
+                &mut bed.reactor,
+                &bed.conn,
+                vol,
+                &file,
+                VolumeRange::default(),
+            )
+            .expect("start a download");
+    }
+    assert_eq!(parts_of(&file).len(), 2, "one .part each");
+    drive(&mut bed.reactor, BATCH_LIMIT, "two downloads", |r| {
+        r.is_empty()
+    });
+
+    let ends: Vec<bool> = (0..2)
+        .map(|i| tracker.with(i, |t| matches!(t.end, Some(Ok(_)))))
+        .collect();
+    assert_eq!(
+        ends.iter().filter(|ok| **ok).count(),
+        1,
+        "exactly one download succeeds"
+    );
+    let winner = ends.iter().position(|ok| *ok).unwrap();
+    tracker.with(1 - winner, |t| match &t.end {
+        Some(Err(Error::DestinationExists { path, kind })) => {
+            assert_eq!((path.as_path(), *kind), (file.as_path(), "regular file"));
+        }
+        other => panic!("the other download: {other:?}"),
+    });
+    assert!(
+        file_is(&file, [&one, &two][winner]),
+        "the file is the successful download's volume"
+    );
+    assert!(parts_of(&file).is_empty(), "no .part left");
+    drop(vols);
+    bed.finish();
+}
+
+/// A download range past the volume's end is refused before anything starts,
+/// with a typed error (before, libvirt sent nothing and an empty file was "ok").
+#[test]
+fn a_download_range_past_the_end_is_refused() {
+    let mut bed = Bed::start("range");
+    let vol = bed
+        .pool
+        .volume_with("four", &pattern(6100, 4 * MIB as usize));
+    let file = bed.out("four");
+    let cases = [
+        (999_999_999, 0),
+        (4 * MIB, 0),
+        (3 * MIB, 2 * MIB),
+        (0, 4 * MIB + 1),
+    ];
+    for (offset, length) in cases {
+        let range = VolumeRange {
+            offset,
+            length,
+            ..VolumeRange::default()
+        };
+        let e = Tracker::default()
+            .download(&mut bed.reactor, &bed.conn, &vol, &file, range)
+            .expect_err("a range past the end");
+        assert!(
+            matches!(e, Error::OutOfRange { offset: o, length: l, size }
+                if (o, l, size) == (offset, length, 4 * MIB)),
+            "{offset}+{length}: {e:?}"
+        );
+        assert!(!file.exists() && parts_of(&file).is_empty());
+    }
+    assert!(bed.reactor.is_empty(), "nothing started");
+    // The last bytes exactly are a valid range.
+    let tracker = Tracker::default();
+    let range = VolumeRange {
+        offset: 4 * MIB - 10,
+        ..VolumeRange::default()
+    };
+    let (index, _) = tracker
+        .download(&mut bed.reactor, &bed.conn, &vol, &file, range)
+        .expect("the last 10 bytes");
+    drive(&mut bed.reactor, BATCH_LIMIT, "10 bytes", |r| r.is_empty());
+    assert_eq!(tracker.ok(index).data_bytes, 10);
+    drop(vol);
     bed.finish();
 }
