@@ -55,6 +55,11 @@ struct Args {
     linger: f64,
 }
 
+/// How long shutdown waits for a daemon's answers.
+const DAEMON_GRACE: Duration = Duration::from_millis(400);
+/// How long shutdown waits for the guests it booted on the in-process driver.
+const BOOTED_GRACE: Duration = Duration::from_secs(30);
+
 /// A duration in seconds, as `Duration::from_secs_f64` takes it without panicking.
 fn seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
@@ -75,7 +80,10 @@ struct Session {
 enum Note {
     Ready(Session),
     SetupFailed(String),
+    /// End of input or Ctrl-]: quit after `--linger`.
     Quit,
+    /// SIGINT, SIGTERM or SIGHUP: quit now.
+    Signal,
 }
 
 fn main() -> ExitCode {
@@ -97,10 +105,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let handle = reactor.handle();
     let (notes_tx, notes) = crossbeam_channel::unbounded();
     {
-        // Ctrl-C and SIGTERM quit as cleanly as end of input.
+        // Ctrl-C and SIGTERM quit as cleanly as end of input, without lingering.
         let (notes_tx, handle) = (notes_tx.clone(), handle.clone());
         ctrlc::set_handler(move || {
-            let _ = notes_tx.send(Note::Quit);
+            let _ = notes_tx.send(Note::Signal);
             handle.wake();
         })?;
     }
@@ -148,6 +156,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 Note::Quit => {
                     quit_at.get_or_insert(Instant::now() + Duration::from_secs_f64(args.linger));
                 }
+                Note::Signal => quit_at = Some(Instant::now()),
             }
         }
         let Some(Session {
@@ -222,6 +231,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     // Clean shutdown: finish the consoles on the loop, destroy what we booted off it.
     // The run's own error, if any, is the one reported; clean-up errors come after.
+    // A daemon gets a short grace, so that a frozen one cannot hold the exit; guests
+    // booted on the in-process driver take longer to destroy.
+    let grace = if embed_root.is_some() {
+        BOOTED_GRACE
+    } else {
+        DAEMON_GRACE
+    };
     let mut destroyed = Ok(0);
     if let Some(Session {
         conn,
@@ -238,7 +254,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 drop((mux, conn));
                 destroyed
             },
-            Duration::from_secs(30),
+            grace,
             |_| {
                 for event in events.try_iter() {
                     let _ = out.event(&event);
@@ -250,14 +266,20 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             out.note(&format!("destroyed {n} guest(s)"));
         }
     }
-    let drained = reactor.shutdown(Duration::from_secs(10));
+    let drained = reactor.shutdown(grace);
     log::debug!("drained: {drained:?}");
+    let unanswered = |e: virt_reactor::Error| match e {
+        virt_reactor::Error::TimedOut | virt_reactor::Error::DrainTimedOut { .. } => {
+            format!("libvirt did not answer within {grace:?}; exiting without a clean close")
+        }
+        other => other.to_string(),
+    };
     if let Some(root) = embed_root {
         let _ = fs::remove_dir_all(root);
     }
     result?;
-    destroyed?;
-    drained?;
+    destroyed.map_err(unanswered)?;
+    drained.map_err(unanswered)?;
     Ok(())
 }
 

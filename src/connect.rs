@@ -8,9 +8,10 @@ use virt::connect::Connect;
 use crate::engine;
 use crate::error::{Error, Result};
 
-/// Client keepalive of a remote connection: a ping after `interval` without traffic
-/// from the daemon, and the connection closed as lost after `count` unanswered pings,
-/// about `interval × (count + 1)` after the daemon stopped answering.
+/// Client keepalive of a remote connection ([`connect_with`]): a ping after
+/// `interval` without traffic from the daemon, and the connection closed as lost
+/// after `count` unanswered pings, about `interval × (count + 1)` after the daemon
+/// stopped answering.
 ///
 /// Without it a frozen daemon (stopped, deadlocked, its host gone) is never noticed:
 /// every call on the connection, and every stream on it, waits for good.
@@ -28,22 +29,6 @@ impl KeepAlive {
         interval: Duration::from_secs(5),
         count: 3,
     };
-
-    /// Sets this keepalive on `conn`. In-process drivers (`test:///`,
-    /// `qemu:///embed`) have no peer to lose, and are left alone.
-    ///
-    /// # Errors
-    ///
-    /// libvirt's error, e.g. an interval under one second.
-    #[doc(alias = "virConnectSetKeepAlive")]
-    pub fn set(self, conn: &Connect) -> Result<()> {
-        if !is_remote(conn) {
-            return Ok(());
-        }
-        let interval = i32::try_from(self.interval.as_secs()).unwrap_or(i32::MAX);
-        conn.set_keep_alive(interval, self.count)
-            .map_err(Error::Libvirt)
-    }
 }
 
 impl Default for KeepAlive {
@@ -52,29 +37,45 @@ impl Default for KeepAlive {
     }
 }
 
+/// Opens a libvirt connection with [`KeepAlive::DEFAULT`]: see [`connect_with`].
+///
+/// # Errors
+///
+/// As [`connect_with`].
+#[doc(alias = "virConnectOpen")]
+pub fn connect(uri: &str) -> Result<Connect> {
+    connect_with(uri, Some(KeepAlive::DEFAULT))
+}
+
 /// Opens a libvirt connection, refusing to do so before [`crate::EventLoop::register`],
-/// and turns client keepalive on ([`KeepAlive::DEFAULT`]; change it with
-/// [`KeepAlive::set`]).
+/// with client keepalive as given (`None`: off, and a frozen daemon is never noticed).
 ///
 /// libvirt wires a connection's socket and keepalive into the event implementation
 /// that is registered when the connection opens. A connection opened earlier gets no
 /// events, and its keepalive cannot work, so the wrong order is an error here.
 ///
-/// Keepalive runs on the loop: while nothing runs the loop, a connection can be
-/// closed as lost even though its daemon is fine.
+/// Keepalive is chosen here because libvirt ignores a later `virConnectSetKeepAlive`
+/// once keepalive runs. It runs on the loop: while nothing runs the loop, a
+/// connection can be closed as lost although its daemon is fine. In-process drivers
+/// (`test:///`, `qemu:///embed`) have no peer to lose and get none.
 ///
 /// # Errors
 ///
 /// [`Error::NotRegistered`] before registration; libvirt's error if the open fails
 /// (a bad URI, no daemon at the socket, refused authentication) or keepalive cannot
-/// be set.
+/// be set (an interval under one second).
 #[doc(alias = "virConnectOpen")]
-pub fn connect(uri: &str) -> Result<Connect> {
+#[doc(alias = "virConnectSetKeepAlive")]
+pub fn connect_with(uri: &str, keepalive: Option<KeepAlive>) -> Result<Connect> {
     if engine::get().is_none() {
         return Err(Error::NotRegistered);
     }
     let conn = Connect::open(Some(uri)).map_err(Error::Libvirt)?;
-    KeepAlive::DEFAULT.set(&conn)?;
+    if let Some(keepalive) = keepalive.filter(|_| is_remote(&conn)) {
+        let interval = i32::try_from(keepalive.interval.as_secs()).unwrap_or(i32::MAX);
+        conn.set_keep_alive(interval, keepalive.count)
+            .map_err(Error::Libvirt)?;
+    }
     Ok(conn)
 }
 

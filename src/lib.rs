@@ -64,7 +64,7 @@ pub mod transfer;
 pub mod volume;
 mod watch;
 
-pub use connect::{connect, KeepAlive};
+pub use connect::{connect, connect_with, KeepAlive};
 pub use engine::LoopStats;
 pub use error::{Error, LibvirtError, Result};
 pub use event_loop::{DrainReport, EventLoop, LoopHandle};

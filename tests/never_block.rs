@@ -36,9 +36,9 @@ const MAX_GAP: Duration = Duration::from_millis(500);
 #[test]
 fn a_frozen_daemon_stalls_only_its_own_upload_which_fails_by_keepalive() {
     let mut frozen = Bed::start("frozen");
-    KEEPALIVE
-        .set(&frozen.conn)
-        .expect("set keepalive on the frozen daemon's connection");
+    let uri = frozen.daemon.uri("qemu");
+    let upload_conn =
+        virt_reactor::connect_with(&uri, Some(KEEPALIVE)).expect("connect with keepalive");
     let other = PrivateDaemon::start().expect("start a second private libvirtd");
     let other_conn = connect(&other);
     let other_pool = DirPool::create(&other, &other_conn, "other");
@@ -48,12 +48,19 @@ fn a_frozen_daemon_stalls_only_its_own_upload_which_fails_by_keepalive() {
     // An upload that keeps the frozen daemon's socket full.
     let big = frozen.out("big");
     sparse_file(&big, UPLOAD, &[(0, &pattern(1, UPLOAD as usize))]);
-    let target = frozen.pool.create_volume("target", UPLOAD);
+    let path = frozen
+        .pool
+        .create_volume("target", UPLOAD)
+        .path()
+        .expect("the volume's path");
+    let target = upload_conn
+        .lookup_storage_vol_by_path(&path)
+        .expect("the volume on the upload's connection");
     let tracker = Tracker::default();
     let (upload, _) = tracker
         .upload(
             &mut frozen.reactor,
-            &frozen.conn,
+            &upload_conn,
             &target,
             &big,
             VolumeRange::default(),
@@ -131,7 +138,7 @@ fn a_frozen_daemon_stalls_only_its_own_upload_which_fails_by_keepalive() {
 
     frozen.daemon.thaw();
     drop(timer);
-    drop((target, source_vol, other_pool, other_conn));
+    drop((target, upload_conn, source_vol, other_pool, other_conn));
     frozen.finish();
 }
 
@@ -245,4 +252,72 @@ fn a_console_flooded_with_input_does_not_slow_another_consoles_echo() {
     let teardown = Instant::now();
     rig.finish();
     eprintln!("teardown took {:?}", teardown.elapsed());
+}
+
+/// How long a program may take to exit after SIGTERM while its daemon is frozen.
+const EXIT_AFTER_SIGTERM: Duration = Duration::from_secs(1);
+
+#[test]
+fn console_mux_ends_within_a_second_of_sigterm_while_its_daemon_is_frozen() {
+    use support::consoles::{testbed, MuxProcess, BOOT_TIMEOUT};
+    use virt_reactor::testbed::GuestMode;
+
+    virt::error::clear_error_callback();
+    let testbed = testbed();
+    let daemon = PrivateDaemon::start().expect("start a private libvirtd");
+    let uri = daemon.uri("qemu");
+    let name = "tb-frozen";
+    // Paused until console_mux is attached, so that its banner is not lost.
+    let conn = virt::connect::Connect::open(Some(&uri)).expect("connect");
+    let domain = conn
+        .create_domain_xml(
+            &testbed.guest_xml(name, GuestMode::Plain),
+            virt::sys::VIR_DOMAIN_START_PAUSED,
+        )
+        .unwrap_or_else(|e| panic!("boot {name}: {e}\n{}", daemon.log_tail(30)));
+    let mut mux = MuxProcess::spawn(&["--uri", &uri, "--domain", name]);
+    mux.wait_lines("the ready line", BOOT_TIMEOUT, |lines| {
+        lines.iter().any(|l| l.contains("console(s) ready"))
+    });
+    domain.resume().expect("resume the guest");
+    drop((domain, conn));
+    mux.wait_lines("the banner", BOOT_TIMEOUT, |lines| {
+        lines
+            .iter()
+            .any(|l| l.starts_with("tb-frozen| TESTBED-READY"))
+    });
+    mux.send_line("echo before-the-freeze");
+    mux.wait_lines("the echo", BOOT_TIMEOUT, |lines| {
+        lines.iter().any(|l| l == "tb-frozen| before-the-freeze")
+    });
+
+    daemon.freeze();
+    // Input for the frozen daemon: more than its socket holds, so a send waits in
+    // libvirt's client (on the console's sender thread), but less than the queues
+    // in between (stdin pipe, outbox, lane), so that writing it here never blocks.
+    let long_line = "x".repeat(100 * 1024);
+    for _ in 0..4 {
+        mux.send_line(&long_line);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let signalled = Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &mux.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success(), "kill -TERM console_mux");
+    let status = mux.wait_exit(Duration::from_secs(60));
+    let took = signalled.elapsed();
+    eprintln!("console_mux exited {took:?} after SIGTERM: {status:?}");
+    assert!(
+        took < EXIT_AFTER_SIGTERM,
+        "console_mux took {took:?} to exit after SIGTERM\n{}",
+        mux.describe()
+    );
+    assert!(
+        mux.stderr().contains("did not answer"),
+        "the unclean exit is explained\n{}",
+        mux.describe()
+    );
+    daemon.thaw();
 }

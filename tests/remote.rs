@@ -14,7 +14,7 @@ use virt::connect::Connect;
 use virt_reactor::connection_events::{
     CloseReason, CloseWatch, DomainEventSubscription, LifecycleEvent, LifecycleKind,
 };
-use virt_reactor::{DrainReport, EventLoop, LoopHandle};
+use virt_reactor::{DrainReport, EventLoop, KeepAlive, LoopHandle};
 
 /// How long one expected event may take; the first define also probes QEMU.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -110,11 +110,13 @@ fn connect(daemon: &PrivateDaemon) -> Connect {
 
 /// Connects with client keepalive on too, and a close watch reporting on a channel.
 fn connect_with_keepalive(daemon: &PrivateDaemon) -> (Connect, CloseWatch, Receiver<CloseReason>) {
-    let conn = connect(daemon);
-    // virt reports libvirt's 1 ("the daemon has no keepalive") as success too; the
-    // raw virConnectSetKeepAlive returns 0 against this libvirtd 9.0 (checked once).
-    conn.set_keep_alive(KEEPALIVE_INTERVAL as i32, KEEPALIVE_COUNT)
-        .expect("enable client keepalive");
+    let uri = daemon.uri("qemu");
+    let keepalive = KeepAlive {
+        interval: Duration::from_secs(KEEPALIVE_INTERVAL.into()),
+        count: KEEPALIVE_COUNT,
+    };
+    let conn = virt_reactor::connect_with(&uri, Some(keepalive))
+        .unwrap_or_else(|e| panic!("open {uri}: {e}\n{}", daemon.log_tail(30)));
     let (tx, closed) = mpsc::channel();
     let close_watch = CloseWatch::new(&conn, move |reason| {
         let _ = tx.send(reason);

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use support::pool::{
-    allocated, data_extents, drive, file_is, pattern, read_range, sparse_file, Bed, Tracker, KIB,
-    MIB,
+    allocated, data_extents, drive, file_is, parts_of, pattern, read_range, sparse_file, Bed,
+    Tracker, KIB, MIB,
 };
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
@@ -225,21 +225,6 @@ fn sparse_round_trip_of_a_gibibyte_keeps_its_holes() {
 
     drop(vol);
     bed.finish();
-}
-
-/// The `.part` files of downloads into `file` (`FILE.<pid>-<n>.part`), if any.
-fn parts_of(file: &Path) -> Vec<std::path::PathBuf> {
-    let name = file.file_name().unwrap().to_string_lossy().into_owned();
-    let Ok(entries) = std::fs::read_dir(file.parent().unwrap()) else {
-        return Vec::new();
-    };
-    entries
-        .map(|entry| entry.expect("a directory entry").path())
-        .filter(|path| {
-            let other = path.file_name().unwrap().to_string_lossy();
-            other.starts_with(&format!("{name}.")) && other.ends_with(".part")
-        })
-        .collect()
 }
 
 /// libvirt's error inside one of ours.

@@ -12,14 +12,22 @@
 //! room appears. Finish and abort go through the same queue, after the stream's
 //! data, and their result comes back to the reactor as a command.
 //!
+//! The lane's thread also registers the connection's close callback, which tells
+//! the reactor when libvirt gives up on the connection: with a daemon that supports
+//! it, registering and unregistering are calls to the daemon as well. libvirt keeps
+//! one close callback per connection, so a later lane of the same connection waits
+//! until its [`Retired`] predecessor has unregistered.
+//!
 //! The lane's thread ends once no stream and no reactor holds the lane and its
-//! queues are empty. A frozen daemon holds it in libvirt's `poll` until keepalive
-//! gives up on the connection.
+//! queues are empty; it then drops its connection reference, whose close may wait
+//! for the daemon too. A frozen daemon holds the thread in libvirt's `poll` until
+//! keepalive gives up on the connection.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
@@ -27,7 +35,10 @@ use virt::connect::Connect;
 
 use super::handle::{Command, ReactorHandle};
 use super::handler::StreamToken;
+use super::inbox;
+use crate::connection_events::CloseReason;
 use crate::error::{Error, Result};
+use crate::ffi::connection_events::{register_close, unregister_close};
 use crate::ffi::stream::RawStream;
 use crate::stream::Stream;
 
@@ -68,9 +79,18 @@ pub(crate) enum Then {
     Release(Option<Connect>),
 }
 
+/// A lane its reactor let go of, while its thread may still be finishing.
+pub(crate) struct Retired(Weak<Shared>);
+
 struct Shared {
     state: Mutex<State>,
     work: Condvar,
+    /// The connection's close callback is ours: its streams hear of its loss.
+    watched: AtomicBool,
+    /// Set once the thread has unregistered the close callback and let go of the
+    /// connection.
+    done: Mutex<bool>,
+    ended: Condvar,
 }
 
 #[derive(Default)]
@@ -106,21 +126,55 @@ enum Op {
 }
 
 impl Lane {
-    /// Starts a lane's thread.
-    pub(crate) fn spawn() -> Result<Lane> {
+    /// Starts the lane of `conn`, whose losses are reported to the reactor's inbox
+    /// as `connection`, once `predecessor` (the connection's previous lane) is done.
+    pub(crate) fn spawn(
+        conn: &Connect,
+        connection: usize,
+        predecessor: Option<Retired>,
+    ) -> Result<Lane> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 owners: 1,
                 ..State::default()
             }),
             work: Condvar::new(),
+            watched: AtomicBool::new(false),
+            done: Mutex::new(false),
+            ended: Condvar::new(),
         });
         let worker = Arc::clone(&shared);
+        let conn = conn.clone();
         std::thread::Builder::new()
             .name("virt-reactor-send".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                if let Some(predecessor) = predecessor.and_then(|p| p.0.upgrade()) {
+                    predecessor.wait_done();
+                }
+                worker.watch(&conn, connection);
+                worker.run();
+                if worker.watched.load(Ordering::Acquire) {
+                    if let Err(e) = unregister_close(&conn) {
+                        log::debug!("unregistering the close callback: {e}");
+                    }
+                }
+                drop(conn);
+                *worker.done.lock().unwrap_or_else(PoisonError::into_inner) = true;
+                worker.ended.notify_all();
+            })
             .map_err(Error::Io)?;
         Ok(Lane { shared })
+    }
+
+    /// Lets go of the lane: its thread finishes what is queued, then ends.
+    pub(crate) fn retire(self) -> Retired {
+        Retired(Arc::downgrade(&self.shared))
+    }
+
+    /// Whether the connection's close callback is registered, so that a loss of the
+    /// connection will be reported.
+    pub(crate) fn is_watched(&self) -> bool {
+        self.shared.watched.load(Ordering::Acquire)
     }
 
     /// Gives `raw` (a reference of its own) a queue on this lane; `handle` and
@@ -153,6 +207,15 @@ impl Lane {
             lane: self.clone(),
             id,
         }
+    }
+}
+
+impl Retired {
+    /// Whether its thread has yet to let go of the connection.
+    pub(crate) fn is_running(&self) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|shared| !*shared.done.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
@@ -287,6 +350,36 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Registers the close callback of `conn`.
+    fn watch(&self, conn: &Connect, connection: usize) {
+        let registered = register_close(
+            conn,
+            Box::new(move |reason| inbox::connection_closed(connection, reason)),
+        );
+        match registered {
+            Ok(()) => self.watched.store(true, Ordering::Release),
+            Err(e) => log::warn!(
+                "cannot watch the connection for closure ({e}; does something else hold \
+                 its close callback?): its streams fail with the first error they meet \
+                 when it is lost"
+            ),
+        }
+        // Lost before the callback was in place: libvirt will not call it.
+        if !conn.is_alive().unwrap_or(true) {
+            inbox::connection_closed(connection, CloseReason::Error);
+        }
+    }
+
+    fn wait_done(&self) {
+        let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+        while !*done {
+            done = self
+                .ended
+                .wait(done)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
     fn schedule(&self, state: &mut State, id: u64) {
         if let Some(queue) = state.queues.get_mut(&id) {
             if !queue.scheduled && !queue.ops.is_empty() {
@@ -298,7 +391,7 @@ impl Shared {
     }
 
     /// The lane's thread: one operation per turn, round-robin over the streams.
-    fn run(self: Arc<Self>) {
+    fn run(&self) {
         let mut state = self.lock();
         loop {
             let Some(id) = state.turns.pop_front() else {

@@ -29,7 +29,7 @@ use slab::Slab;
 pub use handle::{ReactorHandle, StreamWriter};
 pub use handler::{handler_fn, Flow, StreamCtx, StreamEnd, StreamHandler, StreamToken};
 
-use crate::connection_events::{CloseReason, CloseWatch};
+use crate::connection_events::CloseReason;
 use crate::error::{Error, Result};
 use crate::event_loop::{DrainReport, EventLoop};
 use crate::interest::{Interest, Readiness};
@@ -37,7 +37,7 @@ use crate::stream::Stream;
 use driver::{DefaultLoop, Driver};
 use handle::{Command, Outbox};
 use inbox::Inbox;
-use lane::{Lane, Then};
+use lane::{Lane, Retired, Then};
 
 /// Bytes the reactor sends from one stream's outbox per iteration, so that one busy
 /// writer cannot hold the loop (a remote `virStreamSend` blocks until it is written).
@@ -62,11 +62,11 @@ struct Slot {
     lost: bool,
 }
 
-/// A connection some of the reactor's streams use, its close watch, and for a remote
-/// connection the lane its streams send through.
+/// A connection some of the reactor's streams use, and for a remote connection the
+/// lane its streams send through, which also watches it for closure. In-process
+/// connections have no peer to lose.
 struct Connection {
     streams: usize,
-    close_watch: Option<CloseWatch>,
     lane: Option<Lane>,
 }
 
@@ -94,6 +94,9 @@ pub struct Reactor {
     ready_writers: Vec<StreamToken>,
     /// Handlers of streams whose finish or abort runs on a lane.
     ending: FxHashMap<StreamToken, Ending>,
+    /// Lanes of connections that have no stream left, by connection, until their
+    /// threads are done: a new lane of the same connection waits for the old one.
+    retired: FxHashMap<usize, Retired>,
 }
 
 impl Reactor {
@@ -120,6 +123,7 @@ impl Reactor {
             writers: FxHashSet::default(),
             ready_writers: Vec::new(),
             ending: FxHashMap::default(),
+            retired: FxHashMap::default(),
         }
     }
 
@@ -701,7 +705,8 @@ impl Reactor {
         let watched = self
             .connections
             .get(&slot.stream.connection_key())
-            .is_some_and(|c| c.close_watch.is_some());
+            .and_then(|c| c.lane.as_ref())
+            .is_some_and(Lane::is_watched);
         if !watched || conn.is_alive().unwrap_or(true) {
             return false;
         }
@@ -740,28 +745,14 @@ impl Reactor {
             return Ok(());
         }
         let lane = if stream.is_remote() {
-            Some(Lane::spawn()?)
+            self.retired.retain(|_, lane| lane.is_running());
+            let predecessor = self.retired.remove(&connection);
+            Some(Lane::spawn(stream.connection(), connection, predecessor)?)
         } else {
             None
         };
-        let close_watch = CloseWatch::new(stream.connection(), move |reason| {
-            inbox::connection_closed(connection, reason);
-        })
-        .map_err(|e| {
-            log::warn!(
-                "cannot watch the connection for closure ({e}); its streams will not \
-                 be failed if it is lost"
-            );
-        })
-        .ok();
-        self.connections.insert(
-            connection,
-            Connection {
-                streams: 1,
-                close_watch,
-                lane,
-            },
-        );
+        self.connections
+            .insert(connection, Connection { streams: 1, lane });
         Ok(())
     }
 
@@ -769,7 +760,9 @@ impl Reactor {
         if let Some(entry) = self.connections.get_mut(&connection) {
             entry.streams -= 1;
             if entry.streams == 0 {
-                self.connections.remove(&connection);
+                if let Some(lane) = self.connections.remove(&connection).and_then(|c| c.lane) {
+                    self.retired.insert(connection, lane.retire());
+                }
             }
         }
     }

@@ -265,6 +265,21 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> Option<u64> {
     Some(at as u64)
 }
 
+/// The `.part` files of downloads into `file` (`FILE.<pid>-<n>.part`), if any.
+pub fn parts_of(file: &Path) -> Vec<std::path::PathBuf> {
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir(file.parent().unwrap()) else {
+        return Vec::new();
+    };
+    entries
+        .map(|entry| entry.expect("a directory entry").path())
+        .filter(|path| {
+            let other = path.file_name().unwrap().to_string_lossy();
+            other.starts_with(&format!("{name}.")) && other.ends_with(".part")
+        })
+        .collect()
+}
+
 /// Runs the reactor until `done` holds, panicking after `limit`.
 pub fn drive(
     reactor: &mut Reactor,
