@@ -515,7 +515,7 @@ fn refuses_bad_numbers() {
         ("--client-buffer", "0"),
     ] {
         let output = Command::new(server_binary())
-            .args(["--uri", "test:///default", option, value])
+            .args(["--uri", "test:///default", &format!("{option}={value}")])
             .output()
             .expect("run console_server");
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -533,6 +533,7 @@ fn takes_no_directory_over() {
     let refused = |dir: &Path, why: &str| {
         let output = Command::new(server_binary())
             .args(["--uri", "test:///default", "--dir", path_str(dir)])
+            .args(["--exit-after", "5"]) // should it run anyway
             .output()
             .expect("run console_server");
         let stderr = String::from_utf8_lossy(&output.stderr);
