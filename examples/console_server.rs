@@ -350,9 +350,8 @@ impl SetUp {
     fn run(self) -> Result<Session, String> {
         let uri = match (&self.uri, &self.root) {
             (Some(uri), _) => uri.clone(),
-            (None, Some(root)) => {
-                testbed::embed_root(root).map_err(|e| format!("embedded driver: {e}"))?
-            }
+            (None, Some(root)) => testbed::embed_root(root)
+                .map_err(|e| format!("embedded driver in {}: {e}", root.display()))?,
             (None, None) => unreachable!("no --uri means an embedded root"),
         };
         let conn = virt_reactor::connect(&uri).map_err(|e| format!("{uri}: {e}"))?;
@@ -708,7 +707,8 @@ impl Server {
         }
         let staging = self.dir.path.join(format!(".bind-{}", std::process::id()));
         let _ = fs::remove_file(&staging);
-        let mut listener = UnixListener::bind(&staging)?;
+        let mut listener = UnixListener::bind(&staging)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", staging.display())))?;
         let placed = fs::set_permissions(&staging, fs::Permissions::from_mode(0o600))
             .and_then(|()| fs::rename(&staging, &path))
             .and_then(|()| fs::symlink_metadata(&path));
