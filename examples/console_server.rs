@@ -850,6 +850,9 @@ impl Server {
                 Err(e) if out_of_fds(&e) => {
                     // A TCP client yet to prove itself makes room for a Unix one.
                     if let Some((oldest, _)) = self.oldest_pending() {
+                        self.evicted.warn(|| {
+                            format!("{name}: out of file descriptors; closing the oldest TCP connection still in its handshake")
+                        });
                         self.close_client(oldest, "closed: a Unix client needs the descriptor");
                         continue;
                     }
