@@ -20,15 +20,28 @@
 //!   further behind is disconnected and logged, so it never blocks the loop.
 //! * A console that starts gets a socket (mode 0600, in a 0700 directory); the socket
 //!   goes when the console ends (guest destroyed, powered off).
+//! * `--dir DIR` that does not exist is created (0700) and removed at exit. One that
+//!   exists is used only if it is a real directory (not a symbolic link), ours, and
+//!   mode 0700; anything else (`/tmp`, a shared or sticky directory, a link) is
+//!   refused, never chmodded. Nothing else in it is touched.
 //! * With `--uri`, lifecycle events tell when a domain starts, and its console is
 //!   attached then.
 //! * TCP only with `--tcp ADDR`, only on a loopback address. A TCP client first sends
 //!   `TOKEN NAME\n`; a wrong token closes the connection. The token is random and
 //!   printed at start, or kept in `--token-file`.
+//! * Hostile local users cannot exhaust the server: at most `--max-pending` TCP
+//!   connections wait for their line (a new one closes the oldest waiting one),
+//!   accepts are budgeted per loop iteration (Unix listeners first, each with its
+//!   own budget), a client that closes is removed at once, and a reserve descriptor
+//!   lets the server shed connections when it runs out of descriptors (EMFILE). A
+//!   Unix client that finds no descriptor free takes one from a TCP connection that
+//!   has not sent its line yet.
 //! * SIGINT, SIGTERM or `--exit-after SECONDS` shut down cleanly: consoles finished,
 //!   guests this run booted destroyed, sockets and directory removed.
-//! * A client that stops sending (half-close, e.g. `socat` after end of input) still
-//!   gets output until it closes for good.
+//! * A Unix client that stops sending (half-close, e.g. `socat` after end of input)
+//!   still gets output until it closes for good. Over TCP a close and a half-close
+//!   look the same (a FIN) until something is written, so there end of input ends
+//!   the session: closed TCP peers cannot pile up on a quiet console.
 //!
 //! Without `--uri` the guests run on libvirt's in-process QEMU driver, which libvirt
 //! 9.0 refuses to run as root on a host without the `libvirt-qemu` user; there, run
@@ -79,6 +92,11 @@ const INPUT_RETRY: Duration = Duration::from_millis(10);
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
 /// `sizeof(sockaddr_un.sun_path) - 1`.
 const SUN_PATH_MAX: usize = 107;
+/// Connections accepted per listener and loop iteration, so that a flood of them
+/// cannot keep the loop from serving (and reaping) the clients it has.
+const ACCEPT_BUDGET: usize = 32;
+/// At most one log line per this, for what a hostile peer can repeat at will.
+const LOG_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Parser)]
 #[command(about = "Serve guest consoles on Unix sockets (and loopback TCP) from one thread")]
@@ -96,8 +114,9 @@ struct Args {
     /// Where the testbed kernel and initramfs are (testbed/build.sh).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/.testbed"))]
     testbed: PathBuf,
-    /// Directory of the console sockets, made mode 0700 (default: a fresh
-    /// temporary directory). Removed at exit if this run created it.
+    /// Directory of the console sockets (default: a fresh temporary directory).
+    /// Created mode 0700 if missing, and then removed at exit; an existing one must
+    /// be a real directory of ours with mode 0700, else it is refused.
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Also serve on TCP at this loopback address (port 0 picks one). A client
@@ -108,15 +127,36 @@ struct Args {
     /// (mode 0600) if it does not exist.
     #[arg(long, requires = "tcp")]
     token_file: Option<PathBuf>,
+    /// With --tcp: most connections waiting for their "TOKEN NAME" line; one more
+    /// closes the oldest waiting one.
+    #[arg(long, default_value_t = 32, value_name = "N", value_parser = at_least_one)]
+    max_pending: usize,
     /// Output bytes a client may fall behind before it is disconnected.
-    #[arg(long, default_value_t = 256 * 1024, value_name = "BYTES")]
+    #[arg(long, default_value_t = 256 * 1024, value_name = "BYTES", value_parser = at_least_one)]
     client_buffer: usize,
     /// Shut down cleanly after this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    exit_after: Option<f64>,
+    #[arg(long, value_name = "SECONDS", value_parser = seconds)]
+    exit_after: Option<Duration>,
     /// Take consoles over from other clients (VIR_DOMAIN_CONSOLE_FORCE).
     #[arg(long)]
     force: bool,
+}
+
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}")),
+    }
+}
+
+/// A duration from now that a deadline can hold: finite and not negative.
+fn seconds(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|&d| Instant::now().checked_add(d).is_some())
+        .ok_or_else(|| "not a usable number of seconds (0 or more, finite)".to_owned())
 }
 
 fn main() -> ExitCode {
@@ -157,9 +197,6 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             return Err(format!("--tcp {addr}: only loopback addresses are served").into());
         }
     }
-    if args.client_buffer == 0 {
-        return Err("--client-buffer must be at least 1".into());
-    }
 
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(256);
@@ -168,18 +205,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut reactor = Reactor::register()?;
     poll.registry()
         .register(&mut reactor, LIBVIRT, Interest::READABLE)?;
-
-    let dir = SocketDir::prepare(args.dir.clone())?;
-    println!("console_server: consoles in {}", dir.path.display());
-    let tcp = match args.tcp {
-        Some(addr) => Some(TcpFront::bind(
-            addr,
-            args.token_file.as_deref(),
-            poll.registry(),
-        )?),
-        None => None,
-    };
-
+    let registry = poll.registry().try_clone()?;
+    let reserve = Reserve::new()?;
     let (notes_tx, notes) = crossbeam_channel::unbounded();
     {
         let (notes_tx, waker) = (notes_tx.clone(), Arc::clone(&waker));
@@ -188,10 +215,25 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let _ = waker.wake();
         })?;
     }
-    let embed_root = args
-        .uri
-        .is_none()
-        .then(|| std::env::temp_dir().join(format!("console-server-{}", std::process::id())));
+
+    // From here on, what this run creates is removed when its owner drops, on every
+    // path out, errors included.
+    let dir = SocketDir::prepare(args.dir.as_deref())?;
+    let tcp = match args.tcp {
+        Some(addr) => Some(TcpFront::bind(
+            addr,
+            args.token_file.as_deref(),
+            poll.registry(),
+        )?),
+        None => None,
+    };
+    let embed_root = match args.uri {
+        Some(_) => None,
+        None => Some(OwnedDir::create(
+            std::env::temp_dir().join(format!("console-server-{}", std::process::id())),
+        )?),
+    };
+    println!("console_server: consoles in {}", dir.path.display());
 
     // Connecting and booting block on replies that, with the in-process driver,
     // come through this very loop: a worker does them while this thread polls.
@@ -201,7 +243,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             domains: args.domains.clone(),
             guests: args.guests,
             testbed: args.testbed.clone(),
-            root: embed_root.clone(),
+            root: embed_root.as_ref().map(|r| r.0.clone()),
             force: args.force,
             handle: reactor.handle(),
         };
@@ -216,9 +258,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let mut server = Server {
-        registry: poll.registry().try_clone()?,
+        registry,
         dir,
         tcp,
+        max_pending: args.max_pending,
+        pending: BTreeMap::new(),
+        unix_ready: BTreeSet::new(),
+        tcp_ready: false,
+        reserve,
+        evicted: Quiet::default(),
+        refused: Quiet::default(),
         sources: Slab::new(),
         consoles: BTreeMap::new(),
         client_buffer: args.client_buffer,
@@ -232,9 +281,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         closing: false,
         scratch: vec![0; 16 * 1024],
     };
-    let exit_at = args
-        .exit_after
-        .map(|secs| Instant::now() + Duration::from_secs_f64(secs.max(0.0)));
+    // `seconds` made sure that the deadline fits; `None` would mean never.
+    let exit_at = args.exit_after.and_then(|d| Instant::now().checked_add(d));
 
     let outcome: Result<(), String> = loop {
         // Our own deadlines first: next_timeout() must come right before the poll.
@@ -251,10 +299,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         for event in events.iter() {
             match event.token() {
                 LIBVIRT | WAKE => {} // dispatched below on every iteration
-                TCP => server.accept_tcp(),
+                TCP => server.tcp_ready = true,
                 Token(n) => server.source_ready(n - FIRST_SOURCE, event),
             }
         }
+        // After the clients' events, so that those that closed are gone first.
+        server.accept_ready();
         // Every iteration, not only when LIBVIRT fired: libvirt's timers make no fd
         // readable, the poll just times out for them.
         match reactor.dispatch() {
@@ -277,10 +327,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Ok(report) => log::debug!("drained: {report:?}"),
         Err(e) => log::warn!("draining libvirt's loop: {e}"),
     }
-    server.dir.remove();
-    if let Some(root) = embed_root {
-        let _ = fs::remove_dir_all(root);
-    }
+    // The sockets' directory, then the embedded driver's root, now that it is done.
+    drop(server);
+    drop(embed_root);
     outcome.and(finished).map_err(Into::into)
 }
 
@@ -301,9 +350,8 @@ impl SetUp {
     fn run(self) -> Result<Session, String> {
         let uri = match (&self.uri, &self.root) {
             (Some(uri), _) => uri.clone(),
-            (None, Some(root)) => {
-                testbed::embed_root(root).map_err(|e| format!("embedded driver: {e}"))?
-            }
+            (None, Some(root)) => testbed::embed_root(root)
+                .map_err(|e| format!("embedded driver in {}: {e}", root.display()))?,
             (None, None) => unreachable!("no --uri means an embedded root"),
         };
         let conn = virt_reactor::connect(&uri).map_err(|e| format!("{uri}: {e}"))?;
@@ -411,6 +459,8 @@ impl Conn {
 
 struct Client {
     conn: Conn,
+    /// The `N` of `peer`: the order of accepting.
+    id: u64,
     /// For logs: `unix#N` or `tcp#N ADDR`.
     peer: String,
     /// The console it is attached to; `None` while a TCP client has not sent its
@@ -475,6 +525,19 @@ struct Server {
     registry: Registry,
     dir: SocketDir,
     tcp: Option<TcpFront>,
+    /// `--max-pending`.
+    max_pending: usize,
+    /// TCP clients still in their handshake, oldest (and first due) first: id → key.
+    pending: BTreeMap<u64, usize>,
+    /// Unix listeners (slab keys) that may have connections left to accept.
+    unix_ready: BTreeSet<usize>,
+    /// The TCP listener may have connections left to accept.
+    tcp_ready: bool,
+    reserve: Reserve,
+    /// Log of handshakes closed to make room for new ones.
+    evicted: Quiet,
+    /// Log of wrong tokens.
+    refused: Quiet,
     sources: Slab<SourceKind>,
     consoles: BTreeMap<String, Console>,
     client_buffer: usize,
@@ -499,18 +562,27 @@ struct Server {
 impl Server {
     /// How long the poll may sleep as far as the server is concerned.
     fn timeout(&self) -> Option<Duration> {
-        let mut timeout = (!self.retry.is_empty()).then_some(INPUT_RETRY);
-        let now = Instant::now();
-        for (_, source) in &self.sources {
-            if let SourceKind::Client(Client {
+        if self.tcp_ready || !self.unix_ready.is_empty() {
+            return Some(Duration::ZERO); // accept the rest without waiting for an edge
+        }
+        let timeout = (!self.retry.is_empty()).then_some(INPUT_RETRY);
+        min_timeout(
+            timeout,
+            self.oldest_pending()
+                .map(|(_, at)| at.saturating_duration_since(Instant::now())),
+        )
+    }
+
+    /// The key and handshake deadline of the TCP client waiting longest.
+    fn oldest_pending(&self) -> Option<(usize, Instant)> {
+        let (_, &key) = self.pending.first_key_value()?;
+        match self.sources.get(key) {
+            Some(SourceKind::Client(Client {
                 handshake_deadline: Some(at),
                 ..
-            }) = source
-            {
-                timeout = min_timeout(timeout, Some(at.saturating_duration_since(now)));
-            }
+            })) => Some((key, *at)),
+            _ => None,
         }
-        timeout
     }
 
     fn ready(&mut self, session: Session) {
@@ -557,16 +629,10 @@ impl Server {
         for key in std::mem::take(&mut self.retry) {
             self.read_client(key);
         }
-        let now = Instant::now();
-        let expired: Vec<usize> = self
-            .sources
-            .iter()
-            .filter(|(_, s)| {
-                matches!(s, SourceKind::Client(Client { handshake_deadline: Some(at), .. }) if *at <= now)
-            })
-            .map(|(key, _)| key)
-            .collect();
-        for key in expired {
+        while let Some((key, at)) = self.oldest_pending() {
+            if at > Instant::now() {
+                break;
+            }
             self.close_client(key, "sent no TOKEN NAME line in time");
         }
         quit
@@ -641,7 +707,8 @@ impl Server {
         }
         let staging = self.dir.path.join(format!(".bind-{}", std::process::id()));
         let _ = fs::remove_file(&staging);
-        let mut listener = UnixListener::bind(&staging)?;
+        let mut listener = UnixListener::bind(&staging)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", staging.display())))?;
         let placed = fs::set_permissions(&staging, fs::Permissions::from_mode(0o600))
             .and_then(|()| fs::rename(&staging, &path))
             .and_then(|()| fs::symlink_metadata(&path));
@@ -680,6 +747,7 @@ impl Server {
             log::info!("{name}: console ended ({why})");
             return;
         };
+        self.unix_ready.remove(&console.listener);
         if let SourceKind::Listener { mut listener, .. } = self.sources.remove(console.listener) {
             let _ = self.registry.deregister(&mut listener);
         }
@@ -729,7 +797,9 @@ impl Server {
 
     fn source_ready(&mut self, key: usize, event: &Event) {
         match self.sources.get_mut(key) {
-            Some(SourceKind::Listener { .. }) => self.accept_unix(key),
+            Some(SourceKind::Listener { .. }) => {
+                self.unix_ready.insert(key);
+            }
             Some(SourceKind::Client(client)) => {
                 if event.is_writable() {
                     if let Err(e) = client.flush() {
@@ -741,7 +811,7 @@ impl Server {
                     self.read_client(key);
                 }
                 // A full hangup (both directions): the client is gone. A half-close
-                // (it only stopped sending) keeps it attached for output.
+                // (it only stopped sending) keeps a Unix client attached for output.
                 if event.is_write_closed() && self.sources.contains(key) {
                     self.close_client(key, "hung up");
                 }
@@ -750,53 +820,108 @@ impl Server {
         }
     }
 
-    fn accept_unix(&mut self, key: usize) {
-        loop {
-            let Some(SourceKind::Listener { name, listener }) = self.sources.get(key) else {
-                return;
-            };
-            let name = name.clone();
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    let peer = format!("unix#{}", self.next_peer);
-                    self.next_peer += 1;
-                    self.add_client(Conn::Unix(stream), peer, Some(name));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    log::warn!("{name}: accept: {e}");
-                    return;
-                }
+    /// Accepts on the listeners that reported, Unix ones first and each with its own
+    /// [`ACCEPT_BUDGET`]; one with connections left stays ready for the next round.
+    fn accept_ready(&mut self) {
+        self.reserve.refill();
+        for key in std::mem::take(&mut self.unix_ready) {
+            if self.accept_unix(key) {
+                self.unix_ready.insert(key);
             }
+        }
+        if self.tcp_ready {
+            self.tcp_ready = self.accept_tcp();
         }
     }
 
-    fn accept_tcp(&mut self) {
-        loop {
-            let Some(tcp) = &self.tcp else { return };
-            match tcp.listener.accept() {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    let peer = format!("tcp#{} {addr}", self.next_peer);
-                    self.next_peer += 1;
-                    self.add_client(Conn::Tcp(stream), peer, None);
+    /// Returns whether connections may be left.
+    fn accept_unix(&mut self, key: usize) -> bool {
+        for _ in 0..ACCEPT_BUDGET {
+            let Some(SourceKind::Listener { name, listener }) = self.sources.get(key) else {
+                return false;
+            };
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let (name, id) = (name.clone(), self.next_id());
+                    self.add_client(Conn::Unix(stream), id, format!("unix#{id}"), Some(name));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if transient(&e) => {}
+                Err(e) if out_of_fds(&e) => {
+                    // A TCP client yet to prove itself makes room for a Unix one.
+                    if let Some((oldest, _)) = self.oldest_pending() {
+                        self.evicted.warn(|| {
+                            format!("{name}: out of file descriptors; closing the oldest TCP connection still in its handshake")
+                        });
+                        self.close_client(oldest, "closed: a Unix client needs the descriptor");
+                        continue;
+                    }
+                    if !self.reserve.shed(name, || listener.accept().map(drop)) {
+                        return true; // nothing to shed now; come back next round
+                    }
+                }
                 Err(e) => {
-                    log::warn!("tcp accept: {e}");
-                    return;
+                    log::warn!("{name}: accept: {e}");
+                    return false;
                 }
             }
         }
+        true
+    }
+
+    /// Returns whether connections may be left.
+    fn accept_tcp(&mut self) -> bool {
+        for _ in 0..ACCEPT_BUDGET {
+            let Some(tcp) = &self.tcp else { return false };
+            match tcp.listener.accept() {
+                Ok((stream, addr)) => {
+                    if self.pending.len() >= self.max_pending {
+                        if let Some((oldest, _)) = self.oldest_pending() {
+                            self.evict(oldest);
+                        }
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let id = self.next_id();
+                    self.add_client(Conn::Tcp(stream), id, format!("tcp#{id} {addr}"), None);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if transient(&e) => {}
+                Err(e) if out_of_fds(&e) => {
+                    let listener = &tcp.listener;
+                    if !self.reserve.shed("tcp", || listener.accept().map(drop)) {
+                        return true; // nothing to shed now; come back next round
+                    }
+                }
+                Err(e) => {
+                    log::warn!("tcp accept: {e}");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Closes a TCP client still in its handshake to make room for a newer one.
+    fn evict(&mut self, key: usize) {
+        let max = self.max_pending;
+        self.evicted.warn(|| {
+            format!("{max} TCP connections wait for their TOKEN NAME line (--max-pending); closing the oldest")
+        });
+        self.close_client(key, "closed to make room (--max-pending)");
+    }
+
+    fn next_id(&mut self) -> u64 {
+        self.next_peer += 1;
+        self.next_peer - 1
     }
 
     /// Registers a new client: attached to `console`, or (TCP) waiting for its
     /// handshake line.
-    fn add_client(&mut self, mut conn: Conn, peer: String, console: Option<String>) {
+    fn add_client(&mut self, mut conn: Conn, id: u64, peer: String, console: Option<String>) {
         let entry = self.sources.vacant_entry();
         let key = entry.key();
+        // Readable always, even for a client that only listens: that is how its
+        // going away is noticed while the console is quiet.
         if let Err(e) = self.registry.register(
             conn.source(),
             Token(FIRST_SOURCE + key),
@@ -810,6 +935,7 @@ impl Server {
             .then(|| Instant::now() + HANDSHAKE_TIMEOUT);
         entry.insert(SourceKind::Client(Client {
             conn,
+            id,
             peer,
             console: None,
             out: VecDeque::new(),
@@ -819,7 +945,10 @@ impl Server {
         }));
         match console {
             Some(name) => self.join(key, &name),
-            None => self.read_client(key), // the line may be there already
+            None => {
+                self.pending.insert(id, key);
+                self.read_client(key); // the line may be there already
+            }
         }
     }
 
@@ -834,6 +963,7 @@ impl Server {
         if let Some(SourceKind::Client(client)) = self.sources.get_mut(key) {
             client.console = Some(name.to_owned());
             client.handshake_deadline = None;
+            self.pending.remove(&client.id);
             log::info!("{name}: {} attached ({})", client.peer, clients(count));
         }
     }
@@ -869,6 +999,10 @@ impl Server {
                     client.read_closed = true;
                     if client.console.is_none() {
                         self.close_client(key, "closed before its TOKEN NAME line");
+                    } else if matches!(client.conn, Conn::Tcp(_)) {
+                        // Maybe only a half-close, but TCP cannot tell it from a
+                        // close until a write fails; a quiet console never writes.
+                        self.close_client(key, "closed");
                     } else {
                         log::debug!("{}: stopped sending", client.peer);
                     }
@@ -933,7 +1067,7 @@ impl Server {
             .unwrap_or(("", ""));
         let expected = self.tcp.as_ref().map_or("", |t| t.token.as_str());
         if expected.is_empty() || !same_token(token.as_bytes(), expected.as_bytes()) {
-            log::warn!("{peer}: wrong token; closed");
+            self.refused.warn(|| format!("{peer}: wrong token; closed"));
             self.drop_source(key);
             return false;
         }
@@ -968,7 +1102,8 @@ impl Server {
                     log::info!("{name}: {peer} {why} ({} left)", clients(left));
                 }
             }
-            None => log::info!("{peer}: {why}"),
+            // Many may come at once, from anyone on the machine.
+            None => log::debug!("{peer}: {why}"),
         }
     }
 
@@ -980,6 +1115,9 @@ impl Server {
         self.retry.remove(&key);
         match self.sources.remove(key) {
             SourceKind::Client(mut client) => {
+                if client.console.is_none() {
+                    self.pending.remove(&client.id);
+                }
                 let _ = self.registry.deregister(client.conn.source());
                 if let Some(console) = client.console.and_then(|n| self.consoles.get_mut(&n)) {
                     console.clients.remove(&key);
@@ -1094,53 +1232,76 @@ struct SocketDir {
 }
 
 impl SocketDir {
-    /// Makes (or checks) the directory: ours, mode 0700.
-    fn prepare(dir: Option<PathBuf>) -> io::Result<SocketDir> {
-        let (path, created) = match dir {
-            None => {
-                let base = std::env::temp_dir();
-                let mut n = 0;
-                loop {
-                    let path = base.join(format!("console-server-{}-{n}", std::process::id()));
-                    match fs::DirBuilder::new().mode(0o700).create(&path) {
-                        Ok(()) => break (path, true),
-                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 100 => n += 1,
-                        Err(e) => return Err(e),
-                    }
+    /// Makes the directory (mode 0700), or takes an existing one only if it is a real
+    /// directory of ours with mode 0700: it never changes what it did not create.
+    fn prepare(dir: Option<&Path>) -> Result<SocketDir, String> {
+        let Some(given) = dir else {
+            let base = std::env::temp_dir();
+            for n in 0..100 {
+                let path = base.join(format!("console-server-{}-{n}", std::process::id()));
+                match SocketDir::create(&path) {
+                    Ok(dir) => return Ok(dir),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(format!("{}: {e}", path.display())),
                 }
             }
-            Some(path) => match fs::symlink_metadata(&path) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o700)
-                        .create(&path)?;
-                    (path, true)
-                }
-                Err(e) => return Err(e),
-                Ok(meta) if !meta.is_dir() => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("--dir {}: not a directory", path.display()),
-                    ))
-                }
-                Ok(meta) => {
-                    if meta.uid() != effective_uid() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::PermissionDenied,
-                            format!("--dir {}: owned by someone else", path.display()),
-                        ));
-                    }
-                    if meta.mode() & 0o777 != 0o700 {
-                        log::info!("{}: mode {:o} -> 700", path.display(), meta.mode() & 0o777);
-                    }
-                    (path, false)
-                }
-            },
+            return Err(format!(
+                "{}: no free console-server-PID-N name",
+                base.display()
+            ));
         };
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o700))?;
-        let path = fs::canonicalize(&path)?;
-        Ok(SocketDir { path, created })
+        // Without a trailing slash, which would make lstat follow a symbolic link.
+        let path: PathBuf = given.components().collect();
+        let fail = |why: String| format!("--dir {}: {why}", given.display());
+        match SocketDir::create(&path) {
+            Ok(dir) => Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let meta = fs::symlink_metadata(&path).map_err(|e| fail(e.to_string()))?;
+                if meta.file_type().is_symlink() {
+                    return Err(fail("is a symbolic link; give the directory itself".into()));
+                }
+                if !meta.is_dir() {
+                    return Err(fail("exists and is not a directory".into()));
+                }
+                if meta.uid() != effective_uid() {
+                    return Err(fail(format!("owned by uid {}, not by us", meta.uid())));
+                }
+                let mode = meta.mode() & 0o7777;
+                if mode != 0o700 {
+                    return Err(fail(format!(
+                        "mode {mode:04o}; an existing directory must be private (0700); \
+                         give a path that does not exist yet and it is made so"
+                    )));
+                }
+                let path = fs::canonicalize(&path).map_err(|e| fail(e.to_string()))?;
+                Ok(SocketDir {
+                    path,
+                    created: false,
+                })
+            }
+            Err(e) => Err(fail(e.to_string())),
+        }
+    }
+
+    /// Creates `path` (not its parents), mode 0700 whatever the umask.
+    fn create(path: &Path) -> io::Result<SocketDir> {
+        fs::DirBuilder::new().mode(0o700).create(path)?;
+        // Owned from here: an error below removes it again.
+        let mut dir = SocketDir {
+            path: path.to_owned(),
+            created: true,
+        };
+        // The umask may have taken bits off; fix them on what we made, not on
+        // whatever a link put there since.
+        let made = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+            .open(path)?;
+        if made.metadata()?.mode() & 0o7777 != 0o700 {
+            made.set_permissions(fs::Permissions::from_mode(0o700))?;
+        }
+        dir.path = fs::canonicalize(path)?;
+        Ok(dir)
     }
 
     /// `DIR/NAME.sock`, for names that make a safe file name that fits `sun_path`.
@@ -1160,15 +1321,37 @@ impl SocketDir {
         }
         Ok(path)
     }
+}
 
-    fn remove(&self) {
-        // Our sockets are gone already; only a directory this run made goes.
+impl Drop for SocketDir {
+    fn drop(&mut self) {
+        // Our sockets are gone already; a directory this run made goes too, but only
+        // if empty: what someone else put there is not ours to delete.
+        let _ = fs::remove_file(self.path.join(format!(".bind-{}", std::process::id())));
         if self.created {
-            if let Err(e) = fs::remove_dir_all(&self.path) {
+            if let Err(e) = fs::remove_dir(&self.path) {
                 log::warn!("cannot remove {}: {e}", self.path.display());
             }
-        } else {
-            let _ = fs::remove_file(self.path.join(format!(".bind-{}", std::process::id())));
+        }
+    }
+}
+
+/// A directory this run created, removed with its contents when dropped.
+struct OwnedDir(PathBuf);
+
+impl OwnedDir {
+    fn create(path: PathBuf) -> Result<OwnedDir, String> {
+        match fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => Ok(OwnedDir(path)),
+            Err(e) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+}
+
+impl Drop for OwnedDir {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.0) {
+            log::warn!("cannot remove {}: {e}", self.0.display());
         }
     }
 }
@@ -1184,14 +1367,20 @@ impl TcpFront {
         addr: SocketAddr,
         token_file: Option<&Path>,
         registry: &Registry,
-    ) -> io::Result<TcpFront> {
+    ) -> Result<TcpFront, String> {
+        let mut listener = TcpListener::bind(addr).map_err(|e| format!("--tcp {addr}: {e}"))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| format!("--tcp {addr}: {e}"))?;
+        registry
+            .register(&mut listener, TCP, Interest::READABLE)
+            .map_err(|e| format!("--tcp {addr}: {e}"))?;
+        // Last, so that no other error leaves a new token file behind.
         let token = match token_file {
-            Some(path) => token_from_file(path)?,
-            None => random_token()?,
+            Some(path) => token_from_file(path)
+                .map_err(|e| format!("--token-file {}: {e}", path.display()))?,
+            None => random_token().map_err(|e| format!("/dev/urandom: {e}"))?,
         };
-        let mut listener = TcpListener::bind(addr)?;
-        registry.register(&mut listener, TCP, Interest::READABLE)?;
-        let local = listener.local_addr()?;
         match token_file {
             Some(path) => println!("console_server: tcp {local}, token in {}", path.display()),
             None => println!("console_server: tcp {local}, token {token}"),
@@ -1208,7 +1397,7 @@ fn token_from_file(path: &Path) -> io::Result<String> {
             if token.is_empty() || token.contains(char::is_whitespace) {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("{}: the token must be one word", path.display()),
+                    "the token must be one word",
                 ));
             }
             if fs::metadata(path)?.mode() & 0o077 != 0 {
@@ -1227,6 +1416,89 @@ fn token_from_file(path: &Path) -> io::Result<String> {
             Ok(token)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// A descriptor held in reserve. Out of descriptors (EMFILE, ENFILE), accept leaves
+/// the connection in the backlog, and the edge-triggered listener would not report
+/// it again: giving this one up lets the connection be accepted and closed at once.
+struct Reserve {
+    file: Option<fs::File>,
+    shed: u64,
+    log: Quiet,
+}
+
+impl Reserve {
+    fn new() -> io::Result<Reserve> {
+        Ok(Reserve {
+            file: Some(fs::File::open("/dev/null")?),
+            shed: 0,
+            log: Quiet::default(),
+        })
+    }
+
+    /// Reopens the reserve if an earlier attempt found no descriptor free.
+    fn refill(&mut self) {
+        if self.file.is_none() {
+            self.file = fs::File::open("/dev/null").ok();
+        }
+    }
+
+    /// Gives up the reserve for `accept`, which accepts and closes one connection.
+    /// Returns false when there is nothing to shed or no descriptor came free.
+    fn shed(&mut self, what: &str, accept: impl FnOnce() -> io::Result<()>) -> bool {
+        if self.file.take().is_none() {
+            return false;
+        }
+        let accepted = accept();
+        self.refill();
+        match accepted {
+            Ok(()) => {
+                self.shed += 1;
+                let shed = self.shed;
+                self.log.warn(|| {
+                    format!(
+                        "{what}: out of file descriptors; closed {shed} new connection(s) so far"
+                    )
+                });
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// Accept errors about one connection only: go on with the next.
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+    )
+}
+
+/// Whether an accept failed for want of a descriptor.
+fn out_of_fds(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// Logs at most once per [`LOG_EVERY`], saying how many lines it held back.
+#[derive(Default)]
+struct Quiet {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl Quiet {
+    fn warn(&mut self, line: impl FnOnce() -> String) {
+        if self.last.is_some_and(|at| at.elapsed() < LOG_EVERY) {
+            self.held += 1;
+            return;
+        }
+        self.last = Some(Instant::now());
+        match std::mem::take(&mut self.held) {
+            0 => log::warn!("{}", line()),
+            held => log::warn!("{} ({held} similar lines held back)", line()),
+        }
     }
 }
 

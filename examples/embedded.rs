@@ -10,6 +10,10 @@
 //! socat - UNIX-CONNECT:/tmp/events.sock        # in another terminal
 //! ```
 //!
+//! `--socket PATH` replaces only a stale socket (one nobody listens on): anything
+//! else there (a file, a directory, a live socket) is an error and left alone. At
+//! exit the socket goes, if it is still the one this run made.
+//!
 //! The embedding pattern is three calls: register the `EventLoop` on the daemon's
 //! registry, `next_timeout()` to cap the daemon's poll timeout, and `dispatch()`
 //! after every poll.
@@ -17,8 +21,8 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -72,9 +76,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     poll.registry()
         .register(&mut libvirt, LIBVIRT, Interest::READABLE)?;
 
-    let _ = fs::remove_file(&args.socket);
-    let mut listener = UnixListener::bind(&args.socket)?;
-    fs::set_permissions(&args.socket, fs::Permissions::from_mode(0o600))?;
+    let (mut listener, _socket) = OwnSocket::bind(&args.socket)?;
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)?;
     println!("listening on {}", args.socket.display());
@@ -144,8 +146,53 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     drop(conn);
     let report = libvirt.drain(Duration::from_secs(5))?;
     println!("drained: {report:?}");
-    let _ = fs::remove_file(&args.socket);
     Ok(())
+}
+
+/// The socket file this run made; removed when dropped, if it is still that file.
+struct OwnSocket {
+    path: PathBuf,
+    /// Device and inode.
+    id: (u64, u64),
+}
+
+impl OwnSocket {
+    /// Binds `path` (mode 0600), replacing only a stale socket there.
+    fn bind(path: &Path) -> Result<(UnixListener, OwnSocket), String> {
+        let fail = |why: String| format!("--socket {}: {why}", path.display());
+        match fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                // Stale only if nobody accepts on it.
+                match std::os::unix::net::UnixStream::connect(path) {
+                    Ok(_) => return Err(fail("another process listens on it".into())),
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        fs::remove_file(path).map_err(|e| fail(e.to_string()))?;
+                    }
+                    Err(e) => return Err(fail(format!("exists, and connecting to it: {e}"))),
+                }
+            }
+            Ok(_) => return Err(fail("exists and is not a socket; not replacing it".into())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(e.to_string())),
+        }
+        let listener = UnixListener::bind(path).map_err(|e| fail(e.to_string()))?;
+        let meta = fs::symlink_metadata(path).map_err(|e| fail(e.to_string()))?;
+        let socket = OwnSocket {
+            path: path.to_owned(),
+            id: (meta.dev(), meta.ino()),
+        };
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+            .map_err(|e| fail(e.to_string()))?;
+        Ok((listener, socket))
+    }
+}
+
+impl Drop for OwnSocket {
+    fn drop(&mut self) {
+        if fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id) {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
 }
 
 fn min(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {

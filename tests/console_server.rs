@@ -3,6 +3,10 @@
 //! domains that start later, several clients share one console (output to all,
 //! input merged), a client leaving does not disturb the others, a slow client is cut
 //! off, TCP needs the token, a destroyed guest's socket goes, and SIGTERM cleans up.
+//! Hostile local clients (closing at once, churning, holding connections idle, up to
+//! exhausting the server's descriptors) neither lock users out nor pile up
+//! descriptors; bad arguments are errors that name them and leave nothing behind,
+//! and neither example takes over a path it did not create.
 //!
 //! Guests are created paused, so that a client is attached before they print their
 //! banner; every guest a test starts is destroyed when it ends, passing or not.
@@ -12,12 +16,13 @@ mod support;
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -34,6 +39,14 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 const ECHO_TIMEOUT: Duration = Duration::from_secs(20);
 /// The server's log shows what it did (a client attached or left).
 const LOG_TIMEOUT: Duration = Duration::from_secs(10);
+/// Hostile clients per test: closing, churning.
+const CLIENTS: usize = 200;
+/// How long clients churn.
+const CHURN: Duration = Duration::from_secs(8);
+/// A user gets in while hostile connections are open.
+const LOCKOUT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Descriptors the server may open or close on its own (libvirt's, a worker's).
+const FD_SLACK: usize = 4;
 
 #[test]
 fn serves_consoles_to_many_clients() {
@@ -251,6 +264,461 @@ fn refuses_tcp_beyond_loopback() {
     assert!(stderr.contains("only loopback"), "{stderr}");
 }
 
+/// TCP clients that authenticate and close, and Unix clients that connect and close,
+/// leave nothing behind on a quiet console (a paused guest prints nothing).
+#[test]
+fn closed_clients_are_reaped_at_once() {
+    let paused = PausedGuest::new("cs-quiet");
+    let mut server = Server::start(
+        &[
+            "--uri",
+            &paused.uri,
+            "--dir",
+            path_str(&paused.dir),
+            "--tcp",
+            "127.0.0.1:0",
+            "--exit-after",
+            "600",
+        ],
+        &paused.work,
+    );
+    let socket = server.wait_socket(&paused.dir, "cs-quiet");
+    let (addr, token) = server.tcp_endpoint();
+    let baseline = server.fds();
+
+    for _ in 0..CLIENTS {
+        let mut tcp = TcpStream::connect(&addr).expect("connect over TCP");
+        tcp.write_all(format!("{token} cs-quiet\n").as_bytes())
+            .expect("send the TOKEN NAME line");
+        drop(tcp);
+        drop(UnixStream::connect(&socket).expect("connect to the console"));
+    }
+    // All of them got in (and out) ...
+    server.wait_log(LOG_TIMEOUT, CLIENTS, |l| {
+        l.contains("cs-quiet: tcp#") && l.contains(" attached (")
+    });
+    server.wait_log(LOG_TIMEOUT, CLIENTS, |l| {
+        l.contains("cs-quiet: unix#") && l.contains(" attached (")
+    });
+    // ... and left no descriptor behind.
+    let after = server.wait_fds(baseline + FD_SLACK, LOG_TIMEOUT);
+    eprintln!("server fds: {baseline} before {CLIENTS}+{CLIENTS} closed clients, {after} after");
+
+    // They are gone from the console too: the next client is its only one.
+    let _alone = Client::unix(&socket, "alone");
+    let attached = |l: &str| l.contains("cs-quiet: ") && l.contains(" attached (");
+    server.wait_log(LOG_TIMEOUT, 2 * CLIENTS + 1, attached);
+    let log = fs::read_to_string(&server.stderr).unwrap_or_default();
+    let last = log.lines().rfind(|l| attached(l)).unwrap_or_default();
+    assert!(last.ends_with("attached (1 client)"), "{last}");
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}\n{}", server.logs());
+}
+
+/// Clients churning over TCP (200 threads connecting and closing, half of them after
+/// a valid TOKEN NAME line) neither starve a real guest's console nor pile up
+/// descriptors; a Unix client that half-closed keeps getting output throughout.
+#[test]
+fn serves_a_guest_while_clients_churn() {
+    let paused = PausedGuest::new("cs-churn");
+    let mut server = Server::start(
+        &[
+            "--uri",
+            &paused.uri,
+            "--dir",
+            path_str(&paused.dir),
+            "--tcp",
+            "127.0.0.1:0",
+            "--exit-after",
+            "600",
+        ],
+        &paused.work,
+    );
+    let socket = server.wait_socket(&paused.dir, "cs-churn");
+    let (addr, token) = server.tcp_endpoint();
+    let mut probe = Client::unix(&socket, "probe");
+    server.wait_attached("cs-churn", 1, 1);
+    let mut half = Client::unix(&socket, "half-closed");
+    server.wait_attached("cs-churn", 2, 1);
+    resume(&paused.conn, "cs-churn");
+    probe.expect(&format!("{BANNER} name=cs-churn"), BOOT_TIMEOUT, &server);
+    half.expect(&format!("{BANNER} name=cs-churn"), BOOT_TIMEOUT, &server);
+    half.shutdown_write();
+    probe.send("echo warm-up\n");
+    probe.expect("\nwarm-up\r", ECHO_TIMEOUT, &server);
+    let baseline = server.fds();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let connects = Arc::new(AtomicUsize::new(0));
+    let churners: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (stop, connects) = (Arc::clone(&stop), Arc::clone(&connects));
+            let (addr, line) = (addr.clone(), format!("{token} cs-churn\n"));
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match TcpStream::connect(&addr) {
+                        Ok(mut tcp) => {
+                            if i % 2 == 0 {
+                                let _ = tcp.write_all(line.as_bytes());
+                            }
+                            connects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Out of ephemeral ports or backlog: not the point here.
+                        Err(_) => sleep(Duration::from_millis(10)),
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let started = Instant::now();
+    let (mut most, mut probes, mut echoes) = (0, 0, Vec::new());
+    while started.elapsed() < CHURN {
+        probes += 1;
+        let sent = Instant::now();
+        probe.send(&format!("echo churn-{probes}\n"));
+        probe.expect(&format!("\nchurn-{probes}\r"), ECHO_TIMEOUT, &server);
+        echoes.push(sent.elapsed());
+        most = most.max(server.fds());
+        sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for churner in churners {
+        churner.join().expect("a churning client panicked");
+    }
+    half.expect(&format!("\nchurn-{probes}\r"), ECHO_TIMEOUT, &server);
+    let after = server.wait_fds(baseline + FD_SLACK, LOG_TIMEOUT);
+    echoes.sort();
+    eprintln!(
+        "{} connections in {CHURN:?}; {probes} echo probes, median {:?}, slowest {:?}; \
+         server fds: {baseline} before, at most {most} during, {after} after",
+        connects.load(Ordering::Relaxed),
+        echoes[echoes.len() / 2],
+        echoes[echoes.len() - 1],
+    );
+    // Flat: never more than the churning clients can hold open at once.
+    assert!(
+        most <= baseline + CLIENTS + FD_SLACK,
+        "{most} descriptors open during the churn (baseline {baseline})\n{}",
+        server.logs()
+    );
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}\n{}", server.logs());
+}
+
+/// With 64 descriptors, 100 TCP connections that never send their line lock out
+/// neither Unix nor TCP users, and nothing stays behind once they close.
+#[test]
+fn idle_connections_lock_nobody_out() {
+    let paused = PausedGuest::new("cs-idle");
+    let mut server = Server::start_limited(
+        &[
+            "--uri",
+            &paused.uri,
+            "--dir",
+            path_str(&paused.dir),
+            "--tcp",
+            "127.0.0.1:0",
+            "--exit-after",
+            "600",
+        ],
+        &paused.work,
+        64,
+    );
+    let socket = server.wait_socket(&paused.dir, "cs-idle");
+    let (addr, token) = server.tcp_endpoint();
+    let baseline = server.fds();
+
+    let idle = idle_connections(&addr);
+    // Let the server take what it will of them before the users come.
+    server.wait_fds_at_least(baseline + 32);
+    sleep(Duration::from_millis(500));
+    let mut user = Client::unix(&socket, "unix user");
+    server.wait_log(LOCKOUT_TIMEOUT, 1, |l| {
+        l.contains("cs-idle: unix#") && l.contains(" attached (")
+    });
+    let mut tcp_user = Client::tcp(&addr, "tcp user");
+    tcp_user.send(&format!("{token} cs-idle\n"));
+    server.wait_log(LOCKOUT_TIMEOUT, 1, |l| {
+        l.contains("cs-idle: tcp#") && l.contains(" attached (")
+    });
+    let during = server.fds();
+
+    drop(idle);
+    let after = server.wait_fds(baseline + 2 + FD_SLACK, LOG_TIMEOUT);
+    eprintln!("server fds: {baseline} before, {during} with 100 idle connections, {after} after");
+    // Both users are still served: the console's end reaches them.
+    paused
+        .conn
+        .lookup_domain_by_name("cs-idle")
+        .and_then(|d| d.destroy())
+        .expect("destroy cs-idle");
+    user.expect(
+        "[console_server: cs-idle: guest gone]",
+        LOG_TIMEOUT,
+        &server,
+    );
+    tcp_user.expect(
+        "[console_server: cs-idle: guest gone]",
+        LOG_TIMEOUT,
+        &server,
+    );
+}
+
+/// Without the --max-pending cap the idle connections exhaust the descriptors: the
+/// server sheds what it cannot take, a Unix client still gets in, and once the idle
+/// connections close TCP is served again (the edge-triggered listener recovered).
+#[test]
+fn survives_running_out_of_descriptors() {
+    let paused = PausedGuest::new("cs-emfile");
+    let mut server = Server::start_limited(
+        &[
+            "--uri",
+            &paused.uri,
+            "--dir",
+            path_str(&paused.dir),
+            "--tcp",
+            "127.0.0.1:0",
+            "--max-pending",
+            "1000",
+            "--exit-after",
+            "600",
+        ],
+        &paused.work,
+        64,
+    );
+    let socket = server.wait_socket(&paused.dir, "cs-emfile");
+    let (addr, token) = server.tcp_endpoint();
+    let baseline = server.fds();
+
+    let idle = idle_connections(&addr);
+    server.wait_log(LOG_TIMEOUT, 1, |l| l.contains("out of file descriptors"));
+    let _user = Client::unix(&socket, "unix user");
+    server.wait_log(LOCKOUT_TIMEOUT, 1, |l| {
+        l.contains("cs-emfile: unix#") && l.contains(" attached (")
+    });
+    let during = server.fds();
+
+    drop(idle);
+    let after = server.wait_fds(baseline + 1 + FD_SLACK, LOG_TIMEOUT);
+    let mut tcp_user = Client::tcp(&addr, "tcp user");
+    tcp_user.send(&format!("{token} cs-emfile\n"));
+    server.wait_log(LOCKOUT_TIMEOUT, 1, |l| {
+        l.contains("cs-emfile: tcp#") && l.contains(" attached (")
+    });
+    eprintln!("server fds: {baseline} before, {during} out of descriptors, {after} after");
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}\n{}", server.logs());
+}
+
+#[test]
+fn refuses_bad_numbers() {
+    for (option, value) in [
+        ("--exit-after", "1e300"),
+        ("--exit-after", "nan"),
+        ("--exit-after", "inf"),
+        ("--exit-after", "-1"),
+        ("--max-pending", "0"),
+        ("--client-buffer", "0"),
+    ] {
+        let output = Command::new(server_binary())
+            .args(["--uri", "test:///default", &format!("{option}={value}")])
+            .output()
+            .expect("run console_server");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{option} {value}: {stderr}");
+        assert!(stderr.contains(&format!("'{value}'")), "{stderr}");
+        assert!(stderr.contains(option), "{stderr}");
+    }
+}
+
+/// An existing --dir is used only when private already; nothing is ever chmodded,
+/// and only a directory the server made is removed.
+#[test]
+fn takes_no_directory_over() {
+    let work = WorkDir::new();
+    let refused = |dir: &Path, why: &str| {
+        let output = Command::new(server_binary())
+            .args(["--uri", "test:///default", "--dir", path_str(dir)])
+            .args(["--exit-after", "5"]) // should it run anyway
+            .output()
+            .expect("run console_server");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        let named = format!("console_server: --dir {}: {why}", dir.display());
+        assert!(stderr.contains(&named), "{named:?} not in {stderr}");
+    };
+    let shared = work.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    refused(&shared, "mode 1777");
+    let open = work.path().join("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).unwrap();
+    refused(&open, "mode 0755");
+    let link = work.path().join("link");
+    std::os::unix::fs::symlink(&open, &link).unwrap();
+    refused(&work.path().join("link/"), "is a symbolic link");
+    let file = work.path().join("file");
+    fs::write(&file, "mine\n").unwrap();
+    refused(&file, "exists and is not a directory");
+    refused(Path::new("/proc/nope"), "No such file or directory");
+    assert_eq!(
+        fs::metadata(&shared).unwrap().permissions().mode() & 0o7777,
+        0o1777
+    );
+    assert_eq!(mode(&open), 0o755);
+
+    // A private directory of ours is used and kept, with what else is in it.
+    let private = work.path().join("private");
+    fs::create_dir(&private).unwrap();
+    fs::set_permissions(&private, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(private.join("keep"), "mine\n").unwrap();
+    // A missing one is made private, and removed at exit.
+    let fresh = work.path().join("fresh");
+    for dir in [&private, &fresh] {
+        let output = Command::new(server_binary())
+            .args(["--uri", "test:///default", "--dir", path_str(dir)])
+            .args(["--exit-after", "0.5"])
+            .output()
+            .expect("run console_server");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("consoles in {}", dir.display())),
+            "{stdout}"
+        );
+    }
+    assert_eq!(mode(&private), 0o700);
+    assert!(private.join("keep").is_file());
+    assert!(!fresh.exists());
+}
+
+/// A bad --token-file is an error naming it, and the server leaves nothing behind
+/// (its default socket directory included).
+#[test]
+fn bad_token_file_leaves_nothing() {
+    let work = WorkDir::new();
+    let token_file = work.path().join("token");
+    fs::write(&token_file, "two words\n").unwrap();
+    let child = Command::new(server_binary())
+        .args(["--uri", "test:///default", "--tcp", "127.0.0.1:0"])
+        .arg("--token-file")
+        .arg(&token_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run console_server");
+    let pid = child.id();
+    let output = child.wait_with_output().expect("wait for console_server");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    let named = format!(
+        "--token-file {}: the token must be one word",
+        token_file.display()
+    );
+    assert!(stderr.contains(&named), "{named:?} not in {stderr}");
+    let leftovers: Vec<_> = fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|name| name.starts_with(&format!("console-server-{pid}")))
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+}
+
+/// `embedded --socket PATH` replaces a stale socket only: a file or a socket that is
+/// in use stays as it is.
+#[test]
+fn embedded_replaces_only_a_stale_socket() {
+    let work = WorkDir::new();
+    let embedded = build_example("embedded");
+    let run = |path: &Path| {
+        Command::new(&embedded)
+            .args(["--steps", "1", "--socket", path_str(path)])
+            .output()
+            .expect("run embedded")
+    };
+    let file = work.path().join("file");
+    fs::write(&file, "precious\n").unwrap();
+    let output = run(&file);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "--socket {}: exists and is not a socket",
+            file.display()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(fs::read_to_string(&file).unwrap(), "precious\n");
+
+    let live = work.path().join("live.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let output = run(&live);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("another process listens on it"), "{stderr}");
+    assert!(
+        UnixStream::connect(&live).is_ok(),
+        "the live socket was replaced"
+    );
+
+    let stale = work.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let output = run(&stale);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(!stale.exists(), "the socket stayed after exit");
+}
+
+/// A private libvirtd with one paused testbed guest (a quiet console), and a work
+/// directory whose `consoles` the server is to use.
+struct PausedGuest {
+    // Dropped in this order: the guest is destroyed before its daemon goes.
+    _guests: Guests,
+    conn: Connect,
+    _daemon: PrivateDaemon,
+    uri: String,
+    work: WorkDir,
+    dir: PathBuf,
+}
+
+impl PausedGuest {
+    fn new(name: &str) -> PausedGuest {
+        virt::error::clear_error_callback();
+        let testbed = testbed();
+        let daemon = PrivateDaemon::start().expect("start a private libvirtd");
+        let uri = daemon.uri("qemu");
+        let conn = Connect::open(Some(&uri)).expect("connect to the private libvirtd");
+        let guests = Guests::new();
+        create_paused(&conn, &guests, &testbed, name, &daemon);
+        let work = WorkDir::new();
+        let dir = work.path().join("consoles");
+        PausedGuest {
+            _guests: guests,
+            conn,
+            _daemon: daemon,
+            uri,
+            work,
+            dir,
+        }
+    }
+}
+
+/// 100 TCP connections that never send anything.
+fn idle_connections(addr: &str) -> Vec<TcpStream> {
+    (0..100)
+        .map(|i| TcpStream::connect(addr).unwrap_or_else(|e| panic!("idle #{i}: {e}")))
+        .collect()
+}
+
 /// The testbed, built first if needed (under a lock: tests run in parallel).
 fn testbed() -> Testbed {
     let dir = std::env::var_os("TESTBED_DIR")
@@ -299,33 +767,35 @@ fn path_str(path: &Path) -> &str {
     path.to_str().expect("UTF-8 path")
 }
 
-/// The example's binary, built once per test process with the profile of this test.
 fn server_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            // target/<profile>/deps/console_server-HASH → target/<profile>
-            let exe = std::env::current_exe().expect("current_exe");
-            let mut profile_dir = exe.parent().expect("exe dir").to_path_buf();
-            if profile_dir.ends_with("deps") {
-                profile_dir.pop();
-            }
-            let target_dir = profile_dir.parent().expect("target dir");
-            let mut build = Command::new(env!("CARGO"));
-            build
-                .args(["build", "--quiet", "--example", "console_server"])
-                .current_dir(MANIFEST_DIR)
-                .env("CARGO_TARGET_DIR", target_dir);
-            if profile_dir.ends_with("release") {
-                build.arg("--release");
-            }
-            let status = build.status().expect("run cargo build");
-            assert!(status.success(), "building the example failed: {status}");
-            let binary = profile_dir.join("examples/console_server");
-            assert!(binary.is_file(), "{} missing", binary.display());
-            binary
-        })
+        .get_or_init(|| build_example("console_server"))
         .clone()
+}
+
+/// An example's binary, built with the profile of this test.
+fn build_example(name: &str) -> PathBuf {
+    // target/<profile>/deps/console_server-HASH → target/<profile>
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut profile_dir = exe.parent().expect("exe dir").to_path_buf();
+    if profile_dir.ends_with("deps") {
+        profile_dir.pop();
+    }
+    let target_dir = profile_dir.parent().expect("target dir");
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .args(["build", "--quiet", "--example", name])
+        .current_dir(MANIFEST_DIR)
+        .env("CARGO_TARGET_DIR", target_dir);
+    if profile_dir.ends_with("release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo build");
+    assert!(status.success(), "building the example failed: {status}");
+    let binary = profile_dir.join("examples").join(name);
+    assert!(binary.is_file(), "{} missing", binary.display());
+    binary
 }
 
 /// A temporary directory for one test, removed at the end.
@@ -364,21 +834,74 @@ struct Server {
 
 impl Server {
     fn start(args: &[&str], work: &WorkDir) -> Server {
-        let binary = server_binary();
+        Server::spawn(Command::new(server_binary()), args, work)
+    }
+
+    /// Runs it with at most `nofile` file descriptors (soft and hard limit).
+    fn start_limited(args: &[&str], work: &WorkDir, nofile: u32) -> Server {
+        let mut prlimit = Command::new("prlimit");
+        prlimit
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(server_binary());
+        Server::spawn(prlimit, args, work)
+    }
+
+    fn spawn(mut command: Command, args: &[&str], work: &WorkDir) -> Server {
         let stdout = work.path().join("server.stdout");
         let stderr = work.path().join("server.stderr");
-        let child = Command::new(&binary)
+        let child = command
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(fs::File::create(&stdout).unwrap())
             .stderr(fs::File::create(&stderr).unwrap())
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
+            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
         Server {
             child: Some(child),
             stdout,
             stderr,
+        }
+    }
+
+    /// Its open file descriptors (prlimit execs it: same pid).
+    fn fds(&self) -> usize {
+        let pid = self.child.as_ref().expect("the server runs").id();
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|dir| dir.count())
+            .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}\n{}", self.logs()))
+    }
+
+    /// Waits until it has no more than `at_most` descriptors open; returns the count.
+    fn wait_fds(&mut self, at_most: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_running();
+            let fds = self.fds();
+            if fds <= at_most {
+                return fds;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{fds} descriptors open, expected at most {at_most}\n{}",
+                self.logs()
+            );
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until it has at least `fds` descriptors open.
+    fn wait_fds_at_least(&mut self, fds: usize) {
+        let deadline = Instant::now() + LOG_TIMEOUT;
+        while self.fds() < fds {
+            self.check_running();
+            assert!(
+                Instant::now() < deadline,
+                "the server did not take the connections\n{}",
+                self.logs()
+            );
+            sleep(Duration::from_millis(20));
         }
     }
 
@@ -527,17 +1050,26 @@ fn signal(child: &Child, sig: libc::c_int) {
 /// Both kinds of client connection.
 trait Duplex: Read + Write {
     fn set_timeout(&self, timeout: Duration) -> io::Result<()>;
+    fn shutdown_write(&self) -> io::Result<()>;
 }
 
 impl Duplex for UnixStream {
     fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
         self.set_read_timeout(Some(timeout))
     }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
 }
 
 impl Duplex for TcpStream {
     fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
         self.set_read_timeout(Some(timeout))
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
     }
 }
 
@@ -578,6 +1110,13 @@ impl Client {
         self.stream
             .write_all(text.as_bytes())
             .unwrap_or_else(|e| panic!("{}: send {text:?}: {e}", self.name));
+    }
+
+    /// Stops sending (a half-close); it still reads.
+    fn shutdown_write(&mut self) {
+        self.stream
+            .shutdown_write()
+            .unwrap_or_else(|e| panic!("{}: shutdown: {e}", self.name));
     }
 
     /// Reads once (up to the read timeout); false at end of file.
