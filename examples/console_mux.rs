@@ -56,7 +56,9 @@ struct Args {
 }
 
 /// How long shutdown waits for a daemon's answers.
-const DAEMON_GRACE: Duration = Duration::from_millis(400);
+const DAEMON_GRACE: Duration = Duration::from_millis(500);
+/// The least the final drain gets: enough for a healthy daemon's answers.
+const MIN_DRAIN: Duration = Duration::from_millis(100);
 /// How long shutdown waits for the guests it booted on the in-process driver.
 const BOOTED_GRACE: Duration = Duration::from_secs(30);
 
@@ -238,6 +240,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         DAEMON_GRACE
     };
+    let shutting_down = Instant::now();
     let mut destroyed = Ok(0);
     if let Some(Session {
         conn,
@@ -266,7 +269,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             out.note(&format!("destroyed {n} guest(s)"));
         }
     }
-    let drained = reactor.shutdown(grace);
+    let drained = reactor.shutdown(grace.saturating_sub(shutting_down.elapsed()).max(MIN_DRAIN));
     log::debug!("drained: {drained:?}");
     let unanswered = |e: virt_reactor::Error| match e {
         virt_reactor::Error::TimedOut | virt_reactor::Error::DrainTimedOut { .. } => {

@@ -90,6 +90,21 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const INPUT_RETRY: Duration = Duration::from_millis(10);
 /// How long shutdown waits for guests still booting, and for destroying guests.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for a daemon's answers, so that a frozen one cannot hold
+/// the exit (every stream's end and the connection's close are calls to it).
+const DAEMON_GRACE: Duration = Duration::from_millis(500);
+/// The least a drain gets: enough for a healthy daemon's answers.
+const MIN_DRAIN: Duration = Duration::from_millis(100);
+
+/// How long shutdown waits for libvirt: destroying guests this run booted takes
+/// seconds, anything else is quick unless the daemon does not answer.
+fn shutdown_grace(booted: &[String]) -> Duration {
+    if booted.is_empty() {
+        DAEMON_GRACE
+    } else {
+        SHUTDOWN_WAIT
+    }
+}
 /// `sizeof(sockaddr_un.sun_path) - 1`.
 const SUN_PATH_MAX: usize = 107;
 /// Connections accepted per listener and loop iteration, so that a flood of them
@@ -321,8 +336,17 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     };
 
+    let shutting_down = Instant::now();
     let finished = server.shut_down(&mut reactor, &notes);
-    let report = reactor.shutdown(Duration::from_secs(10));
+    // The in-process driver's last watches go once its guests are gone: seconds. A
+    // daemon's streams end within what is left of its grace.
+    let drain = match embed_root {
+        Some(_) => Duration::from_secs(10),
+        None => DAEMON_GRACE
+            .saturating_sub(shutting_down.elapsed())
+            .max(MIN_DRAIN),
+    };
+    let report = reactor.shutdown(drain);
     match &report {
         Ok(report) => log::debug!("drained: {report:?}"),
         Err(e) => log::warn!("draining libvirt's loop: {e}"),
@@ -1157,10 +1181,9 @@ impl Server {
                 break;
             }
         }
-        if let Some(session) = &mut self.session {
-            // Before the connection goes; deregistering is a call to libvirt.
-            drop(session.subscription.take());
-        }
+        // Deregistering from lifecycle events is a call to the daemon: it goes with
+        // the connection, off the loop, below.
+        let subscription = self.session.as_mut().and_then(|s| s.subscription.take());
         // Guests still booting come up with a console; wait for them so that they
         // are destroyed, not left running.
         let deadline = Instant::now() + SHUTDOWN_WAIT;
@@ -1195,13 +1218,14 @@ impl Server {
             booted,
             ..
         } = session;
+        let grace = shutdown_grace(&booted);
         let destroyed = reactor.run_blocking(
             move || {
                 let destroyed = testbed::destroy(&conn, &booted);
-                drop((mux, conn));
+                drop((subscription, mux, conn));
                 destroyed
             },
-            SHUTDOWN_WAIT,
+            grace,
             |_| {
                 for event in events.try_iter() {
                     log::debug!("after detach: {event:?}");
@@ -1215,7 +1239,9 @@ impl Server {
                 }
                 result
             }
-            Err(virt_reactor::Error::TimedOut) => Err("timed out destroying the guests".to_owned()),
+            Err(virt_reactor::Error::TimedOut) => Err(format!(
+                "libvirt did not answer within {grace:?}; exiting without a clean close"
+            )),
             Err(e) => {
                 log::warn!("{e}");
                 result

@@ -713,6 +713,72 @@ impl PausedGuest {
 }
 
 /// 100 TCP connections that never send anything.
+/// With its daemon frozen (SIGSTOP) while console input is pending, the server
+/// keeps serving its own clients, and SIGTERM ends it within a second (before,
+/// libvirt's send held the loop: SIGTERM waited until the daemon ran again).
+#[test]
+fn sigterm_ends_the_server_within_a_second_while_its_daemon_is_frozen() {
+    virt::error::clear_error_callback();
+    let testbed = testbed();
+    let daemon = PrivateDaemon::start().expect("start a private libvirtd");
+    let uri = daemon.uri("qemu");
+    let conn = Connect::open(Some(&uri)).expect("connect to the private libvirtd");
+    let guests = Guests::new();
+    let work = WorkDir::new();
+    let dir = work.path().join("consoles");
+    create_paused(&conn, &guests, &testbed, "cs-frozen", &daemon);
+    let mut server = Server::start(
+        &[
+            "--uri",
+            &uri,
+            "--dir",
+            path_str(&dir),
+            "--tcp",
+            "127.0.0.1:0",
+            "--exit-after",
+            "600",
+        ],
+        &work,
+    );
+    let socket = server.wait_socket(&dir, "cs-frozen");
+    let mut client = Client::unix(&socket, "client");
+    server.wait_attached("cs-frozen", 1, 1);
+    resume(&conn, "cs-frozen");
+    client.expect(&format!("{BANNER} name=cs-frozen"), BOOT_TIMEOUT, &server);
+    client.send("echo before-the-freeze\n");
+    client.expect("\nbefore-the-freeze\r", ECHO_TIMEOUT, &server);
+
+    daemon.freeze();
+    // More input than the daemon's socket holds: a send now waits in libvirt.
+    let line = format!("{}\n", "x".repeat(64 * 1024));
+    for _ in 0..8 {
+        client.send(&line);
+    }
+    sleep(Duration::from_millis(500));
+    // The loop still serves: a TCP client with a wrong token is turned away.
+    let (addr, _) = server.tcp_endpoint();
+    let mut intruder = Client::tcp(&addr, "intruder");
+    intruder.send("not-the-token cs-frozen\n");
+    intruder.expect_eof(LOG_TIMEOUT, &server);
+
+    let signalled = Instant::now();
+    let status = server.terminate();
+    let took = signalled.elapsed();
+    eprintln!("console_server exited {took:?} after SIGTERM: {status:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "console_server took {took:?} to exit after SIGTERM\n{}",
+        server.logs()
+    );
+    assert!(
+        server.logs().contains("did not answer"),
+        "the unclean exit is explained\n{}",
+        server.logs()
+    );
+    daemon.thaw();
+    drop(guests);
+}
+
 fn idle_connections(addr: &str) -> Vec<TcpStream> {
     (0..100)
         .map(|i| TcpStream::connect(addr).unwrap_or_else(|e| panic!("idle #{i}: {e}")))
