@@ -25,12 +25,23 @@ for pkg in "${PACKAGES[@]}"; do
     fi
 done
 
+# apt's own output goes to a log, shown only when something fails.
+log=$(mktemp /tmp/setup-host.XXXXXX.log)
+trap 'rm -f "$log"' EXIT
+quietly() {
+    if ! "$@" >>"$log" 2>&1; then
+        echo "setup-host: error: $* failed; its output:" >&2
+        tail -n 40 "$log" >&2
+        exit 1
+    fi
+}
+
 if [ "${#missing[@]}" -eq 0 ]; then
     echo "setup-host: packages: all ${#PACKAGES[@]} present"
 else
     echo "setup-host: packages: installing ${missing[*]}"
-    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+    quietly "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    quietly "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
@@ -50,5 +61,5 @@ if nextest_version=$(cargo nextest --version 2>/dev/null); then
     echo "setup-host: cargo-nextest: ${nextest_version%%$'\n'*}"
 else
     echo "setup-host: cargo-nextest: installing"
-    cargo install --locked cargo-nextest
+    quietly cargo install --locked cargo-nextest
 fi

@@ -127,10 +127,12 @@ enum Op {
 
 impl Lane {
     /// Starts the lane of `conn`, whose losses are reported to the reactor's inbox
-    /// as `connection`, once `predecessor` (the connection's previous lane) is done.
+    /// as `connection` (waking the loop behind `handle`), once `predecessor` (the
+    /// connection's previous lane) is done.
     pub(crate) fn spawn(
         conn: &Connect,
         connection: usize,
+        handle: ReactorHandle,
         predecessor: Option<Retired>,
     ) -> Result<Lane> {
         let shared = Arc::new(Shared {
@@ -151,7 +153,7 @@ impl Lane {
                 if let Some(predecessor) = predecessor.and_then(|p| p.0.upgrade()) {
                     predecessor.wait_done();
                 }
-                worker.watch(&conn, connection);
+                worker.watch(&conn, connection, handle);
                 worker.run();
                 if worker.watched.load(Ordering::Acquire) {
                     if let Err(e) = unregister_close(&conn) {
@@ -350,11 +352,16 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers the close callback of `conn`.
-    fn watch(&self, conn: &Connect, connection: usize) {
+    /// Registers the close callback of `conn`. libvirt calls it from whichever
+    /// thread finds the connection gone, often this lane's, so it wakes the loop.
+    fn watch(&self, conn: &Connect, connection: usize, handle: ReactorHandle) {
+        let waker = handle.clone();
         let registered = register_close(
             conn,
-            Box::new(move |reason| inbox::connection_closed(connection, reason)),
+            Box::new(move |reason| {
+                inbox::connection_closed(connection, reason);
+                waker.wake();
+            }),
         );
         match registered {
             Ok(()) => self.watched.store(true, Ordering::Release),
@@ -367,6 +374,7 @@ impl Shared {
         // Lost before the callback was in place: libvirt will not call it.
         if !conn.is_alive().unwrap_or(true) {
             inbox::connection_closed(connection, CloseReason::Error);
+            handle.wake();
         }
     }
 

@@ -747,7 +747,12 @@ impl Reactor {
         let lane = if stream.is_remote() {
             self.retired.retain(|_, lane| lane.is_running());
             let predecessor = self.retired.remove(&connection);
-            Some(Lane::spawn(stream.connection(), connection, predecessor)?)
+            Some(Lane::spawn(
+                stream.connection(),
+                connection,
+                self.handle.clone(),
+                predecessor,
+            )?)
         } else {
             None
         };
