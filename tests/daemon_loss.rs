@@ -333,3 +333,59 @@ fn losing_one_connection_fails_only_its_streams() {
     drop((victim_vols, bystander_vols, bystanders));
     bed.finish();
 }
+
+/// Uploads cut off by `kill -9` report the lost connection with libvirt's reason,
+/// as downloads do, not the first error their dead socket gave ("client socket is
+/// closed", "Cannot write data: Broken pipe").
+#[test]
+fn killing_the_daemon_fails_every_upload_as_a_lost_connection() {
+    const UPLOADS: usize = 4;
+    let mut bed = Bed::start("uploads");
+    let source = bed.out("source");
+    support::pool::sparse_file(&source, VOLUME, &[(0, &pattern(3, VOLUME as usize))]);
+    let vols: Vec<_> = (0..UPLOADS)
+        .map(|i| bed.pool.create_volume(&format!("up{i}"), VOLUME))
+        .collect();
+    let tracker = Tracker::default();
+    for vol in &vols {
+        tracker
+            .upload(
+                &mut bed.reactor,
+                &bed.conn,
+                vol,
+                &source,
+                VolumeRange::default(),
+            )
+            .expect("start an upload");
+    }
+    drive(
+        &mut bed.reactor,
+        Duration::from_secs(60),
+        "some progress",
+        |_| (0..UPLOADS).all(|i| tracker.position(i) >= PROGRESS),
+    );
+    let killed_at = Instant::now();
+    bed.daemon.kill();
+    drive(
+        &mut bed.reactor,
+        Duration::from_secs(10),
+        "every upload fails after the kill",
+        |_| tracker.all_ended(),
+    );
+    for i in 0..UPLOADS {
+        tracker.with(i, |t| {
+            assert_eq!(t.ends, 1, "upload {i}: done called once");
+            match &t.end {
+                Some(Err(Error::ConnectionClosed { .. })) => {}
+                other => panic!("upload {i}: expected ConnectionClosed, got {other:?}"),
+            }
+            let after = t.ended_at.unwrap() - killed_at;
+            assert!(
+                after < FAIL_WITHIN,
+                "upload {i} failed {after:?} after the kill"
+            );
+        });
+    }
+    drop(vols);
+    drop(bed);
+}

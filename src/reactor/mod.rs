@@ -355,8 +355,10 @@ impl Reactor {
     /// A panic in a handler ([`Error::CallbackPanicked`]; that stream is aborted, the
     /// others carry on) or in a loop callback, or a poll failure.
     pub fn run_once(&mut self, timeout: Option<Duration>) -> Result<()> {
-        self.run_commands();
-        let timeout = if inbox::has_news() || self.writer_has_room() {
+        // Commands may end streams (a lane's answer), which the caller may be
+        // waiting for: then this iteration does not sleep.
+        let commanded = self.run_commands();
+        let timeout = if commanded || inbox::has_news() || self.writer_has_room() {
             Some(Duration::ZERO)
         } else {
             timeout
@@ -461,8 +463,11 @@ impl Reactor {
             .drain(deadline.saturating_duration_since(Instant::now()))
     }
 
-    fn run_commands(&mut self) {
+    /// Runs the commands from other threads; true if there were any.
+    fn run_commands(&mut self) -> bool {
+        let mut any = false;
         while let Ok(command) = self.commands.try_recv() {
+            any = true;
             match command {
                 Command::Execute(job) => job(self),
                 Command::SetInterest(token, interest) => {
@@ -485,6 +490,7 @@ impl Reactor {
                 Command::Ended(token, result) => self.ended(token, result),
             }
         }
+        any
     }
 
     /// A lane finished or aborted a stream: tell its handler.

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -701,6 +701,8 @@ pub struct MuxProcess {
     pub lines: Vec<String>,
     stdout_done: bool,
     stderr: Arc<Mutex<String>>,
+    /// The stderr reader reached end of file: `stderr` is complete.
+    stderr_done: Arc<AtomicBool>,
     status: Option<ExitStatus>,
     /// The embed root the example uses: `/tmp/console-mux-<its pid>`.
     pub root: PathBuf,
@@ -743,8 +745,10 @@ impl MuxProcess {
             }
         });
         let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr_done = Arc::new(AtomicBool::new(false));
         {
             let (mut pipe, stderr) = (child.stderr.take().expect("piped stderr"), stderr.clone());
+            let done = Arc::clone(&stderr_done);
             thread::spawn(move || {
                 let mut buf = [0; 4096];
                 while let Ok(n) = pipe.read(&mut buf) {
@@ -757,6 +761,7 @@ impl MuxProcess {
                         .unwrap_or_else(|e| e.into_inner())
                         .push_str(&text);
                 }
+                done.store(true, Ordering::Release);
             });
         }
         let stdin = child.stdin.take();
@@ -767,6 +772,7 @@ impl MuxProcess {
             lines: Vec::new(),
             stdout_done: false,
             stderr,
+            stderr_done,
             status: None,
             root,
             home,
@@ -852,7 +858,9 @@ impl MuxProcess {
             if self.status.is_none() {
                 self.status = self.child.try_wait().expect("wait for console_mux");
             }
-            if let (Some(status), true) = (self.status, self.stdout_done) {
+            // Both pipes read to their end, or an error message may still be in flight.
+            let drained = self.stdout_done && self.stderr_done.load(Ordering::Acquire);
+            if let (Some(status), true) = (self.status, drained) {
                 return status;
             }
             if Instant::now() >= deadline {
