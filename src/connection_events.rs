@@ -305,7 +305,10 @@ type CloseSlot = Arc<Mutex<Option<Box<dyn FnOnce(CloseReason) + Send>>>>;
 /// Unregistered when dropped.
 ///
 /// libvirt keeps one close callback per connection; drivers without a persistent
-/// connection (such as `test:///`) accept one and never call it.
+/// connection (such as `test:///`) accept one and never call it. A remote connection
+/// with streams in a [`Reactor`](crate::Reactor) has the reactor's, which fails those
+/// streams when the connection is lost. Registering and unregistering are calls to
+/// the daemon on a remote connection: not for the loop thread.
 #[must_use = "the close callback is unregistered when dropped"]
 pub struct CloseWatch {
     conn: Connect,
