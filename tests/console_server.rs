@@ -26,11 +26,11 @@ use std::sync::{Arc, OnceLock};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use support::consoles::{example_binary, testbed};
 use support::daemon::PrivateDaemon;
 use virt::connect::Connect;
 use virt_reactor::testbed::{GuestMode, Guests, Testbed, BANNER};
 
-const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
 /// A socket appears once the server has attached the console.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 /// create → banner takes 2.5–6 s under TCG, more while other tests boot guests.
@@ -50,36 +50,14 @@ const FD_SLACK: usize = 4;
 
 #[test]
 fn serves_consoles_to_many_clients() {
-    virt::error::clear_error_callback();
-    let testbed = testbed();
-    let daemon = PrivateDaemon::start().expect("start a private libvirtd");
-    let uri = daemon.uri("qemu");
-    let conn = Connect::open(Some(&uri)).expect("connect to the private libvirtd");
-    let guests = Guests::new();
-    let work = WorkDir::new();
-    let dir = work.path().join("consoles");
-
-    for name in ["cs-1", "cs-2"] {
-        create_paused(&conn, &guests, &testbed, name, &daemon);
-    }
-    let mut server = Server::start(
-        &[
-            "--uri",
-            &uri,
-            "--dir",
-            path_str(&dir),
-            "--tcp",
-            "127.0.0.1:0",
-            "--exit-after",
-            "600",
-        ],
-        &work,
-    );
+    let paused = PausedGuest::new("cs-1");
+    paused.add("cs-2");
+    let mut server = paused.server(&[]);
 
     // Sockets for the running (paused) domains, private to us.
-    let s1 = server.wait_socket(&dir, "cs-1");
-    let s2 = server.wait_socket(&dir, "cs-2");
-    assert_eq!(mode(&dir), 0o700, "{}", server.logs());
+    let s1 = server.wait_socket(&paused.dir, "cs-1");
+    let s2 = server.wait_socket(&paused.dir, "cs-2");
+    assert_eq!(mode(&paused.dir), 0o700, "{}", server.logs());
     for socket in [&s1, &s2] {
         let meta = fs::symlink_metadata(socket).unwrap();
         assert!(meta.file_type().is_socket());
@@ -97,7 +75,7 @@ fn serves_consoles_to_many_clients() {
     let mut other = Client::unix(&s2, "cs-2 client");
     server.wait_attached("cs-2", 1, 1);
     for name in ["cs-1", "cs-2"] {
-        resume(&conn, name);
+        resume(&paused.conn, name);
     }
     a.expect(&format!("{BANNER} name=cs-1"), BOOT_TIMEOUT, &server);
     other.expect(&format!("{BANNER} name=cs-2"), BOOT_TIMEOUT, &server);
@@ -150,19 +128,17 @@ fn serves_consoles_to_many_clients() {
     c.expect("\nvia-tcp-4\r", ECHO_TIMEOUT, &server);
 
     // A destroyed guest's socket goes, and its clients are closed.
-    conn.lookup_domain_by_name("cs-2")
+    paused
+        .conn
+        .lookup_domain_by_name("cs-2")
         .and_then(|d| d.destroy())
         .expect("destroy cs-2");
     server.wait_gone(&s2);
     other.expect_eof(LOG_TIMEOUT, &server);
 
     // A guest started while the server runs gets a socket of its own.
-    create_paused(&conn, &guests, &testbed, "cs-3", &daemon);
-    let s3 = server.wait_socket(&dir, "cs-3");
-    let mut d = Client::unix(&s3, "d");
-    server.wait_attached("cs-3", 1, 1);
-    resume(&conn, "cs-3");
-    d.expect(&format!("{BANNER} name=cs-3"), BOOT_TIMEOUT, &server);
+    paused.add("cs-3");
+    let (_, mut d) = paused.boot_watched(&mut server, "cs-3", "d");
     d.send("echo hello-5\n");
     d.expect("\nhello-5\r", ECHO_TIMEOUT, &server);
 
@@ -173,49 +149,26 @@ fn serves_consoles_to_many_clients() {
         client.expect_eof(LOG_TIMEOUT, &server);
     }
     assert!(
-        !dir.exists(),
+        !paused.dir.exists(),
         "{} survived\n{}",
-        dir.display(),
+        paused.dir.display(),
         server.logs()
     );
     // The server only attached; the guests it did not boot still run.
-    assert!(conn
+    assert!(paused
+        .conn
         .lookup_domain_by_name("cs-1")
         .is_ok_and(|d| d.is_active().unwrap_or(false)));
 }
 
 #[test]
 fn slow_client_is_cut_off() {
-    virt::error::clear_error_callback();
-    let testbed = testbed();
-    let daemon = PrivateDaemon::start().expect("start a private libvirtd");
-    let uri = daemon.uri("qemu");
-    let conn = Connect::open(Some(&uri)).expect("connect to the private libvirtd");
-    let guests = Guests::new();
-    let work = WorkDir::new();
-    let dir = work.path().join("consoles");
-
-    create_paused(&conn, &guests, &testbed, "cs-flood", &daemon);
+    let paused = PausedGuest::new("cs-flood");
     let mut server = Server::start(
-        &[
-            "--uri",
-            &uri,
-            "--domain",
-            "cs-flood",
-            "--dir",
-            path_str(&dir),
-            "--client-buffer",
-            "65536",
-            "--exit-after",
-            "600",
-        ],
-        &work,
+        &paused.args(&["--domain", "cs-flood", "--client-buffer", "65536"]),
+        &paused.work,
     );
-    let socket = server.wait_socket(&dir, "cs-flood");
-    let mut reader = Client::unix(&socket, "reader");
-    server.wait_attached("cs-flood", 1, 1);
-    resume(&conn, "cs-flood");
-    reader.expect(&format!("{BANNER} name=cs-flood"), BOOT_TIMEOUT, &server);
+    let (socket, mut reader) = paused.boot_watched(&mut server, "cs-flood", "reader");
 
     // This one never reads while the guest floods: ~340 KB of output, more than
     // its socket buffer plus the 64 KiB the server buffers for it. (The socket
@@ -249,7 +202,7 @@ fn slow_client_is_cut_off() {
 
     let status = server.terminate();
     assert!(status.success(), "exit status {status}\n{}", server.logs());
-    assert!(!dir.exists());
+    assert!(!paused.dir.exists());
 }
 
 #[test]
@@ -269,19 +222,7 @@ fn refuses_tcp_beyond_loopback() {
 #[test]
 fn closed_clients_are_reaped_at_once() {
     let paused = PausedGuest::new("cs-quiet");
-    let mut server = Server::start(
-        &[
-            "--uri",
-            &paused.uri,
-            "--dir",
-            path_str(&paused.dir),
-            "--tcp",
-            "127.0.0.1:0",
-            "--exit-after",
-            "600",
-        ],
-        &paused.work,
-    );
+    let mut server = paused.server(&[]);
     let socket = server.wait_socket(&paused.dir, "cs-quiet");
     let (addr, token) = server.tcp_endpoint();
     let baseline = server.fds();
@@ -321,19 +262,7 @@ fn closed_clients_are_reaped_at_once() {
 #[test]
 fn serves_a_guest_while_clients_churn() {
     let paused = PausedGuest::new("cs-churn");
-    let mut server = Server::start(
-        &[
-            "--uri",
-            &paused.uri,
-            "--dir",
-            path_str(&paused.dir),
-            "--tcp",
-            "127.0.0.1:0",
-            "--exit-after",
-            "600",
-        ],
-        &paused.work,
-    );
+    let mut server = paused.server(&[]);
     let socket = server.wait_socket(&paused.dir, "cs-churn");
     let (addr, token) = server.tcp_endpoint();
     let mut probe = Client::unix(&socket, "probe");
@@ -411,20 +340,7 @@ fn serves_a_guest_while_clients_churn() {
 #[test]
 fn idle_connections_lock_nobody_out() {
     let paused = PausedGuest::new("cs-idle");
-    let mut server = Server::start_limited(
-        &[
-            "--uri",
-            &paused.uri,
-            "--dir",
-            path_str(&paused.dir),
-            "--tcp",
-            "127.0.0.1:0",
-            "--exit-after",
-            "600",
-        ],
-        &paused.work,
-        64,
-    );
+    let mut server = paused.server_limited(&[], 64);
     let socket = server.wait_socket(&paused.dir, "cs-idle");
     let (addr, token) = server.tcp_endpoint();
     let baseline = server.fds();
@@ -471,22 +387,7 @@ fn idle_connections_lock_nobody_out() {
 #[test]
 fn survives_running_out_of_descriptors() {
     let paused = PausedGuest::new("cs-emfile");
-    let mut server = Server::start_limited(
-        &[
-            "--uri",
-            &paused.uri,
-            "--dir",
-            path_str(&paused.dir),
-            "--tcp",
-            "127.0.0.1:0",
-            "--max-pending",
-            "1000",
-            "--exit-after",
-            "600",
-        ],
-        &paused.work,
-        64,
-    );
+    let mut server = paused.server_limited(&["--max-pending", "1000"], 64);
     let socket = server.wait_socket(&paused.dir, "cs-emfile");
     let (addr, token) = server.tcp_endpoint();
     let baseline = server.fds();
@@ -635,7 +536,7 @@ fn bad_token_file_leaves_nothing() {
 #[test]
 fn embedded_replaces_only_a_stale_socket() {
     let work = WorkDir::new();
-    let embedded = build_example("embedded");
+    let embedded = example_binary("embedded");
     let run = |path: &Path| {
         Command::new(&embedded)
             .args(["--steps", "1", "--socket", path_str(path)])
@@ -678,13 +579,14 @@ fn embedded_replaces_only_a_stale_socket() {
     assert!(!stale.exists(), "the socket stayed after exit");
 }
 
-/// A private libvirtd with one paused testbed guest (a quiet console), and a work
+/// A private libvirtd with paused testbed guests (quiet consoles), and a work
 /// directory whose `consoles` the server is to use.
 struct PausedGuest {
-    // Dropped in this order: the guest is destroyed before its daemon goes.
-    _guests: Guests,
+    // Dropped in this order: the guests are destroyed before their daemon goes.
+    guests: Guests,
     conn: Connect,
-    _daemon: PrivateDaemon,
+    daemon: PrivateDaemon,
+    testbed: Testbed,
     uri: String,
     work: WorkDir,
     dir: PathBuf,
@@ -697,58 +599,79 @@ impl PausedGuest {
         let daemon = PrivateDaemon::start().expect("start a private libvirtd");
         let uri = daemon.uri("qemu");
         let conn = Connect::open(Some(&uri)).expect("connect to the private libvirtd");
-        let guests = Guests::new();
-        create_paused(&conn, &guests, &testbed, name, &daemon);
         let work = WorkDir::new();
         let dir = work.path().join("consoles");
-        PausedGuest {
-            _guests: guests,
+        let paused = PausedGuest {
+            guests: Guests::new(),
             conn,
-            _daemon: daemon,
+            daemon,
+            testbed,
             uri,
             work,
             dir,
-        }
+        };
+        paused.add(name);
+        paused
+    }
+
+    /// Creates one more guest, paused, tracked for destruction.
+    fn add(&self, name: &str) {
+        self.guests.track(&self.conn, name);
+        self.conn
+            .create_domain_xml(
+                &self.testbed.guest_xml(name, GuestMode::Plain),
+                virt::sys::VIR_DOMAIN_START_PAUSED,
+            )
+            .unwrap_or_else(|e| panic!("create {name}: {e}\n{}", self.daemon.log_tail(30)));
+    }
+
+    /// Attaches a first client (`client`) to paused guest `name`'s console, then
+    /// boots the guest and waits for the banner there: the socket and the client.
+    fn boot_watched(&self, server: &mut Server, name: &str, client: &str) -> (PathBuf, Client) {
+        let socket = server.wait_socket(&self.dir, name);
+        let mut watcher = Client::unix(&socket, client);
+        server.wait_attached(name, 1, 1);
+        resume(&self.conn, name);
+        watcher.expect(&format!("{BANNER} name={name}"), BOOT_TIMEOUT, server);
+        (socket, watcher)
+    }
+
+    /// `--uri URI --dir DIR`, `extra`, and an exit should the test leave it running.
+    fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["--uri", &self.uri, "--dir", path_str(&self.dir)];
+        args.extend_from_slice(extra);
+        args.extend(["--exit-after", "600"]);
+        args
+    }
+
+    /// The server on this daemon, also on TCP (loopback), with `extra` arguments.
+    fn server(&self, extra: &[&str]) -> Server {
+        Server::start(&self.args(&with_tcp(extra)), &self.work)
+    }
+
+    /// [`Self::server`] with at most `nofile` file descriptors.
+    fn server_limited(&self, extra: &[&str], nofile: u32) -> Server {
+        Server::start_limited(&self.args(&with_tcp(extra)), &self.work, nofile)
     }
 }
 
-/// 100 TCP connections that never send anything.
+/// `extra` after a TCP listener on loopback.
+fn with_tcp<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    [&["--tcp", "127.0.0.1:0"], extra].concat()
+}
+
 /// With its daemon frozen (SIGSTOP) while console input is pending, the server
 /// keeps serving its own clients, and SIGTERM ends it within a second (before,
 /// libvirt's send held the loop: SIGTERM waited until the daemon ran again).
 #[test]
 fn sigterm_ends_the_server_within_a_second_while_its_daemon_is_frozen() {
-    virt::error::clear_error_callback();
-    let testbed = testbed();
-    let daemon = PrivateDaemon::start().expect("start a private libvirtd");
-    let uri = daemon.uri("qemu");
-    let conn = Connect::open(Some(&uri)).expect("connect to the private libvirtd");
-    let guests = Guests::new();
-    let work = WorkDir::new();
-    let dir = work.path().join("consoles");
-    create_paused(&conn, &guests, &testbed, "cs-frozen", &daemon);
-    let mut server = Server::start(
-        &[
-            "--uri",
-            &uri,
-            "--dir",
-            path_str(&dir),
-            "--tcp",
-            "127.0.0.1:0",
-            "--exit-after",
-            "600",
-        ],
-        &work,
-    );
-    let socket = server.wait_socket(&dir, "cs-frozen");
-    let mut client = Client::unix(&socket, "client");
-    server.wait_attached("cs-frozen", 1, 1);
-    resume(&conn, "cs-frozen");
-    client.expect(&format!("{BANNER} name=cs-frozen"), BOOT_TIMEOUT, &server);
+    let paused = PausedGuest::new("cs-frozen");
+    let mut server = paused.server(&[]);
+    let (_, mut client) = paused.boot_watched(&mut server, "cs-frozen", "client");
     client.send("echo before-the-freeze\n");
     client.expect("\nbefore-the-freeze\r", ECHO_TIMEOUT, &server);
 
-    daemon.freeze();
+    paused.daemon.freeze();
     // More input than the daemon's socket holds: a send now waits in libvirt.
     let line = format!("{}\n", "x".repeat(64 * 1024));
     for _ in 0..8 {
@@ -775,48 +698,14 @@ fn sigterm_ends_the_server_within_a_second_while_its_daemon_is_frozen() {
         "the unclean exit is explained\n{}",
         server.logs()
     );
-    daemon.thaw();
-    drop(guests);
+    paused.daemon.thaw();
 }
 
+/// 100 TCP connections that never send anything.
 fn idle_connections(addr: &str) -> Vec<TcpStream> {
     (0..100)
         .map(|i| TcpStream::connect(addr).unwrap_or_else(|e| panic!("idle #{i}: {e}")))
         .collect()
-}
-
-/// The testbed, built first if needed (under a lock: tests run in parallel).
-fn testbed() -> Testbed {
-    let dir = std::env::var_os("TESTBED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(MANIFEST_DIR).join(".testbed"));
-    if !dir.join("vmlinuz").is_file() || !dir.join("initramfs.cpio.gz").is_file() {
-        let status = Command::new("flock")
-            .arg(std::env::temp_dir().join("virt-reactor-testbed-build.lock"))
-            .args(["bash", "testbed/build.sh"])
-            .current_dir(MANIFEST_DIR)
-            .stdout(Stdio::null())
-            .status()
-            .expect("run testbed/build.sh");
-        assert!(status.success(), "testbed/build.sh failed: {status}");
-    }
-    Testbed::open(&dir).expect("open the testbed")
-}
-
-/// Creates a transient testbed guest, paused, and tracks it for destruction.
-fn create_paused(
-    conn: &Connect,
-    guests: &Guests,
-    testbed: &Testbed,
-    name: &str,
-    daemon: &PrivateDaemon,
-) {
-    guests.track(conn, name);
-    conn.create_domain_xml(
-        &testbed.guest_xml(name, GuestMode::Plain),
-        virt::sys::VIR_DOMAIN_START_PAUSED,
-    )
-    .unwrap_or_else(|e| panic!("create {name}: {e}\n{}", daemon.log_tail(30)));
 }
 
 fn resume(conn: &Connect, name: &str) {
@@ -836,32 +725,8 @@ fn path_str(path: &Path) -> &str {
 fn server_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| build_example("console_server"))
+        .get_or_init(|| example_binary("console_server"))
         .clone()
-}
-
-/// An example's binary, built with the profile of this test.
-fn build_example(name: &str) -> PathBuf {
-    // target/<profile>/deps/console_server-HASH → target/<profile>
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut profile_dir = exe.parent().expect("exe dir").to_path_buf();
-    if profile_dir.ends_with("deps") {
-        profile_dir.pop();
-    }
-    let target_dir = profile_dir.parent().expect("target dir");
-    let mut build = Command::new(env!("CARGO"));
-    build
-        .args(["build", "--quiet", "--example", name])
-        .current_dir(MANIFEST_DIR)
-        .env("CARGO_TARGET_DIR", target_dir);
-    if profile_dir.ends_with("release") {
-        build.arg("--release");
-    }
-    let status = build.status().expect("run cargo build");
-    assert!(status.success(), "building the example failed: {status}");
-    let binary = profile_dir.join("examples").join(name);
-    assert!(binary.is_file(), "{} missing", binary.display());
-    binary
 }
 
 /// A temporary directory for one test, removed at the end.

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use support::pool::{drive, file_is, pattern, Bed, Tracker, KIB, MIB};
 use virt::storage_vol::StorageVol;
-use virt_reactor::volume::VolumeRange;
 use virt_reactor::{
     Error, Flow, Interest, Readiness, Stream, StreamCtx, StreamEnd, StreamHandler, StreamToken,
 };
@@ -361,14 +360,8 @@ fn running_transfers_survive_the_slab_growing_under_them() {
     let tracker = Tracker::default();
     for (i, vol) in vols.iter().enumerate() {
         let file = bed.out(&format!("file{i}"));
-        let (index, _) = tracker
-            .download(
-                &mut bed.reactor,
-                &bed.conn,
-                vol,
-                &file,
-                VolumeRange::default(),
-            )
+        let (index, _) = bed
+            .download(&tracker, vol, &file)
             .expect("start a download");
         assert_eq!(index, i);
     }
@@ -636,14 +629,8 @@ fn a_panicking_handler_aborts_only_its_stream() {
 
     let tracker = Tracker::default();
     let file = bed.out("file");
-    let (other, _) = tracker
-        .download(
-            &mut bed.reactor,
-            &bed.conn,
-            &vol,
-            &file,
-            VolumeRange::default(),
-        )
+    let (other, _) = bed
+        .download(&tracker, &vol, &file)
         .expect("start the download");
     let (dropped, closed) = (Arc::default(), Arc::default());
     let stream = download_stream(&bed, &vol);

@@ -15,9 +15,11 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::pool::{allocated, data_extents, file_is, pattern, read_range, Bed, KIB, MIB};
+use virt::storage_vol::StorageVol;
 
-/// The command that runs `vol ARGS...`.
-fn vol_command(args: &[&str]) -> Command {
+/// The command that runs `vol VERB --uri URI --pool example ARGS...` on the bed's
+/// daemon (every test's pool is `example`).
+fn vol_command(bed: &Bed, verb: &str, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO"));
     command
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -25,17 +27,60 @@ fn vol_command(args: &[&str]) -> Command {
     if !cfg!(debug_assertions) {
         command.arg("--release");
     }
-    command.arg("--").args(args);
+    let uri = bed.daemon.uri("qemu");
+    command
+        .args(["--", verb, "--uri", &uri, "--pool", "example"])
+        .args(args);
     command
 }
 
-/// Runs `vol ARGS...` and returns its output.
-fn run_vol(args: &[&str]) -> Output {
-    vol_command(args).output().expect("run the vol example")
+/// Runs `vol VERB --uri URI --pool example ARGS...` to its end.
+fn run_vol(bed: &Bed, verb: &str, args: &[&str]) -> Run {
+    let output = vol_command(bed, verb, args)
+        .output()
+        .expect("run the vol example");
+    Run::new(&output)
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// How a run of the example exited and what it printed.
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn new(output: &Output) -> Run {
+        Run {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Both outputs, for assertion messages.
+    fn all(&self) -> String {
+        format!("stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr)
+    }
+
+    /// Its report line about volume `name`.
+    fn line(&self, name: &str) -> &str {
+        report_line(&self.stdout, name)
+    }
+}
+
+/// Volumes `names` in the bed's pool, the i-th holding `pattern(seed + i, len)`,
+/// and what they hold.
+fn volumes(bed: &Bed, names: &[&str], seed: u64, len: usize) -> (Vec<StorageVol>, Vec<Vec<u8>>) {
+    let data: Vec<Vec<u8>> = (0..names.len() as u64)
+        .map(|i| pattern(seed + i, len))
+        .collect();
+    let vols = names
+        .iter()
+        .zip(&data)
+        .map(|(name, data)| bed.pool.volume_with(name, data))
+        .collect();
+    (vols, data)
 }
 
 /// The line of the example's report about volume `name`.
@@ -61,41 +106,32 @@ fn vol_downloads_several_volumes_and_names_the_missing_one() {
         bed.pool.volume_with("third", &third),
     ];
     let (f1, f2, f3) = (bed.out("first"), bed.out("ghost"), bed.out("third"));
-    let uri = bed.daemon.uri("qemu");
 
-    let output = run_vol(&[
+    let run = run_vol(
+        &bed,
         "download",
-        "--uri",
-        &uri,
-        "--pool",
-        "example",
-        "first",
-        path(&f1),
-        "ghost",
-        path(&f2),
-        "third",
-        path(&f3),
-    ]);
-    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "exit code 1 when a transfer failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        &["first", path(&f1), "ghost", path(&f2), "third", path(&f3)],
     );
-    let ghost = report_line(&stdout, "ghost");
+    assert_eq!(
+        run.code,
+        Some(1),
+        "exit code 1 when a transfer failed\n{}",
+        run.all()
+    );
+    let ghost = run.line("ghost");
     assert!(
         ghost.starts_with("ghost: failed:") && ghost.contains("Storage volume not found"),
         "the missing volume is named with its reason: {ghost}"
     );
     assert_eq!(
-        report_line(&stdout, "first"),
+        run.line("first"),
         format!(
             "first: ok, {} data bytes, 0 hole(s) of 0 bytes",
             first.len()
         )
     );
     assert_eq!(
-        report_line(&stdout, "third"),
+        run.line("third"),
         format!(
             "third: ok, {} data bytes, 0 hole(s) of 0 bytes",
             third.len()
@@ -127,26 +163,12 @@ fn vol_sparse_download_keeps_holes() {
     }
     assert_eq!(data_extents(&volume_file), layout.to_vec(), "precondition");
     let copy = bed.out("holey");
-    let uri = bed.daemon.uri("qemu");
 
-    let output = run_vol(&[
-        "download",
-        "--uri",
-        &uri,
-        "--pool",
-        "example",
-        "--sparse",
-        "holey",
-        path(&copy),
-    ]);
-    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
-    assert!(
-        output.status.success(),
-        "vol --sparse failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let run = run_vol(&bed, "download", &["--sparse", "holey", path(&copy)]);
+    assert_eq!(run.code, Some(0), "vol --sparse failed\n{}", run.all());
     let data: u64 = layout.iter().map(|&(_, len)| len).sum();
     assert_eq!(
-        report_line(&stdout, "holey"),
+        run.line("holey"),
         format!(
             "holey: ok, {data} data bytes, 3 hole(s) of {} bytes",
             LEN - data
@@ -205,6 +227,12 @@ fn listing(bed: &Bed) -> Vec<String> {
     names
 }
 
+/// Nothing is in the output directory.
+fn assert_nothing_created(bed: &Bed) {
+    let names = listing(bed);
+    assert!(names.is_empty(), "nothing created: {names:?}");
+}
+
 /// A download target of each kind: a device, a link to a file, a directory and a
 /// file, with what the link names.
 struct Targets {
@@ -230,6 +258,16 @@ impl Targets {
         fs::write(&targets.file, b"file").unwrap();
         targets
     }
+
+    /// The link still names the same file, and the directory is still empty.
+    fn assert_link_and_dir_kept(&self) {
+        assert_eq!(
+            fs::read_link(&self.link).unwrap(),
+            self.linked,
+            "the link is kept"
+        );
+        assert_eq!(fs::read_dir(&self.dir).unwrap().count(), 0);
+    }
 }
 
 /// 4 of the issue: as root, `vol download VOL /dev/full` exited 0 and replaced the
@@ -238,36 +276,26 @@ impl Targets {
 #[test]
 fn vol_download_leaves_devices_links_directories_and_files_alone() {
     let bed = Bed::start("example");
-    let vols: Vec<_> = ["a", "b", "c", "d"]
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            bed.pool
-                .volume_with(name, &pattern(5200 + i as u64, 64 * KIB as usize))
-        })
-        .collect();
+    let (vols, _) = volumes(&bed, &["a", "b", "c", "d"], 5200, 64 * KIB as usize);
     let t = Targets::new(&bed);
     let before = listing(&bed);
-    let uri = bed.daemon.uri("qemu");
 
-    let output = run_vol(&[
+    let run = run_vol(
+        &bed,
         "download",
-        "--uri",
-        &uri,
-        "--pool",
-        "example",
-        "a",
-        path(&t.full),
-        "b",
-        path(&t.link),
-        "c",
-        path(&t.dir),
-        "d",
-        path(&t.file),
-    ]);
-    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
-    let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert_eq!(output.status.code(), Some(1), "{all}");
+        &[
+            "a",
+            path(&t.full),
+            "b",
+            path(&t.link),
+            "c",
+            path(&t.dir),
+            "d",
+            path(&t.file),
+        ],
+    );
+    let all = run.all();
+    assert_eq!(run.code, Some(1), "{all}");
     let hint = " (--force writes over it)";
     for (name, target, kind, hint) in [
         ("a", &t.full, "character device", hint),
@@ -276,7 +304,7 @@ fn vol_download_leaves_devices_links_directories_and_files_alone() {
         ("d", &t.file, "regular file", hint),
     ] {
         assert_eq!(
-            report_line(&stdout, name),
+            run.line(name),
             format!(
                 "{name}: failed: {}: a {kind} is there already; not overwritten{hint}",
                 target.display()
@@ -285,13 +313,8 @@ fn vol_download_leaves_devices_links_directories_and_files_alone() {
         );
     }
     assert!(is_char_device(&t.full, 1, 7), "the device node is kept");
-    assert_eq!(
-        fs::read_link(&t.link).unwrap(),
-        t.linked,
-        "the link is kept"
-    );
+    t.assert_link_and_dir_kept();
     assert_eq!(fs::read(&t.linked).unwrap(), b"linked");
-    assert_eq!(fs::read_dir(&t.dir).unwrap().count(), 0);
     assert_eq!(fs::read(&t.file).unwrap(), b"file");
     assert_eq!(listing(&bed), before, "nothing created");
 
@@ -305,55 +328,50 @@ fn vol_download_leaves_devices_links_directories_and_files_alone() {
 #[test]
 fn vol_download_with_force_writes_through_devices_and_links() {
     let bed = Bed::start("example");
-    let data: Vec<Vec<u8>> = (0..5)
-        .map(|i| pattern(5300 + i, 64 * KIB as usize + 11))
-        .collect();
-    let vols: Vec<_> = ["a", "b", "c", "d", "e"]
-        .iter()
-        .zip(&data)
-        .map(|(name, data)| bed.pool.volume_with(name, data))
-        .collect();
+    let (vols, data) = volumes(
+        &bed,
+        &["a", "b", "c", "d", "e"],
+        5300,
+        64 * KIB as usize + 11,
+    );
     let t = Targets::new(&bed);
     let null = device(&bed, "null", 1, 3);
     let before = listing(&bed);
-    let uri = bed.daemon.uri("qemu");
 
-    let output = run_vol(&[
+    let run = run_vol(
+        &bed,
         "download",
-        "--uri",
-        &uri,
-        "--pool",
-        "example",
-        "--force",
-        "--sparse",
-        "a",
-        path(&null),
-        "b",
-        path(&t.link),
-        "c",
-        path(&t.file),
-        "d",
-        path(&t.dir),
-        "e",
-        path(&t.full),
-    ]);
-    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
-    let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert_eq!(output.status.code(), Some(1), "{all}");
+        &[
+            "--force",
+            "--sparse",
+            "a",
+            path(&null),
+            "b",
+            path(&t.link),
+            "c",
+            path(&t.file),
+            "d",
+            path(&t.dir),
+            "e",
+            path(&t.full),
+        ],
+    );
+    let all = run.all();
+    assert_eq!(run.code, Some(1), "{all}");
     for name in ["a", "b", "c"] {
         assert!(
-            report_line(&stdout, name).starts_with(&format!("{name}: ok, ")),
+            run.line(name).starts_with(&format!("{name}: ok, ")),
             "{all}"
         );
     }
     assert_eq!(
-        report_line(&stdout, "d"),
+        run.line("d"),
         format!(
             "d: failed: {}: a directory is there already; not overwritten",
             t.dir.display()
         )
     );
-    let e = report_line(&stdout, "e");
+    let e = run.line("e");
     assert!(
         e.starts_with(&format!("e: failed: I/O: {}: ", t.full.display()))
             && e.contains("No space left on device"),
@@ -364,17 +382,12 @@ fn vol_download_with_force_writes_through_devices_and_links() {
         is_char_device(&t.full, 1, 7),
         "written through, not replaced"
     );
-    assert_eq!(
-        fs::read_link(&t.link).unwrap(),
-        t.linked,
-        "the link is kept"
-    );
+    t.assert_link_and_dir_kept();
     assert!(
         file_is(&t.linked, &data[1]),
         "what the link names is replaced"
     );
     assert!(file_is(&t.file, &data[2]), "the file is replaced");
-    assert_eq!(fs::read_dir(&t.dir).unwrap().count(), 0);
     assert_eq!(listing(&bed), before, "nothing else created");
 
     drop(vols);
@@ -388,62 +401,47 @@ fn vol_download_with_force_writes_through_devices_and_links() {
 #[test]
 fn vol_upload_from_a_stream_sends_exactly_the_length() {
     let bed = Bed::start("example");
-    let data: Vec<Vec<u8>> = (0..4)
-        .map(|i| pattern(5400 + i, 64 * KIB as usize))
-        .collect();
-    let vols: Vec<_> = ["a", "b", "c", "d"]
-        .iter()
-        .zip(&data)
-        .map(|(name, data)| bed.pool.volume_with(name, data))
-        .collect();
+    let (vols, data) = volumes(&bed, &["a", "b", "c", "d"], 5400, 64 * KIB as usize);
     let zero = device(&bed, "zero", 1, 5);
     let null = device(&bed, "null", 1, 3);
     let short = bed.out("short");
     fs::write(&short, pattern(5410, 1000)).unwrap();
-    let uri = bed.daemon.uri("qemu");
-    let upload = |extra: &[&str], pairs: &[&str]| {
-        let mut args = vec!["upload", "--uri", &uri, "--pool", "example"];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(pairs);
-        let output = run_vol(&args);
-        let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
-        (output.status.code(), stdout, stderr)
-    };
 
-    let (code, stdout, stderr) = upload(&["--length", "4096"], &["a", path(&zero)]);
-    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let run = run_vol(&bed, "upload", &["--length", "4096", "a", path(&zero)]);
+    assert_eq!(run.code, Some(0), "{}", run.all());
     assert_eq!(
-        report_line(&stdout, "a"),
+        run.line("a"),
         "a: ok, 4096 data bytes, 0 hole(s) of 0 bytes"
     );
     let mut expected = data[0].clone();
     expected[..4096].fill(0);
     assert!(file_is(&bed.pool.path_of("a"), &expected), "4096 zeros");
 
-    let (code, stdout, stderr) = upload(&[], &["b", path(&zero)]);
-    assert_eq!(code, Some(1), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let run = run_vol(&bed, "upload", &["b", path(&zero)]);
+    assert_eq!(run.code, Some(1), "{}", run.all());
     assert_eq!(
-        report_line(&stdout, "b"),
+        run.line("b"),
         format!(
             "b: failed: I/O: {}: a character device has no size: give the length to upload",
             zero.display()
         )
     );
 
-    let (code, stdout, stderr) = upload(
-        &["--length", "4096"],
-        &["c", path(&null), "d", path(&short)],
+    let run = run_vol(
+        &bed,
+        "upload",
+        &["--length", "4096", "c", path(&null), "d", path(&short)],
     );
-    assert_eq!(code, Some(1), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(run.code, Some(1), "{}", run.all());
     assert_eq!(
-        report_line(&stdout, "c"),
+        run.line("c"),
         format!(
             "c: failed: I/O: {}: ended after 0 of 4096 bytes",
             null.display()
         )
     );
     assert_eq!(
-        report_line(&stdout, "d"),
+        run.line("d"),
         format!(
             "d: failed: I/O: {}: holds 1000 bytes, fewer than the 4096 to upload",
             short.display()
@@ -469,34 +467,18 @@ fn vol_download_refuses_a_range_past_the_volume_end() {
         .pool
         .volume_with("four", &pattern(5500, 4 * MIB as usize));
     let file = bed.out("four");
-    let uri = bed.daemon.uri("qemu");
 
-    let output = run_vol(&[
+    let run = run_vol(
+        &bed,
         "download",
-        "--uri",
-        &uri,
-        "--pool",
-        "example",
-        "--offset",
-        "999999999",
-        "four",
-        path(&file),
-    ]);
-    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
+        &["--offset", "999999999", "four", path(&file)],
     );
+    assert_eq!(run.code, Some(1), "{}", run.all());
     assert_eq!(
-        report_line(&stdout, "four"),
+        run.line("four"),
         "four: failed: bytes 999999999 to its end are outside the volume, which holds 4194304 bytes"
     );
-    assert!(
-        listing(&bed).is_empty(),
-        "nothing created: {:?}",
-        listing(&bed)
-    );
+    assert_nothing_created(&bed);
 
     drop(vol);
     bed.finish();
@@ -508,69 +490,37 @@ fn vol_download_refuses_a_range_past_the_volume_end() {
 #[test]
 fn vol_refuses_two_transfers_into_one_file_or_volume() {
     let bed = Bed::start("example");
-    let vols = [
-        bed.pool
-            .volume_with("one", &pattern(5600, 64 * KIB as usize)),
-        bed.pool
-            .volume_with("two", &pattern(5601, 64 * KIB as usize)),
-    ];
+    let (vols, data) = volumes(&bed, &["one", "two"], 5600, 64 * KIB as usize);
     let file = bed.out("same");
     let other_name = bed.out.join(".").join("same");
-    let uri = bed.daemon.uri("qemu");
 
-    let output = run_vol(&[
+    let run = run_vol(
+        &bed,
         "download",
-        "--uri",
-        &uri,
-        "--pool",
-        "example",
-        "one",
-        path(&file),
-        "two",
-        path(&other_name),
-    ]);
-    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
-    assert_eq!(
-        output.status.code(),
-        Some(2),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
+        &["one", path(&file), "two", path(&other_name)],
     );
+    assert_eq!(run.code, Some(2), "{}", run.all());
     assert_eq!(
-        stderr.trim_end(),
+        run.stderr.trim_end(),
         format!(
             "vol: {} is the destination of both one and two",
             other_name.display()
         )
     );
-    assert!(
-        listing(&bed).is_empty(),
-        "nothing created: {:?}",
-        listing(&bed)
-    );
+    assert_nothing_created(&bed);
 
     // Two uploads into one volume would interleave.
     let source = bed.out("source");
     fs::write(&source, pattern(5602, 64 * KIB as usize)).unwrap();
-    let output = run_vol(&[
+    let run = run_vol(
+        &bed,
         "upload",
-        "--uri",
-        &uri,
-        "--pool",
-        "example",
-        "one",
-        path(&source),
-        "one",
-        path(&source),
-    ]);
-    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
-    assert_eq!(
-        output.status.code(),
-        Some(2),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
+        &["one", path(&source), "one", path(&source)],
     );
-    assert_eq!(stderr.trim_end(), "vol: volume one is given twice");
+    assert_eq!(run.code, Some(2), "{}", run.all());
+    assert_eq!(run.stderr.trim_end(), "vol: volume one is given twice");
     assert!(
-        file_is(&bed.pool.path_of("one"), &pattern(5600, 64 * KIB as usize)),
+        file_is(&bed.pool.path_of("one"), &data[0]),
         "the volume is untouched"
     );
 
@@ -591,23 +541,12 @@ fn vol_names_the_volume_a_lost_daemon_leaves_partly_written() {
     let fifo = bed.out("fifo");
     let status = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
     assert!(status.success());
-    let uri = bed.daemon.uri("qemu");
     let length = LEN.to_string();
-    let vol_process = vol_command(&[
-        "upload",
-        "--uri",
-        &uri,
-        "--pool",
-        "example",
-        "--length",
-        &length,
-        "fed",
-        path(&fifo),
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("start the vol example");
+    let vol_process = vol_command(&bed, "upload", &["--length", &length, "fed", path(&fifo)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the vol example");
 
     // The first MiB now; the rest once the daemon is gone (vol may have stopped
     // reading by then: a broken pipe is expected).
@@ -636,16 +575,16 @@ fn vol_names_the_volume_a_lost_daemon_leaves_partly_written() {
     let output = vol_process.wait_with_output().expect("wait for vol");
     let _ = feeder.join().expect("the feeder thread");
 
-    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
-    let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
-    assert_eq!(output.status.code(), Some(3), "{all}");
-    let line = report_line(&stdout, "fed");
+    let run = Run::new(&output);
+    let all = run.all();
+    assert_eq!(run.code, Some(3), "{all}");
+    let line = run.line("fed");
     assert!(
         line.starts_with("fed: failed: ") && line.contains("; volume PARTLY WRITTEN: "),
         "{all}"
     );
     assert!(
-        stdout
+        run.stdout
             .lines()
             .any(|l| l == "1 volume(s) partly written: fed"),
         "{all}"

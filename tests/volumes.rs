@@ -42,14 +42,8 @@ fn sixty_four_concurrent_downloads_arrive_intact() {
     let tracker = Tracker::default();
     for (i, vol) in vols.iter().enumerate() {
         let file = bed.out(&format!("file{i}"));
-        let (index, _) = tracker
-            .download(
-                &mut bed.reactor,
-                &bed.conn,
-                vol,
-                &file,
-                VolumeRange::default(),
-            )
+        let (index, _) = bed
+            .download(&tracker, vol, &file)
             .unwrap_or_else(|e| panic!("start download {i}: {e}"));
         assert_eq!(index, i);
     }
@@ -92,14 +86,8 @@ fn sixty_four_concurrent_uploads_arrive_intact() {
     let tracker = Tracker::default();
     for (i, vol) in vols.iter().enumerate() {
         let file = bed.out(&format!("file{i}"));
-        let (index, _) = tracker
-            .upload(
-                &mut bed.reactor,
-                &bed.conn,
-                vol,
-                &file,
-                VolumeRange::default(),
-            )
+        let (index, _) = bed
+            .upload(&tracker, vol, &file)
             .unwrap_or_else(|e| panic!("start upload {i}: {e}"));
         assert_eq!(index, i);
     }
@@ -243,14 +231,8 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
     let vol = bed.pool.volume_with("background", &data);
     let tracker = Tracker::default();
     let background_file = bed.out("background");
-    let (background, background_token) = tracker
-        .download(
-            &mut bed.reactor,
-            &bed.conn,
-            &vol,
-            &background_file,
-            VolumeRange::default(),
-        )
+    let (background, background_token) = bed
+        .download(&tracker, &vol, &background_file)
         .expect("start the background download");
     drive(&mut bed.reactor, BATCH_LIMIT, "background progress", |_| {
         tracker.position(background) > 0
@@ -379,14 +361,8 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
 
     // A download that fails half way leaves neither FILE nor its `.part`.
     let file = bed.out("interrupted");
-    let (interrupted, token) = tracker
-        .download(
-            &mut bed.reactor,
-            &bed.conn,
-            &vol,
-            &file,
-            VolumeRange::default(),
-        )
+    let (interrupted, token) = bed
+        .download(&tracker, &vol, &file)
         .expect("start a download");
     drive(
         &mut bed.reactor,
@@ -437,14 +413,7 @@ fn two_downloads_into_one_file_never_mix() {
     let file = bed.out("same");
     let tracker = Tracker::default();
     for vol in &vols {
-        tracker
-            .download(
-                &mut bed.reactor,
-                &bed.conn,
-                vol,
-                &file,
-                VolumeRange::default(),
-            )
+        bed.download(&tracker, vol, &file)
             .expect("start a download");
     }
     assert_eq!(parts_of(&file).len(), 2, "one .part each");

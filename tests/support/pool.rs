@@ -448,6 +448,38 @@ impl Bed {
         self.out.join(name)
     }
 
+    /// Starts a tracked download of all of `vol` into `file`: its index and token.
+    pub fn download(
+        &mut self,
+        tracker: &Tracker,
+        vol: &StorageVol,
+        file: &Path,
+    ) -> virt_reactor::Result<(usize, StreamToken)> {
+        tracker.download(
+            &mut self.reactor,
+            &self.conn,
+            vol,
+            file,
+            VolumeRange::default(),
+        )
+    }
+
+    /// Starts a tracked upload of `file` into all of `vol`: its index and token.
+    pub fn upload(
+        &mut self,
+        tracker: &Tracker,
+        vol: &StorageVol,
+        file: &Path,
+    ) -> virt_reactor::Result<(usize, StreamToken)> {
+        tracker.upload(
+            &mut self.reactor,
+            &self.conn,
+            vol,
+            file,
+            VolumeRange::default(),
+        )
+    }
+
     /// Closes the connection (drop every `StorageVol` first), shuts the reactor down
     /// and checks that libvirt removed everything it had registered on the loop.
     pub fn finish(self) {
