@@ -580,7 +580,8 @@ fn vol_names_the_volume_a_lost_daemon_leaves_partly_written() {
     assert_eq!(run.code, Some(3), "{all}");
     let line = run.line("fed");
     assert!(
-        line.starts_with("fed: failed: ") && line.contains("; volume PARTLY WRITTEN: "),
+        line.starts_with("fed: failed: the connection to libvirt was lost (")
+            && line.contains("; volume PARTLY WRITTEN: "),
         "{all}"
     );
     assert!(
