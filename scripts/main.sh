@@ -8,7 +8,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup-host.sh
 bash testbed/build.sh >/dev/null
-cargo build --release --example console_mux
+echo "main: building console_mux (release)"
+cargo build --quiet --release --example console_mux
 mux=target/release/examples/console_mux
 
 if [ "$(id -u)" -ne 0 ] || getent passwd libvirt-qemu >/dev/null; then
