@@ -143,7 +143,7 @@ fn a_frozen_daemon_stalls_only_its_own_upload_which_fails_by_keepalive() {
 }
 
 /// Echo rounds measured on the quiet console, idle and then during the flood.
-const ROUNDS: usize = 100;
+const ROUNDS: usize = 300;
 /// Input poured into the flooded console per write: no newline, so the guest's
 /// line discipline keeps nothing of it and the guest takes it only as fast as its
 /// emulated UART does.
@@ -152,9 +152,10 @@ const FLOOD_CHUNK: usize = 4096;
 /// than the daemon's quota of queued packets on one connection (5 × 256 KiB) and
 /// what our queues hold.
 const FLOOD_BEFORE: u64 = 2 * MIB;
-/// Idle p99 below this counts as this: a millisecond of scheduling noise on a busy
-/// 2-core machine is not a doubling.
-const P99_FLOOR: Duration = Duration::from_millis(2);
+/// Idle p99 below this counts as this. On this 2-CPU host with two TCG guests the
+/// p99 of 300 rounds wanders between about 4 and 12 ms from run to run, flood or
+/// not; a send that waits for the daemon shows as seconds.
+const P99_FLOOR: Duration = Duration::from_millis(10);
 
 #[test]
 fn a_console_flooded_with_input_does_not_slow_another_consoles_echo() {
