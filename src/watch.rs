@@ -101,6 +101,10 @@ impl Drop for Timer {
 }
 
 /// libvirt's frequency: milliseconds, or -1 for "disabled".
+/// libvirt's timer frequency: whole milliseconds, rounded up as mio rounds poll
+/// timeouts (0 means every iteration, so 500 µs must not become 0); -1 disabled.
 fn frequency(period: Option<Duration>) -> i32 {
-    period.map_or(-1, |p| i32::try_from(p.as_millis()).unwrap_or(i32::MAX))
+    period.map_or(-1, |p| {
+        i32::try_from(p.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
+    })
 }

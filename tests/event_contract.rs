@@ -2405,3 +2405,29 @@ fn loop_refuses_to_run_in_a_forked_child() {
         .expect("the parent's loop still runs");
     assert_drains(&mut ev);
 }
+
+/// A sub-millisecond period rounds up to libvirt's 1 ms, not down to its 0 ("every
+/// iteration"): a 500 µs timer fires at most once per millisecond that passes,
+/// however fast the loop turns.
+#[test]
+fn a_sub_millisecond_timer_rounds_up_instead_of_firing_every_iteration() {
+    let mut event_loop = setup();
+    let fired = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&fired);
+    let timer = Timer::add(Some(Duration::from_micros(500)), move |_| {
+        counter.fetch_add(1, SeqCst);
+    })
+    .expect("add a timer");
+    let started = Instant::now();
+    let iterations = 2000;
+    for _ in 0..iterations {
+        event_loop.run_once(Some(Duration::ZERO)).expect("run_once");
+    }
+    let elapsed_ms = started.elapsed().as_millis() as usize;
+    let fired = fired.load(SeqCst);
+    assert!(
+        fired <= elapsed_ms + 1,
+        "fired {fired} times in {elapsed_ms} ms ({iterations} iterations)"
+    );
+    drop(timer);
+}

@@ -680,3 +680,43 @@ fn a_panicking_handler_aborts_only_its_stream() {
     drop(vol);
     bed.finish();
 }
+
+/// A stream taken out of the reactor and held keeps its connection's sender thread
+/// alive after the connection's last stream in the reactor ended; a new stream of
+/// that connection revives the same sender thread instead of waiting for it to end
+/// (which it would not, while the stream is held), so the new stream finishes.
+#[test]
+fn a_stream_held_outside_the_reactor_stalls_no_new_stream_of_its_connection() {
+    const LEN: usize = 2 * MIB as usize;
+    let mut bed = Bed::start("held");
+    let held_vol = bed.pool.volume_with("held", &pattern(11, LEN));
+    let record: Shared = Arc::default();
+    let mut reader = Reader::new(&record);
+    reader.remove_after = Some(1);
+    bed.reactor
+        .insert(download_stream(&bed, &held_vol), Interest::READABLE, reader)
+        .expect("insert");
+    drive(&mut bed.reactor, LIMIT, "the stream removes itself", |r| {
+        r.is_empty()
+    });
+    let Some(Ended::Removed(held)) = lock(&record).end.take() else {
+        panic!("expected StreamEnd::Removed, got {:?}", lock(&record).end);
+    };
+
+    let data = pattern(12, LEN);
+    let vol = bed.pool.volume_with("after", &data);
+    let file = bed.out("after");
+    let tracker = Tracker::default();
+    let (index, _) = bed
+        .download(&tracker, &vol, &file)
+        .expect("start a download");
+    drive(&mut bed.reactor, LIMIT, "a new download finishes", |_| {
+        tracker.is_ended(index)
+    });
+    assert_eq!(tracker.ok(index).data_bytes, LEN as u64);
+    assert!(file_is(&file, &data), "the download arrived intact");
+
+    drop(held);
+    drop((held_vol, vol));
+    bed.finish();
+}

@@ -15,7 +15,8 @@
 //! The lane's thread also registers the connection's close callback, which tells
 //! the reactor when libvirt gives up on the connection: with a daemon that supports
 //! it, registering and unregistering are calls to the daemon as well. libvirt keeps
-//! one close callback per connection, so a later lane of the same connection waits
+//! one close callback per connection: a new stream of a connection whose lane was
+//! let go of revives that lane while its thread still runs, and a new lane waits
 //! until its [`Retired`] predecessor has unregistered.
 //!
 //! The lane's thread ends once no stream and no reactor holds the lane and its
@@ -100,6 +101,8 @@ struct State {
     turns: VecDeque<u64>,
     next_id: u64,
     owners: usize,
+    /// The thread decided to end (no owner, nothing queued): no reviving.
+    exiting: bool,
 }
 
 struct Queue {
@@ -213,6 +216,18 @@ impl Lane {
 }
 
 impl Retired {
+    /// The lane again, unless its thread is ending already.
+    pub(crate) fn revive(&self) -> Option<Lane> {
+        let shared = self.0.upgrade()?;
+        let mut state = shared.lock();
+        if state.exiting {
+            return None;
+        }
+        state.owners += 1;
+        drop(state);
+        Some(Lane { shared })
+    }
+
     /// Whether its thread has yet to let go of the connection.
     pub(crate) fn is_running(&self) -> bool {
         self.0
@@ -285,13 +300,13 @@ impl LaneStream {
     pub(crate) fn has_room(&self) -> bool {
         let mut state = self.lane.shared.lock();
         match state.queues.get_mut(&self.id) {
-            Some(queue) if !queue.failed => {
-                let room = queue.queued < CAPACITY;
+            Some(queue) => {
+                let room = !queue.failed && queue.queued < CAPACITY;
                 queue.starved |= !room;
                 room
             }
-            // Failed or ended: a send would report it at once.
-            _ => true,
+            // Ended: a send reports it at once.
+            None => true,
         }
     }
 
@@ -313,10 +328,13 @@ impl LaneStream {
         self.lane.shared.schedule(&mut state, self.id);
     }
 
+    /// The stream's queue. After a failed send, `WouldBlock` until the reactor has
+    /// ended the stream with that send's error (`Command::SendFailed`).
     fn queue<'a>(&self, state: &'a mut State) -> io::Result<&'a mut Queue> {
         match state.queues.get_mut(&self.id) {
-            Some(queue) if !queue.failed => Ok(queue),
-            _ => Err(io::Error::other(Error::StreamClosed)),
+            Some(queue) if queue.failed => Err(io::ErrorKind::WouldBlock.into()),
+            Some(queue) => Ok(queue),
+            None => Err(io::Error::other(Error::StreamClosed)),
         }
     }
 }
@@ -404,6 +422,7 @@ impl Shared {
         loop {
             let Some(id) = state.turns.pop_front() else {
                 if state.owners == 0 && state.queues.is_empty() {
+                    state.exiting = true;
                     return;
                 }
                 state = self

@@ -95,7 +95,8 @@ pub struct Reactor {
     /// Handlers of streams whose finish or abort runs on a lane.
     ending: FxHashMap<StreamToken, Ending>,
     /// Lanes of connections that have no stream left, by connection, until their
-    /// threads are done: a new lane of the same connection waits for the old one.
+    /// threads are done: a new stream of the connection revives its lane, or a new
+    /// lane waits for the old one.
     retired: FxHashMap<usize, Retired>,
 }
 
@@ -753,12 +754,15 @@ impl Reactor {
         let lane = if stream.is_remote() {
             self.retired.retain(|_, lane| lane.is_running());
             let predecessor = self.retired.remove(&connection);
-            Some(Lane::spawn(
-                stream.connection(),
-                connection,
-                self.handle.clone(),
-                predecessor,
-            )?)
+            match predecessor.as_ref().and_then(Retired::revive) {
+                Some(lane) => Some(lane),
+                None => Some(Lane::spawn(
+                    stream.connection(),
+                    connection,
+                    self.handle.clone(),
+                    predecessor,
+                )?),
+            }
         } else {
             None
         };
