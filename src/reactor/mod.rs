@@ -504,18 +504,7 @@ impl Reactor {
         else {
             return;
         };
-        let end = match (failure, result) {
-            (Some(e), _) => StreamEnd::Failed(e),
-            (None, Err(e)) if !abort => StreamEnd::Failed(e),
-            (None, Ok(())) if !abort => StreamEnd::Finished,
-            (None, result) => {
-                if let Err(e) = result {
-                    log::debug!("stream {token:?}: abort: {e}");
-                }
-                StreamEnd::Aborted
-            }
-        };
-        handler.closed(end);
+        handler.closed(stream_end(token, abort, failure, result));
     }
 
     /// Whether some stream that sends through a lane wants room and has it.
@@ -682,19 +671,13 @@ impl Reactor {
             });
             return;
         }
-        let end = if abort {
-            if let Err(e) = stream.abort() {
-                log::debug!("stream {token:?}: abort: {e}");
-            }
-            failure.map_or(StreamEnd::Aborted, StreamEnd::Failed)
+        let result = if abort {
+            stream.abort()
         } else {
-            match stream.finish() {
-                Ok(()) => StreamEnd::Finished,
-                Err(e) => StreamEnd::Failed(e),
-            }
+            stream.finish()
         };
         drop(stream);
-        handler.closed(end);
+        handler.closed(stream_end(token, abort, failure, result));
     }
 
     /// A stream failing because its connection died is failed by the connection's
@@ -835,6 +818,25 @@ impl Reactor {
             .get_mut(token.key as usize)
             .filter(|s| s.token == token)
             .ok_or(Error::InvalidToken)
+    }
+}
+
+/// How a stream ended, from what its handler asked for (`abort`, with `failure`
+/// when it failed) and libvirt's answer to the finish or abort.
+fn stream_end(
+    token: StreamToken,
+    abort: bool,
+    failure: Option<Error>,
+    result: Result<()>,
+) -> StreamEnd {
+    if let (true, Err(e)) = (abort, &result) {
+        log::debug!("stream {token:?}: abort: {e}");
+    }
+    match (failure, result) {
+        (Some(e), _) => StreamEnd::Failed(e),
+        (None, _) if abort => StreamEnd::Aborted,
+        (None, Ok(())) => StreamEnd::Finished,
+        (None, Err(e)) => StreamEnd::Failed(e),
     }
 }
 
