@@ -10,68 +10,89 @@
 //! ## Quick start
 //!
 //! ```no_run
-//! use std::thread;
-//! use virt_reactor::EventLoop;
+//! use std::time::Duration;
+//! use virt_reactor::{Flow, Interest, Reactor, Stream, StreamCtx, Readiness};
 //!
 //! fn main() -> virt_reactor::Result<()> {
 //!     // 1. Register first, once per process, before any connection is opened.
-//!     let mut event_loop = EventLoop::register()?;
-//!     let stopper = event_loop.handle();
+//!     let mut reactor = Reactor::<Vec<u8>>::register()?;
 //!
-//!     // 2. Run it on a thread of its own (or embed it in your own mio::Poll).
-//!     let runner = thread::spawn(move || event_loop.run());
-//!
-//!     // 3. Blocking libvirt calls from other threads are fine: their replies and
-//!     //    the connection's keepalive travel through the loop.
+//!     // 2. Open a connection and a stream; attach it with the `virt` call that takes
+//!     //    one (a console, a volume download, ...).
 //!     let conn = virt_reactor::connect("test:///default")?;
-//!     println!("connected to {}", conn.uri().map_err(virt_reactor::Error::Libvirt)?);
+//!     let vol = virt::storage_pool::StoragePool::lookup_by_name(&conn, "default-pool")
+//!         .and_then(|pool| virt::storage_vol::StorageVol::lookup_by_name(&pool, "disk"))?;
+//!     let mut stream = Stream::new(&conn)?;
+//!     stream.with_virt(|s| vol.download(s, 0, 0, 0))?;
 //!
-//!     stopper.stop();
-//!     runner.join().expect("loop thread")?;
+//!     // 3. Handlers get `&mut` access to the state passed to `run_once`.
+//!     let mut buf = vec![0; 64 * 1024];
+//!     reactor.insert(stream, Interest::READABLE, virt_reactor::handler_fn(
+//!         move |got: &mut Vec<u8>, cx: &mut StreamCtx<'_>, _: Readiness| {
+//!             use std::io::Read;
+//!             match cx.read(&mut buf) {
+//!                 Ok(0) => Flow::Finish,
+//!                 Ok(n) => { got.extend_from_slice(&buf[..n]); Flow::Continue }
+//!                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Flow::Continue,
+//!                 Err(e) => Flow::Fail(e.into()),
+//!             }
+//!         },
+//!     ))?;
+//!     let mut received = Vec::new();
+//!     while !reactor.is_empty() {
+//!         reactor.run_once(Some(Duration::from_millis(100)), &mut received)?;
+//!     }
+//!     println!("downloaded {} bytes", received.len());
 //!     Ok(())
 //! }
 //! ```
 //!
-//! ## Layout
+//! ## Layers
 //!
-//! - `ffi` (private): every `unsafe` block; the six `extern "C"` functions libvirt
-//!   calls, raw streams, and the trampolines for Rust closures.
-//! - `engine` (private): the handle and timer tables, deferred free callbacks.
-//! - [`EventLoop`]: owns the `mio::Poll`, runs iterations, drains at shutdown.
-//! - [`Watch`] / [`Timer`]: your own fds and timers on libvirt's loop.
-//! - [`connection_events`]: domain lifecycle events and the connection close watch.
-//! - [`Stream`], [`Reactor`], [`StreamHandler`]: non-blocking streams in a slab, each
-//!   with its handler; [`transfer`] and [`volume`] move whole streams.
-//! - [`console`]: many guest consoles on one reactor; [`testbed`]: the tiny guests.
+//! Each layer uses only the ones before it (`tests/layers.rs` checks this):
+//!
+//! 1. `vocab`: event bits ([`Interest`], [`Readiness`]), the [`Error`] type, and what
+//!    libvirt reports ([`LifecycleEvent`], [`CloseReason`]);
+//! 2. `sys`: the C boundary, every `unsafe` block and `extern "C"` function;
+//! 3. `engine`: the handle and timer tables behind libvirt's six event functions;
+//! 4. `event_loop`: the mio loop, [`Watch`] and [`Timer`], [`connect`];
+//! 5. `streams`: [`Stream`], the [`Reactor`] slab with its handlers, [`transfer`]s;
+//! 6. `features`: [`volume`] transfers, [`console`]s, the connection [`CloseWatch`],
+//!    and (feature `testbed`) the tiny test guests.
 //!
 //! See `docs/architecture.md` for threads, locks and dispatch order, and
 //! `docs/contract.md` for each rule of libvirt's contract and the test that proves it.
+//!
+//! ## Cargo features
+//!
+//! - `default-loop` (off): [`Reactor::register_default_loop`], libvirt's own poll loop
+//!   under the same reactor, for benchmarks that compare the two loops.
+//! - `testbed` (off): `virt_reactor::testbed`, the tiny TCG guests the tests and
+//!   examples boot.
 
 #![doc(test(attr(deny(warnings))))]
 
-mod connect;
-pub mod connection_events;
-pub mod console;
 mod engine;
-mod error;
 mod event_loop;
-mod ffi;
-mod interest;
-mod reactor;
-mod stream;
-pub mod testbed;
-pub mod transfer;
-pub mod volume;
-mod watch;
+mod features;
+mod streams;
+mod sys;
+mod vocab;
 
-pub use connect::{connect, connect_with, KeepAlive};
 pub use engine::LoopStats;
-pub use error::{Error, LibvirtError, Result};
-pub use event_loop::{DrainReport, EventLoop, LoopHandle};
-pub use interest::{Interest, Readiness};
-pub use reactor::{
-    handler_fn, Flow, Reactor, ReactorHandle, StreamCtx, StreamEnd, StreamHandler, StreamToken,
-    StreamWriter, DEFAULT_OUTBOX_CAPACITY,
-};
-pub use stream::{Received, Stream};
-pub use watch::{Timer, Watch};
+pub use event_loop::connect::{connect, connect_with, KeepAlive};
+pub use event_loop::watch::{Timer, Watch};
+pub use event_loop::DrainReport;
+pub use features::events::CloseWatch;
+#[cfg(feature = "testbed")]
+pub use features::testbed;
+pub use features::{console, volume};
+pub use streams::handler::{handler_fn, Flow, StreamCtx, StreamEnd, StreamHandler};
+pub use streams::reactor::{Reactor, ReactorHandle, SubscriptionId, DEFAULT_OUTBOX_CAPACITY};
+pub use streams::stream::{Received, Stream};
+pub use streams::token::StreamToken;
+pub use streams::transfer;
+pub use streams::writer::StreamWriter;
+pub use vocab::error::{Error, LibvirtError, Result};
+pub use vocab::events::{CloseReason, LifecycleEvent, LifecycleKind};
+pub use vocab::interest::{Interest, Readiness};

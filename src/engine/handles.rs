@@ -6,25 +6,25 @@
 //! enabled watches' interests, and readiness is fanned out to each watch, masked by
 //! what that watch asked for. ERROR and HANGUP go to every enabled watch.
 //!
-//! Registrations are level-triggered ([`crate::ffi::epoll`]), as libvirt's watches
+//! Registrations are level-triggered ([`crate::sys::epoll`]), as libvirt's watches
 //! are, in the epoll instance mio polls.
 
 use std::io;
 use std::os::fd::RawFd;
 
-use mio::{Interest, Registry, Token};
+use mio::{Interest as MioInterest, Registry, Token};
 use rustc_hash::FxHashMap;
 
 use super::ids::IdAllocator;
-use crate::ffi::callback::{FreeCallback, HandleCallback};
-use crate::ffi::epoll;
-use crate::interest::Readiness;
+use crate::sys::callback::{FreeCallback, HandleCallback};
+use crate::sys::epoll;
+use crate::vocab::interest::{Interest, Readiness};
 
 /// One libvirt watch.
 pub(super) struct Watch {
     pub(super) fd: RawFd,
-    /// libvirt's event bits; 0 means disabled (not polled at all).
-    pub(super) events: u8,
+    /// What libvirt asked for; NONE means disabled (not polled at all).
+    pub(super) interest: Interest,
     pub(super) callback: HandleCallback,
     pub(super) free: Option<FreeCallback>,
 }
@@ -34,7 +34,7 @@ struct FdEntry {
     /// Watch ids on this fd, in registration order (dispatch follows it).
     watches: Vec<i32>,
     /// What the fd is registered for in epoll, `None` when it is not registered.
-    registered: Option<Interest>,
+    registered: Option<MioInterest>,
     /// Bumped on every fresh registration, so events from an older one are dropped.
     generation: u32,
 }
@@ -44,7 +44,7 @@ struct FdEntry {
 pub(crate) struct ReadyWatch {
     pub(crate) id: i32,
     pub(crate) fd: RawFd,
-    pub(crate) events: u8,
+    pub(crate) readiness: Readiness,
 }
 
 #[derive(Default)]
@@ -61,21 +61,21 @@ impl HandleTable {
     }
 
     pub(super) fn enabled(&self) -> usize {
-        self.watches.values().filter(|w| w.events != 0).count()
+        self.watches.values().filter(|w| !w.interest.is_empty()).count()
     }
 
     pub(super) fn add(
         &mut self,
         registry: &Registry,
         fd: RawFd,
-        events: u8,
+        interest: Interest,
         callback: HandleCallback,
         free: Option<FreeCallback>,
     ) -> io::Result<i32> {
         let id = self.ids.next(|id| self.watches.contains_key(&id));
         let watch = Watch {
             fd,
-            events,
+            interest,
             callback,
             free,
         };
@@ -93,12 +93,12 @@ impl HandleTable {
         Ok(id)
     }
 
-    /// Sets a watch's events. Returns false for an unknown id.
-    pub(super) fn update(&mut self, registry: &Registry, id: i32, events: u8) -> bool {
+    /// Sets a watch's interest. Returns false for an unknown id.
+    pub(super) fn update(&mut self, registry: &Registry, id: i32, interest: Interest) -> bool {
         let Some(watch) = self.watches.get_mut(&id) else {
             return false;
         };
-        watch.events = events;
+        watch.interest = interest;
         let fd = watch.fd;
         if let Err(e) = self.sync_fd(registry, fd) {
             log::warn!("watch {id}: cannot poll fd {fd}: {e}");
@@ -128,8 +128,8 @@ impl HandleTable {
         Some(watch)
     }
 
-    pub(super) fn callback(&self, id: i32) -> Option<(HandleCallback, u8)> {
-        self.watches.get(&id).map(|w| (w.callback, w.events))
+    pub(super) fn callback(&self, id: i32) -> Option<(HandleCallback, Interest)> {
+        self.watches.get(&id).map(|w| (w.callback, w.interest))
     }
 
     /// Appends the watches an epoll event makes due, masked per watch.
@@ -143,14 +143,14 @@ impl HandleTable {
         let Some(entry) = self.fds.get(&fd) else {
             return;
         };
-        if entry.generation != generation || entry.registered.is_none() {
+        if generation.is_some_and(|g| g != entry.generation) || entry.registered.is_none() {
             return; // a stale event from a registration that no longer exists
         }
         for &id in &entry.watches {
             let watch = &self.watches[&id];
-            let events = readiness.for_watch(watch.events);
-            if events != 0 {
-                out.push(ReadyWatch { id, fd, events });
+            let readiness = readiness.for_watch(watch.interest);
+            if !readiness.is_empty() {
+                out.push(ReadyWatch { id, fd, readiness });
             }
         }
     }
@@ -161,7 +161,7 @@ impl HandleTable {
         let union = entry
             .watches
             .iter()
-            .fold(0u8, |acc, id| acc | self.watches[id].events);
+            .fold(Interest::NONE, |acc, id| acc | self.watches[id].interest);
         let wanted = mio_interest(union);
         match (entry.registered, wanted) {
             (None, None) => Ok(()),
@@ -213,25 +213,38 @@ fn ignore_closed(e: io::Error) -> io::Result<()> {
 ///
 /// A watch that asks only for ERROR or HANGUP is registered for PRIORITY: epoll always
 /// reports EPOLLERR and EPOLLHUP, and mio cannot express an empty interest.
-fn mio_interest(events: u8) -> Option<Interest> {
-    let readable = events & Readiness::READABLE.bits() != 0;
-    let writable = events & Readiness::WRITABLE.bits() != 0;
-    match (readable, writable) {
-        (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
-        (true, false) => Some(Interest::READABLE),
-        (false, true) => Some(Interest::WRITABLE),
-        (false, false) if events != 0 => Some(Interest::PRIORITY),
+fn mio_interest(interest: Interest) -> Option<MioInterest> {
+    match (interest.is_readable(), interest.is_writable()) {
+        (true, true) => Some(MioInterest::READABLE | MioInterest::WRITABLE),
+        (true, false) => Some(MioInterest::READABLE),
+        (false, true) => Some(MioInterest::WRITABLE),
+        (false, false) if !interest.is_empty() => Some(MioInterest::PRIORITY),
         (false, false) => None,
     }
 }
 
-/// Tokens carry the fd in the low 32 bits and the registration generation above.
+/// Whether a token (a `usize`) has room for the generation beside the fd.
+const TOKEN_HAS_GENERATION: bool = usize::BITS >= 64;
+
+/// A token carries the fd (32 bits) and, where `usize` has 64 bits, the registration
+/// generation above it. On narrower targets it carries the fd alone, and events of
+/// an older registration are told apart only by it having been deregistered.
 fn encode(fd: RawFd, generation: u32) -> Token {
-    Token((fd as u32 as usize) | ((generation as usize) << 32))
+    let fd = u64::from(fd.unsigned_abs());
+    let raw = if TOKEN_HAS_GENERATION {
+        fd | (u64::from(generation) << 32)
+    } else {
+        fd
+    };
+    Token(usize::try_from(raw).expect("the generation is only added where it fits"))
 }
 
-fn decode(token: Token) -> (RawFd, u32) {
-    (token.0 as u32 as RawFd, (token.0 >> 32) as u32)
+/// The fd and, where the token has room for it, the generation.
+fn decode(token: Token) -> (RawFd, Option<u32>) {
+    let raw = u64::try_from(token.0).expect("usize has at most 64 bits");
+    let fd = RawFd::try_from(raw & u64::from(u32::MAX)).unwrap_or(RawFd::MAX);
+    let generation = TOKEN_HAS_GENERATION.then(|| u32::try_from(raw >> 32).unwrap_or(u32::MAX));
+    (fd, generation)
 }
 
 #[cfg(test)]
@@ -241,20 +254,21 @@ mod tests {
     #[test]
     fn tokens_round_trip() {
         for (fd, generation) in [(0, 1), (7, u32::MAX), (i32::MAX, 12345)] {
-            assert_eq!(decode(encode(fd, generation)), (fd, generation));
+            assert_eq!(decode(encode(fd, generation)), (fd, Some(generation)));
         }
     }
 
     #[test]
     fn interest_union_maps_to_mio() {
-        assert_eq!(mio_interest(0), None);
-        assert_eq!(mio_interest(1), Some(Interest::READABLE));
-        assert_eq!(mio_interest(2), Some(Interest::WRITABLE));
+        let from = Interest::from_raw;
+        assert_eq!(mio_interest(from(0)), None);
+        assert_eq!(mio_interest(from(1)), Some(MioInterest::READABLE));
+        assert_eq!(mio_interest(from(2)), Some(MioInterest::WRITABLE));
         assert_eq!(
-            mio_interest(3),
-            Some(Interest::READABLE | Interest::WRITABLE)
+            mio_interest(from(3)),
+            Some(MioInterest::READABLE | MioInterest::WRITABLE)
         );
-        assert_eq!(mio_interest(8), Some(Interest::PRIORITY));
-        assert_eq!(mio_interest(4 | 1), Some(Interest::READABLE));
+        assert_eq!(mio_interest(from(8)), Some(MioInterest::PRIORITY));
+        assert_eq!(mio_interest(from(4 | 1)), Some(MioInterest::READABLE));
     }
 }

@@ -4,16 +4,17 @@
 //! libvirt calls in from any thread and re-entrantly from callbacks, so all state sits
 //! behind one mutex, which is never held while a libvirt or user callback runs:
 //! dispatch copies what it needs out, unlocks, calls, and re-validates before the next
-//! call. The engine is a process-wide singleton because libvirt's registration is.
+//! call. There is one per process, because libvirt's registration is; libvirt reaches it
+//! through the C boundary's one static.
 
 mod handles;
 mod ids;
 mod timers;
 
-use std::cell::Cell;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::Mutex;
+use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use mio::{Registry, Token, Waker};
@@ -21,21 +22,16 @@ use mio::{Registry, Token, Waker};
 pub(crate) use handles::ReadyWatch;
 pub(crate) use timers::DueTimer;
 
-use crate::error::Error;
-use crate::ffi::callback::{FreeCallback, HandleCallback, TimerCallback};
-use crate::interest::Readiness;
+use crate::sys::callback::{FreeCallback, HandleCallback, TimerCallback};
+use crate::sys::event_impl::EventImpl;
+use crate::vocab::error::Error;
+use crate::vocab::interest::{Interest, Readiness};
+use crate::vocab::sync::lock;
 use handles::HandleTable;
 use timers::TimerTable;
 
-/// The mio token of the loop's waker; fd tokens never reach it (see `handles::encode`).
+/// The mio token of the engine's waker.
 pub(crate) const WAKE_TOKEN: Token = Token(usize::MAX);
-
-static ENGINE: OnceLock<Engine> = OnceLock::new();
-
-thread_local! {
-    /// Set while this thread runs the loop: changes made here need no wake-up.
-    static ON_LOOP_THREAD: Cell<bool> = const { Cell::new(false) };
-}
 
 pub(crate) struct Engine {
     state: Mutex<State>,
@@ -48,6 +44,11 @@ pub(crate) struct Engine {
     panic: Mutex<Option<Error>>,
     /// Set with `panic`, so that the loop looks at the slot only after a panic.
     panicked: AtomicBool,
+    /// The thread running an iteration now: changes it makes itself need no wake-up.
+    loop_thread: Mutex<Option<ThreadId>>,
+    /// The process that made the engine: a forked child shares its epoll instance
+    /// and must not drive it.
+    pid: u32,
 }
 
 #[derive(Default)]
@@ -89,147 +90,118 @@ impl LoopStats {
 }
 
 /// Installs the singleton. Fails if one exists.
-pub(crate) fn install(registry: Registry, waker: Waker) -> Result<&'static Engine, Error> {
-    let mut fresh = false;
-    let engine = ENGINE.get_or_init(|| {
-        fresh = true;
-        Engine {
-            state: Mutex::new(State::default()),
-            registry,
-            waker,
-            sleeping: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            panic: Mutex::new(None),
-            panicked: AtomicBool::new(false),
+/// Makes the engine for the life of the process (libvirt keeps its registration
+/// that long).
+pub(crate) fn install(registry: Registry, waker: Waker) -> &'static Engine {
+    Box::leak(Box::new(Engine {
+        state: Mutex::new(State::default()),
+        registry,
+        waker,
+        sleeping: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        panic: Mutex::new(None),
+        panicked: AtomicBool::new(false),
+        loop_thread: Mutex::new(None),
+        pid: std::process::id(),
+    }))
+}
+
+impl EventImpl for Engine {
+    fn add_handle(
+        &self,
+        fd: RawFd,
+        interest: Interest,
+        callback: HandleCallback,
+        free: Option<FreeCallback>,
+    ) -> i32 {
+        let added = lock(&self.state)
+            .handles
+            .add(&self.registry, fd, interest, callback, free);
+        match added {
+            Ok(id) => {
+                log::trace!("addHandle fd {fd} {interest:?} -> watch {id}");
+                id
+            }
+            Err(e) => {
+                log::warn!("addHandle fd {fd}: cannot poll it: {e}");
+                -1
+            }
         }
-    });
-    if fresh {
-        Ok(engine)
-    } else {
-        Err(Error::AlreadyRegistered)
     }
-}
 
-pub(crate) fn get() -> Option<&'static Engine> {
-    ENGINE.get()
-}
+    fn update_handle(&self, id: i32, interest: Interest) {
+        if !lock(&self.state)
+            .handles
+            .update(&self.registry, id, interest)
+        {
+            log::debug!("updateHandle: no watch {id}");
+        }
+    }
 
-/// Records a panic caught at the FFI boundary so the loop's caller learns of it.
-pub(crate) fn report_panic(origin: String, message: String) {
-    if let Some(engine) = get() {
-        let mut slot = lock(&engine.panic);
+    fn remove_handle(&self, id: i32) -> i32 {
+        let mut state = lock(&self.state);
+        let Some(watch) = state.handles.take(&self.registry, id) else {
+            log::debug!("removeHandle: no watch {id}");
+            return -1;
+        };
+        state.totals.handles_removed += 1;
+        state.frees.extend(watch.free);
+        drop(state);
+        log::trace!("removeHandle watch {id} (fd {})", watch.fd);
+        self.wake_for_change();
+        0
+    }
+
+    fn add_timeout(
+        &self,
+        frequency: i32,
+        callback: TimerCallback,
+        free: Option<FreeCallback>,
+    ) -> i32 {
+        let id = lock(&self.state)
+            .timers
+            .add(frequency, callback, free, Instant::now());
+        log::trace!("addTimeout frequency {frequency} -> timer {id}");
+        self.wake_for_change();
+        id
+    }
+
+    fn update_timeout(&self, id: i32, frequency: i32) {
+        if lock(&self.state).timers.set(id, frequency, Instant::now()) {
+            self.wake_for_change();
+        } else {
+            log::debug!("updateTimeout: no timer {id}");
+        }
+    }
+
+    fn remove_timeout(&self, id: i32) -> i32 {
+        let mut state = lock(&self.state);
+        let Some(timer) = state.timers.take(id) else {
+            log::debug!("removeTimeout: no timer {id}");
+            return -1;
+        };
+        state.totals.timers_removed += 1;
+        state.frees.extend(timer.free);
+        drop(state);
+        log::trace!("removeTimeout timer {id}");
+        self.wake_for_change();
+        0
+    }
+
+    /// Keeps the first panic until the loop's caller takes it.
+    fn report_panic(&self, origin: String, message: String) {
+        let mut slot = lock(&self.panic);
         if slot.is_none() {
             *slot = Some(Error::CallbackPanicked { origin, message });
         }
-        engine.panicked.store(true, Ordering::Release);
+        self.panicked.store(true, Ordering::Release);
     }
 }
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Callbacks never run under our locks, so a poisoned lock means a bug in this
-    // module; the data is still consistent enough to go on with.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-// --- The six functions libvirt calls (through `ffi::event_impl`). ---
-
-pub(crate) fn add_handle(
-    fd: RawFd,
-    events: i32,
-    callback: HandleCallback,
-    free: Option<FreeCallback>,
-) -> i32 {
-    let Some(engine) = get() else { return -1 };
-    let events = Readiness::from_raw(events).bits();
-    let added = lock(&engine.state)
-        .handles
-        .add(&engine.registry, fd, events, callback, free);
-    match added {
-        Ok(id) => {
-            log::trace!("addHandle fd {fd} events {events:#x} -> watch {id}");
-            id
-        }
-        Err(e) => {
-            log::warn!("addHandle fd {fd}: cannot poll it: {e}");
-            -1
-        }
-    }
-}
-
-pub(crate) fn update_handle(id: i32, events: i32) {
-    let Some(engine) = get() else { return };
-    let events = Readiness::from_raw(events).bits();
-    if !lock(&engine.state)
-        .handles
-        .update(&engine.registry, id, events)
-    {
-        log::debug!("updateHandle: no watch {id}");
-    }
-    // epoll sees the change at once; no wake-up needed.
-}
-
-pub(crate) fn remove_handle(id: i32) -> i32 {
-    let Some(engine) = get() else { return -1 };
-    let mut state = lock(&engine.state);
-    let Some(watch) = state.handles.take(&engine.registry, id) else {
-        log::debug!("removeHandle: no watch {id}");
-        return -1;
-    };
-    state.totals.handles_removed += 1;
-    state.frees.extend(watch.free);
-    drop(state);
-    log::trace!("removeHandle watch {id} (fd {})", watch.fd);
-    engine.wake_for_change();
-    0
-}
-
-pub(crate) fn add_timeout(
-    frequency: i32,
-    callback: TimerCallback,
-    free: Option<FreeCallback>,
-) -> i32 {
-    let Some(engine) = get() else { return -1 };
-    let id = lock(&engine.state)
-        .timers
-        .add(frequency, callback, free, Instant::now());
-    log::trace!("addTimeout frequency {frequency} -> timer {id}");
-    engine.wake_for_change();
-    id
-}
-
-pub(crate) fn update_timeout(id: i32, frequency: i32) {
-    let Some(engine) = get() else { return };
-    if lock(&engine.state)
-        .timers
-        .set(id, frequency, Instant::now())
-    {
-        engine.wake_for_change();
-    } else {
-        log::debug!("updateTimeout: no timer {id}");
-    }
-}
-
-pub(crate) fn remove_timeout(id: i32) -> i32 {
-    let Some(engine) = get() else { return -1 };
-    let mut state = lock(&engine.state);
-    let Some(timer) = state.timers.take(id) else {
-        log::debug!("removeTimeout: no timer {id}");
-        return -1;
-    };
-    state.totals.timers_removed += 1;
-    state.frees.extend(timer.free);
-    drop(state);
-    log::trace!("removeTimeout timer {id}");
-    engine.wake_for_change();
-    0
-}
-
-// --- What the loop runs, in this order, each iteration. ---
 
 impl Engine {
     /// Wakes a loop sleeping in poll, unless the change comes from the loop itself.
     fn wake_for_change(&self) {
-        if !ON_LOOP_THREAD.get() && self.sleeping.load(Ordering::SeqCst) {
+        if self.sleeping.load(Ordering::SeqCst) && !self.is_loop_thread() {
             self.wake();
         }
     }
@@ -257,8 +229,23 @@ impl Engine {
     }
 
     /// Marks the calling thread as the loop thread for the duration of the guard.
-    pub(crate) fn enter_loop_thread(&self) -> LoopThreadGuard {
-        LoopThreadGuard(ON_LOOP_THREAD.replace(true))
+    /// Marks the calling thread as the one running iterations, until the guard goes.
+    pub(crate) fn enter_loop_thread(&'static self) -> LoopThreadGuard {
+        let previous = lock(&self.loop_thread).replace(thread::current().id());
+        LoopThreadGuard {
+            engine: self,
+            previous,
+        }
+    }
+
+    /// Whether the calling thread is running an iteration now.
+    pub(crate) fn is_loop_thread(&self) -> bool {
+        *lock(&self.loop_thread) == Some(thread::current().id())
+    }
+
+    /// Whether this is a forked child of the process that made the engine.
+    pub(crate) fn is_forked_child(&self) -> bool {
+        std::process::id() != self.pid
     }
 
     /// The poll timeout: 0 while free callbacks wait, else until the next timer
@@ -322,9 +309,9 @@ impl Engine {
             let Some((callback, enabled)) = lock(&self.state).handles.callback(watch.id) else {
                 continue; // removed by an earlier callback of this batch
             };
-            let events = Readiness::from_raw(i32::from(watch.events)).for_watch(enabled);
-            if events != 0 {
-                callback.call(watch.id, watch.fd, i32::from(events));
+            let readiness = watch.readiness.for_watch(enabled);
+            if !readiness.is_empty() {
+                callback.call(watch.id, watch.fd, readiness);
             }
         }
         !ready.is_empty()
@@ -364,10 +351,14 @@ impl Engine {
 }
 
 /// Restores the thread's loop-thread flag when dropped.
-pub(crate) struct LoopThreadGuard(bool);
+/// Restores the previous loop thread when an iteration ends.
+pub(crate) struct LoopThreadGuard {
+    engine: &'static Engine,
+    previous: Option<ThreadId>,
+}
 
 impl Drop for LoopThreadGuard {
     fn drop(&mut self) {
-        ON_LOOP_THREAD.set(self.0);
+        *lock(&self.engine.loop_thread) = self.previous;
     }
 }

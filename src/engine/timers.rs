@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use rustc_hash::FxHashMap;
 
 use super::ids::IdAllocator;
-use crate::ffi::callback::{FreeCallback, TimerCallback};
+use crate::sys::callback::{FreeCallback, TimerCallback};
 
 pub(super) struct Timer {
     /// `None` when disabled (-1).

@@ -1,0 +1,8 @@
+//! The features built on the reactor: consoles, volume transfers, the connection
+//! close watch, and the test bed's tiny guests.
+
+pub mod console;
+pub(crate) mod events;
+#[cfg(feature = "testbed")]
+pub mod testbed;
+pub mod volume;

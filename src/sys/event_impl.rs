@@ -1,0 +1,240 @@
+//! The six functions registered with `virEventRegisterImpl`, and the one static the
+//! crate has: libvirt's event API passes no context pointer, so these functions can
+//! only find the implementation through it.
+//!
+//! The implementation is the upper layer's ([`EventImpl`], the engine's tables); this
+//! layer knows only the trait. The same static records which loop this process
+//! registered, under one lock, so two registrations cannot race past each other's
+//! checks, and a failed one leaves nothing installed.
+
+use std::ffi::{c_int, c_void};
+use std::os::fd::RawFd;
+use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError, RwLock};
+
+use virt::sys;
+
+use super::callback::{FreeCallback, HandleCallback, TimerCallback};
+use super::panic::catch;
+use crate::vocab::error::{Error, Result};
+use crate::vocab::interest::Interest;
+
+/// What libvirt's six event functions do; the engine implements it.
+pub(crate) trait EventImpl: Sync {
+    fn add_handle(
+        &self,
+        fd: RawFd,
+        interest: Interest,
+        callback: HandleCallback,
+        free: Option<FreeCallback>,
+    ) -> i32;
+    fn update_handle(&self, watch: i32, interest: Interest);
+    fn remove_handle(&self, watch: i32) -> i32;
+    fn add_timeout(&self, frequency: i32, callback: TimerCallback, free: Option<FreeCallback>)
+        -> i32;
+    fn update_timeout(&self, timer: i32, frequency: i32);
+    fn remove_timeout(&self, timer: i32) -> i32;
+    /// A callback running on the loop panicked: report it to whoever runs the loop.
+    fn report_panic(&self, origin: String, message: String);
+}
+
+/// Which event loop this process registered with libvirt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Registered {
+    Nothing,
+    /// virt-reactor's.
+    Ours,
+    /// libvirt's default one (`virEventRegisterDefaultImpl`).
+    #[cfg(feature = "default-loop")]
+    Default,
+}
+
+struct Registry {
+    /// Held for the whole of a registration.
+    registered: Mutex<Registered>,
+    implementation: RwLock<Option<&'static dyn EventImpl>>,
+    /// Calls of our `add_timeout`, to see whether libvirt uses our functions.
+    timeouts_added: AtomicU64,
+}
+
+static REGISTRY: Registry = Registry {
+    registered: Mutex::new(Registered::Nothing),
+    implementation: RwLock::new(None),
+    timeouts_added: AtomicU64::new(0),
+};
+
+/// What this process registered.
+pub(crate) fn registered() -> Registered {
+    *REGISTRY
+        .registered
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Our implementation, once registered.
+pub(crate) fn implementation() -> Option<&'static dyn EventImpl> {
+    *REGISTRY
+        .implementation
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
+fn install(implementation: Option<&'static dyn EventImpl>) {
+    *REGISTRY
+        .implementation
+        .write()
+        .unwrap_or_else(PoisonError::into_inner) = implementation;
+}
+
+/// Registers `implementation` with `virEventRegisterImpl`, once per process.
+///
+/// libvirt ignores a second registration with only a warning, so a probe timer
+/// checks that libvirt calls our functions; if it does not, nothing stays
+/// installed and the error says why (every retry says the same).
+pub(crate) fn register(implementation: &'static dyn EventImpl) -> Result<()> {
+    let mut registered = REGISTRY
+        .registered
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if *registered != Registered::Nothing {
+        return Err(Error::AlreadyRegistered);
+    }
+    // SAFETY: plain call; libvirt's global initialisation, idempotent.
+    if unsafe { sys::virInitialize() } < 0 {
+        return Err(Error::last_libvirt());
+    }
+    install(Some(implementation));
+    // SAFETY: the six functions match libvirt's typedefs and stay valid for the life of
+    // the process.
+    unsafe {
+        sys::virEventRegisterImpl(
+            Some(add_handle),
+            Some(update_handle),
+            Some(remove_handle),
+            Some(add_timeout),
+            Some(update_timeout),
+            Some(remove_timeout),
+        )
+    };
+    let before = REGISTRY.timeouts_added.load(Ordering::SeqCst);
+    // SAFETY: a disabled timer with a no-op callback and no opaque, removed at once.
+    let probe = unsafe { sys::virEventAddTimeout(-1, Some(noop_timer), ptr::null_mut(), None) };
+    if probe > 0 {
+        // SAFETY: plain integer argument.
+        unsafe { sys::virEventRemoveTimeout(probe) };
+    }
+    if probe <= 0 || REGISTRY.timeouts_added.load(Ordering::SeqCst) == before {
+        install(None);
+        return Err(Error::ForeignImplRegistered);
+    }
+    *registered = Registered::Ours;
+    Ok(())
+}
+
+#[cfg(feature = "default-loop")]
+/// Registers libvirt's default loop (`virEventRegisterDefaultImpl`), under the same
+/// lock and rules as [`register`].
+pub(crate) fn register_default() -> Result<()> {
+    let mut registered = REGISTRY
+        .registered
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if *registered != Registered::Nothing {
+        return Err(Error::AlreadyRegistered);
+    }
+    // SAFETY: plain call, before any connection of ours exists.
+    if unsafe { sys::virEventRegisterDefaultImpl() } < 0 {
+        return Err(Error::last_libvirt());
+    }
+    *registered = Registered::Default;
+    Ok(())
+}
+
+unsafe extern "C" fn noop_timer(_timer: c_int, _opaque: *mut c_void) {}
+
+/// Runs `f` with our implementation, or answers `missing` when there is none.
+fn with_impl<R>(
+    origin: impl FnOnce() -> String,
+    missing: R,
+    f: impl FnOnce(&dyn EventImpl) -> R,
+) -> R {
+    match implementation() {
+        Some(implementation) => catch(origin, || f(implementation)).unwrap_or(missing),
+        None => missing,
+    }
+}
+
+unsafe extern "C" fn add_handle(
+    fd: c_int,
+    events: c_int,
+    cb: sys::virEventHandleCallback,
+    opaque: *mut c_void,
+    ff: sys::virFreeCallback,
+) -> c_int {
+    let (Some(callback), free) = (
+        HandleCallback::new(cb, opaque),
+        FreeCallback::new(ff, opaque),
+    ) else {
+        log::warn!("virEventAddHandle(fd {fd}) without a callback: refused");
+        return -1;
+    };
+    with_impl(
+        || format!("addHandle(fd {fd})"),
+        -1,
+        |i| i.add_handle(fd, Interest::from_raw(events), callback, free),
+    )
+}
+
+unsafe extern "C" fn update_handle(watch: c_int, events: c_int) {
+    with_impl(
+        || format!("updateHandle(watch {watch})"),
+        (),
+        |i| i.update_handle(watch, Interest::from_raw(events)),
+    );
+}
+
+unsafe extern "C" fn remove_handle(watch: c_int) -> c_int {
+    with_impl(
+        || format!("removeHandle(watch {watch})"),
+        -1,
+        |i| i.remove_handle(watch),
+    )
+}
+
+unsafe extern "C" fn add_timeout(
+    frequency: c_int,
+    cb: sys::virEventTimeoutCallback,
+    opaque: *mut c_void,
+    ff: sys::virFreeCallback,
+) -> c_int {
+    REGISTRY.timeouts_added.fetch_add(1, Ordering::SeqCst);
+    let (Some(callback), free) = (
+        TimerCallback::new(cb, opaque),
+        FreeCallback::new(ff, opaque),
+    ) else {
+        log::warn!("virEventAddTimeout without a callback: refused");
+        return -1;
+    };
+    with_impl(
+        || "addTimeout".to_owned(),
+        -1,
+        |i| i.add_timeout(frequency, callback, free),
+    )
+}
+
+unsafe extern "C" fn update_timeout(timer: c_int, frequency: c_int) {
+    with_impl(
+        || format!("updateTimeout(timer {timer})"),
+        (),
+        |i| i.update_timeout(timer, frequency),
+    );
+}
+
+unsafe extern "C" fn remove_timeout(timer: c_int) -> c_int {
+    with_impl(
+        || format!("removeTimeout(timer {timer})"),
+        -1,
+        |i| i.remove_timeout(timer),
+    )
+}
