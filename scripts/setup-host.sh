@@ -2,8 +2,9 @@
 # Prepare a Debian 12 host for building and testing virt-reactor.
 #
 # Idempotent, and it changes no system configuration: it only installs missing
-# packages and cargo-nextest. No /etc edits, no users, no system libvirtd:
-# the tests start their own private, unprivileged libvirtd (tests/support/daemon.rs).
+# packages, the Rust toolchain of Cargo.toml's rust-version (with rustup) and
+# cargo-nextest. No /etc edits, no users, no system libvirtd: the tests start their
+# own private, unprivileged libvirtd (tests/support/daemon.rs).
 set -euo pipefail
 
 PACKAGES=(
@@ -55,6 +56,17 @@ done
 if ! command -v cargo >/dev/null; then
     echo "setup-host: error: cargo not found (install a Rust toolchain, e.g. via rustup)" >&2
     exit 1
+fi
+
+# The toolchain of Cargo.toml's rust-version, for the msrv step of scripts/test.sh.
+msrv=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' "$(dirname "${BASH_SOURCE[0]}")/../Cargo.toml")
+if ! command -v rustup >/dev/null; then
+    echo "setup-host: rust $msrv (MSRV): rustup not found; the msrv test step will fail" >&2
+elif rustup toolchain list | grep -q "^$msrv-"; then
+    echo "setup-host: rust $msrv (MSRV): present"
+else
+    echo "setup-host: rust $msrv (MSRV): installing"
+    quietly rustup toolchain install "$msrv" --profile minimal
 fi
 
 if nextest_version=$(cargo nextest --version 2>/dev/null); then

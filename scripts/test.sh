@@ -23,6 +23,9 @@ step fmt cargo fmt --all -- --check
 step clippy cargo clippy --all-targets -- -D warnings
 step nextest cargo nextest run --no-fail-fast
 step doctest cargo test --doc
+# The library builds on the oldest Rust that Cargo.toml declares (rust-version).
+msrv=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml)
+step msrv cargo "+$msrv" check --lib
 
 if [ "${#failed[@]}" -ne 0 ]; then
     echo "test: FAILED stages: ${failed[*]}"
