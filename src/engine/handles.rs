@@ -61,7 +61,10 @@ impl HandleTable {
     }
 
     pub(super) fn enabled(&self) -> usize {
-        self.watches.values().filter(|w| !w.interest.is_empty()).count()
+        self.watches
+            .values()
+            .filter(|w| !w.interest.is_empty())
+            .count()
     }
 
     pub(super) fn add(

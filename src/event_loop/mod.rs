@@ -8,7 +8,6 @@ pub(crate) mod default_loop;
 pub(crate) mod driver;
 pub(crate) mod watch;
 
-
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};

@@ -91,8 +91,8 @@ impl Timer {
     where
         F: FnMut(i32) + Send + 'static,
     {
-        let mut f = once_panicked(f, move |f: &mut F, timer: i32| f(timer));
-        closure::add_timer(frequency(period), Box::new(move |timer| f(timer))).map(|id| Timer { id })
+        let f = once_panicked(f, move |f: &mut F, timer: i32| f(timer));
+        closure::add_timer(frequency(period), Box::new(f)).map(|id| Timer { id })
     }
 
     /// libvirt's id for this timer.

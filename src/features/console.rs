@@ -411,7 +411,12 @@ impl<S: 'static> Shared<S> {
     }
 
     /// On the loop thread: insert an opened console stream, or report the failure.
-    fn finish_opening(self: Arc<Self>, reactor: &mut Reactor<S>, name: &str, opened: Result<Stream>) {
+    fn finish_opening(
+        self: Arc<Self>,
+        reactor: &mut Reactor<S>,
+        name: &str,
+        opened: Result<Stream>,
+    ) {
         let inserted = opened.and_then(|stream| {
             let handler = ConsoleHandler {
                 name: name.to_owned(),

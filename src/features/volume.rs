@@ -151,7 +151,10 @@ pub fn upload<S: 'static>(
 /// A new stream on `vol`'s connection, attached by `attach`.
 fn open_stream(
     vol: &StorageVol,
-    attach: impl FnOnce(&virt::stream::Stream, &StorageVol) -> std::result::Result<(), virt::error::Error>,
+    attach: impl FnOnce(
+        &virt::stream::Stream,
+        &StorageVol,
+    ) -> std::result::Result<(), virt::error::Error>,
 ) -> Result<Stream> {
     let conn = vol.connect()?;
     let mut stream = Stream::new(&conn)?;
@@ -167,7 +170,11 @@ fn insert<S: 'static>(
     on_end: impl FnOnce(&mut S, Result<TransferStats>) + Send + 'static,
 ) -> Result<StreamToken> {
     let interest = transfer.interest();
-    reactor.insert(stream, interest, transfer.on_progress(on_progress).on_end(on_end))
+    reactor.insert(
+        stream,
+        interest,
+        transfer.on_progress(on_progress).on_end(on_end),
+    )
 }
 
 /// A download's sink, with the bytes the volume must send.
@@ -316,7 +323,9 @@ impl Destination {
 
     fn data(&mut self, bytes: &[u8]) -> io::Result<()> {
         match self {
-            Destination::Part { file, .. } | Destination::Through { file, .. } => file.write_all(bytes),
+            Destination::Part { file, .. } | Destination::Through { file, .. } => {
+                file.write_all(bytes)
+            }
         }
         .map_err(|e| with_path(self.path(), e))
     }

@@ -228,9 +228,7 @@ impl Retired {
 
     /// Whether its thread has yet to let go of the connection.
     pub(crate) fn is_running(&self) -> bool {
-        self.0
-            .upgrade()
-            .is_some_and(|shared| !*lock(&shared.done))
+        self.0.upgrade().is_some_and(|shared| !*lock(&shared.done))
     }
 }
 
@@ -490,7 +488,9 @@ impl Shared {
                 queue.queued = 0;
                 queue.ops.retain(|op| matches!(op, Op::End { .. }));
                 let token = queue.token;
-                queue.inbox.post(|news| news.send_failed.push((token, error)));
+                queue
+                    .inbox
+                    .post(|news| news.send_failed.push((token, error)));
             }
         }
         if queue.starved && queue.queued < CAPACITY {

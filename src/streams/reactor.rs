@@ -111,7 +111,8 @@ impl<S: 'static> ReactorHandle<S> {
             .name("virt-reactor-blocking".into())
             .spawn(move || match panic::catch_unwind(AssertUnwindSafe(work)) {
                 Ok(result) => {
-                    let delivered = handle.execute(move |reactor, state| then(reactor, state, result));
+                    let delivered =
+                        handle.execute(move |reactor, state| then(reactor, state, result));
                     if delivered.is_err() {
                         log::warn!("blocking work finished after the reactor was dropped");
                     }
@@ -438,7 +439,10 @@ impl<S: 'static> Reactor<S> {
     /// # Errors
     ///
     /// [`Error::InvalidToken`].
-    pub fn remove(&mut self, token: StreamToken) -> Result<(Stream, Box<dyn StreamHandler<S> + Send>)> {
+    pub fn remove(
+        &mut self,
+        token: StreamToken,
+    ) -> Result<(Stream, Box<dyn StreamHandler<S> + Send>)> {
         self.slot(token)?;
         let slot = self.vacate(token);
         Ok((slot.stream, slot.handler))
@@ -512,7 +516,10 @@ impl<S: 'static> Reactor<S> {
     /// in-process connection.
     #[doc(alias = "virConnectDomainEventDeregisterAny")]
     pub fn unsubscribe(&mut self, id: SubscriptionId) -> Result<()> {
-        let subscription = self.subscriptions.remove(&id.0).ok_or(Error::InvalidToken)?;
+        let subscription = self
+            .subscriptions
+            .remove(&id.0)
+            .ok_or(Error::InvalidToken)?;
         self.deregister(subscription)
     }
 
@@ -533,10 +540,14 @@ impl<S: 'static> Reactor<S> {
         let inbox = Arc::clone(&self.inbox);
         std::thread::Builder::new()
             .name("virt-reactor-unsubscribe".into())
-            .spawn(move || match sys_connection::deregister_lifecycle(&conn, libvirt_id) {
-                Ok(()) => inbox.post(|news| news.released.push((key, slot))),
-                Err(e) => log::warn!("cannot deregister domain event callback {libvirt_id}: {e}"),
-            })
+            .spawn(
+                move || match sys_connection::deregister_lifecycle(&conn, libvirt_id) {
+                    Ok(()) => inbox.post(|news| news.released.push((key, slot))),
+                    Err(e) => {
+                        log::warn!("cannot deregister domain event callback {libvirt_id}: {e}")
+                    }
+                },
+            )
             .map(drop)
             .map_err(Error::Io)
     }
@@ -700,7 +711,13 @@ impl<S: 'static> Reactor<S> {
     }
 
     /// Calls a handler's `closed`, catching a panic (the handler is dropped then).
-    fn close(&mut self, token: StreamToken, mut handler: BoxedHandler<S>, end: StreamEnd, state: &mut S) {
+    fn close(
+        &mut self,
+        token: StreamToken,
+        mut handler: BoxedHandler<S>,
+        end: StreamEnd,
+        state: &mut S,
+    ) {
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| handler.closed(state, end)));
         if let Err(payload) = outcome {
             self.note_panic(&format!("closed of stream {token:?}"), payload.as_ref());
@@ -711,7 +728,10 @@ impl<S: 'static> Reactor<S> {
     /// Drops a handler, catching a panic in its drop.
     fn drop_handler(&mut self, token: StreamToken, handler: BoxedHandler<S>) {
         if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(|| drop(handler))) {
-            self.note_panic(&format!("drop of the handler of {token:?}"), payload.as_ref());
+            self.note_panic(
+                &format!("drop of the handler of {token:?}"),
+                payload.as_ref(),
+            );
         }
     }
 
@@ -725,7 +745,12 @@ impl<S: 'static> Reactor<S> {
         else {
             return;
         };
-        self.close(token, handler, stream_end(token, abort, failure, result), state);
+        self.close(
+            token,
+            handler,
+            stream_end(token, abort, failure, result),
+            state,
+        );
     }
 
     /// Whether some stream that sends through a lane wants room and has it.
@@ -848,7 +873,8 @@ impl<S: 'static> Reactor<S> {
             interest: slot.interest,
         };
         let handler = &mut slot.handler;
-        let outcome = panic::catch_unwind(AssertUnwindSafe(|| handler.ready(state, &mut cx, wanted)));
+        let outcome =
+            panic::catch_unwind(AssertUnwindSafe(|| handler.ready(state, &mut cx, wanted)));
         let new_interest = cx.interest;
         match outcome {
             Ok(flow) => {
@@ -910,7 +936,11 @@ impl<S: 'static> Reactor<S> {
             });
             return;
         }
-        let result = if abort { stream.abort() } else { stream.finish() };
+        let result = if abort {
+            stream.abort()
+        } else {
+            stream.finish()
+        };
         drop(stream);
         let end = stream_end(token, abort, failure, result.map_err(Error::from));
         self.close(token, handler, end, state);
@@ -1110,7 +1140,9 @@ impl<S: 'static> mio::event::Source for Reactor<S> {
         token: mio::Token,
         interests: mio::Interest,
     ) -> std::io::Result<()> {
-        self.driver.embeddable()?.register(registry, token, interests)
+        self.driver
+            .embeddable()?
+            .register(registry, token, interests)
     }
 
     fn reregister(
@@ -1119,7 +1151,9 @@ impl<S: 'static> mio::event::Source for Reactor<S> {
         token: mio::Token,
         interests: mio::Interest,
     ) -> std::io::Result<()> {
-        self.driver.embeddable()?.reregister(registry, token, interests)
+        self.driver
+            .embeddable()?
+            .reregister(registry, token, interests)
     }
 
     fn deregister(&mut self, registry: &mio::Registry) -> std::io::Result<()> {

@@ -250,7 +250,10 @@ impl<S> Transfer<S> {
     }
 
     /// Calls `f` after each readiness event that moved something.
-    pub fn on_progress(mut self, f: impl FnMut(&mut S, TransferStats) + Send + 'static) -> Transfer<S> {
+    pub fn on_progress(
+        mut self,
+        f: impl FnMut(&mut S, TransferStats) + Send + 'static,
+    ) -> Transfer<S> {
         self.progress = Some(Box::new(f));
         self
     }

@@ -31,8 +31,12 @@ pub(crate) trait EventImpl: Sync {
     ) -> i32;
     fn update_handle(&self, watch: i32, interest: Interest);
     fn remove_handle(&self, watch: i32) -> i32;
-    fn add_timeout(&self, frequency: i32, callback: TimerCallback, free: Option<FreeCallback>)
-        -> i32;
+    fn add_timeout(
+        &self,
+        frequency: i32,
+        callback: TimerCallback,
+        free: Option<FreeCallback>,
+    ) -> i32;
     fn update_timeout(&self, timer: i32, frequency: i32);
     fn remove_timeout(&self, timer: i32) -> i32;
     /// A callback running on the loop panicked: report it to whoever runs the loop.

@@ -14,7 +14,11 @@ pub(crate) fn catch<R>(origin: impl FnOnce() -> String, f: impl FnOnce() -> R) -
     match panic::catch_unwind(AssertUnwindSafe(f)) {
         Ok(value) => Some(value),
         Err(payload) => {
-            log::error!("{} panicked: {}", origin(), payload_message(payload.as_ref()));
+            log::error!(
+                "{} panicked: {}",
+                origin(),
+                payload_message(payload.as_ref())
+            );
             None
         }
     }

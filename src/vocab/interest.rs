@@ -169,10 +169,23 @@ mod tests {
     fn error_and_hangup_reach_every_enabled_watch() {
         let all = Readiness::READABLE | Readiness::WRITABLE | Readiness::ERROR | Readiness::HANGUP;
         let tail = Readiness::ERROR | Readiness::HANGUP;
-        assert_eq!(all.for_watch(Interest::READABLE), Readiness::READABLE | tail);
-        assert_eq!(all.for_watch(Interest::WRITABLE), Readiness::WRITABLE | tail);
-        assert_eq!(all.for_watch(Interest::NONE), Readiness::NONE, "a disabled watch gets nothing");
-        assert_eq!(Readiness::WRITABLE.for_watch(Interest::READABLE), Readiness::NONE);
+        assert_eq!(
+            all.for_watch(Interest::READABLE),
+            Readiness::READABLE | tail
+        );
+        assert_eq!(
+            all.for_watch(Interest::WRITABLE),
+            Readiness::WRITABLE | tail
+        );
+        assert_eq!(
+            all.for_watch(Interest::NONE),
+            Readiness::NONE,
+            "a disabled watch gets nothing"
+        );
+        assert_eq!(
+            Readiness::WRITABLE.for_watch(Interest::READABLE),
+            Readiness::NONE
+        );
     }
 
     #[test]
