@@ -20,8 +20,8 @@
 //!     // 2. Open a connection and a stream; attach it with the `virt` call that takes
 //!     //    one (a console, a volume download, ...).
 //!     let conn = virt_reactor::connect("test:///default")?;
-//!     let vol = virt::storage_pool::StoragePool::lookup_by_name(&conn, "default-pool")
-//!         .and_then(|pool| virt::storage_vol::StorageVol::lookup_by_name(&pool, "disk"))?;
+//!     let pool = conn.lookup_storage_pool_by_name("default-pool")?;
+//!     let vol = pool.lookup_storage_vol_by_name("disk")?;
 //!     let mut stream = Stream::new(&conn)?;
 //!     stream.with_virt(|s| vol.download(s, 0, 0, 0))?;
 //!
