@@ -11,6 +11,7 @@
 //! object: there are exactly two loops libvirt can run here, and only ours can be
 //! embedded. libvirt's default loop is behind the `default-loop` feature.
 
+use std::os::fd::{AsRawFd, RawFd};
 #[cfg(feature = "default-loop")]
 use std::sync::atomic::Ordering;
 #[cfg(feature = "default-loop")]
@@ -90,10 +91,11 @@ impl Driver {
         }
     }
 
-    /// The loop to register in an embedding `mio::Poll`, if it can be.
-    pub(crate) fn embeddable(&mut self) -> std::io::Result<&mut EventLoop> {
+    /// The fd to register in an embedding `mio::Poll` (the loop's epoll fd), if it
+    /// can be embedded.
+    pub(crate) fn embeddable(&self) -> std::io::Result<RawFd> {
         match self {
-            Driver::Ours(event_loop) => Ok(event_loop),
+            Driver::Ours(event_loop) => Ok(event_loop.as_raw_fd()),
             #[cfg(feature = "default-loop")]
             Driver::Default(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::Unsupported,

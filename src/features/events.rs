@@ -11,13 +11,14 @@
 //! as long as a callback is registered on it, and `drain` would wait for it.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use virt::connect::Connect;
 
 use crate::sys::connection as ffi;
 use crate::vocab::error::Result;
 use crate::vocab::events::CloseReason;
+use crate::vocab::sync::lock;
 
 /// The closure a close watch calls at most once, until the watch goes.
 type CloseSlot = Arc<Mutex<Option<Box<dyn FnOnce(CloseReason) + Send>>>>;
@@ -89,7 +90,7 @@ impl CloseWatch {
 }
 
 fn take(slot: &CloseSlot) -> Option<Box<dyn FnOnce(CloseReason) + Send>> {
-    slot.lock().unwrap_or_else(PoisonError::into_inner).take()
+    lock(slot).take()
 }
 
 impl Drop for CloseWatch {
@@ -105,11 +106,7 @@ impl Drop for CloseWatch {
 
 impl fmt::Debug for CloseWatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let armed = self
-            .slot
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some();
+        let armed = lock(&self.slot).is_some();
         f.debug_struct("CloseWatch")
             .field("armed", &armed)
             .finish_non_exhaustive()

@@ -28,7 +28,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
@@ -40,7 +40,7 @@ use crate::sys::connection::{register_close, unregister_close};
 use crate::sys::stream::RawStream;
 use crate::vocab::error::{Error, Result};
 use crate::vocab::events::CloseReason;
-use crate::vocab::sync::lock;
+use crate::vocab::sync::{lock, wait};
 
 /// libvirt's largest stream packet.
 pub(crate) const PACKET: usize = 256 * 1024;
@@ -389,10 +389,7 @@ impl Shared {
     fn wait_done(&self) {
         let mut done = lock(&self.done);
         while !*done {
-            done = self
-                .ended
-                .wait(done)
-                .unwrap_or_else(PoisonError::into_inner);
+            done = wait(&self.ended, done);
         }
     }
 
@@ -415,10 +412,7 @@ impl Shared {
                     state.exiting = true;
                     return;
                 }
-                state = self
-                    .work
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
+                state = wait(&self.work, state);
                 continue;
             };
             let Some(queue) = state.queues.get_mut(&id) else {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use mio::unix::SourceFd;
 use rustc_hash::{FxHashMap, FxHashSet};
 use slab::Slab;
 use virt::connect::Connect;
@@ -1140,9 +1141,7 @@ impl<S: 'static> mio::event::Source for Reactor<S> {
         token: mio::Token,
         interests: mio::Interest,
     ) -> std::io::Result<()> {
-        self.driver
-            .embeddable()?
-            .register(registry, token, interests)
+        SourceFd(&self.driver.embeddable()?).register(registry, token, interests)
     }
 
     fn reregister(
@@ -1151,13 +1150,11 @@ impl<S: 'static> mio::event::Source for Reactor<S> {
         token: mio::Token,
         interests: mio::Interest,
     ) -> std::io::Result<()> {
-        self.driver
-            .embeddable()?
-            .reregister(registry, token, interests)
+        SourceFd(&self.driver.embeddable()?).reregister(registry, token, interests)
     }
 
     fn deregister(&mut self, registry: &mio::Registry) -> std::io::Result<()> {
-        self.driver.embeddable()?.deregister(registry)
+        SourceFd(&self.driver.embeddable()?).deregister(registry)
     }
 }
 

@@ -4,12 +4,12 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::inbox::Inbox;
 use super::token::StreamToken;
 use crate::vocab::error::{Error, Result};
-use crate::vocab::sync::lock;
+use crate::vocab::sync::{lock, wait};
 
 /// Bytes queued for one stream, shared by its writers and the reactor.
 pub(crate) struct Outbox {
@@ -103,11 +103,7 @@ impl StreamWriter {
                 if self.inbox.waker().is_loop_thread() {
                     return Err(Error::OnLoopThread);
                 }
-                state = self
-                    .outbox
-                    .space
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
+                state = wait(&self.outbox.space, state);
             }
             let n = self.queue(&mut state, data)?;
             data = &data[n..];

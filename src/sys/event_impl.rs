@@ -11,7 +11,7 @@ use std::ffi::{c_int, c_void};
 use std::os::fd::RawFd;
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::Mutex;
 
 use virt::sys;
 
@@ -19,6 +19,7 @@ use super::callback::{FreeCallback, HandleCallback, TimerCallback};
 use super::panic::catch;
 use crate::vocab::error::{Error, Result};
 use crate::vocab::interest::Interest;
+use crate::vocab::sync::lock;
 
 /// What libvirt's six event functions do; the engine implements it.
 pub(crate) trait EventImpl: Sync {
@@ -57,38 +58,29 @@ pub(crate) enum Registered {
 struct Registry {
     /// Held for the whole of a registration.
     registered: Mutex<Registered>,
-    implementation: RwLock<Option<&'static dyn EventImpl>>,
+    implementation: Mutex<Option<&'static dyn EventImpl>>,
     /// Calls of our `add_timeout`, to see whether libvirt uses our functions.
     timeouts_added: AtomicU64,
 }
 
 static REGISTRY: Registry = Registry {
     registered: Mutex::new(Registered::Nothing),
-    implementation: RwLock::new(None),
+    implementation: Mutex::new(None),
     timeouts_added: AtomicU64::new(0),
 };
 
 /// What this process registered.
 pub(crate) fn registered() -> Registered {
-    *REGISTRY
-        .registered
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
+    *lock(&REGISTRY.registered)
 }
 
 /// Our implementation, once registered.
 pub(crate) fn implementation() -> Option<&'static dyn EventImpl> {
-    *REGISTRY
-        .implementation
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
+    *lock(&REGISTRY.implementation)
 }
 
 fn install(implementation: Option<&'static dyn EventImpl>) {
-    *REGISTRY
-        .implementation
-        .write()
-        .unwrap_or_else(PoisonError::into_inner) = implementation;
+    *lock(&REGISTRY.implementation) = implementation;
 }
 
 /// Registers `implementation` with `virEventRegisterImpl`, once per process.
@@ -97,61 +89,61 @@ fn install(implementation: Option<&'static dyn EventImpl>) {
 /// checks that libvirt calls our functions; if it does not, nothing stays
 /// installed and the error says why (every retry says the same).
 pub(crate) fn register(implementation: &'static dyn EventImpl) -> Result<()> {
-    let mut registered = REGISTRY
-        .registered
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    if *registered != Registered::Nothing {
-        return Err(Error::AlreadyRegistered);
-    }
-    // SAFETY: plain call; libvirt's global initialisation, idempotent.
-    if unsafe { sys::virInitialize() } < 0 {
-        return Err(Error::last_libvirt());
-    }
-    install(Some(implementation));
-    // SAFETY: the six functions match libvirt's typedefs and stay valid for the life of
-    // the process.
-    unsafe {
-        sys::virEventRegisterImpl(
-            Some(add_handle),
-            Some(update_handle),
-            Some(remove_handle),
-            Some(add_timeout),
-            Some(update_timeout),
-            Some(remove_timeout),
-        )
-    };
-    let before = REGISTRY.timeouts_added.load(Ordering::SeqCst);
-    // SAFETY: a disabled timer with a no-op callback and no opaque, removed at once.
-    let probe = unsafe { sys::virEventAddTimeout(-1, Some(noop_timer), ptr::null_mut(), None) };
-    if probe > 0 {
-        // SAFETY: plain integer argument.
-        unsafe { sys::virEventRemoveTimeout(probe) };
-    }
-    if probe <= 0 || REGISTRY.timeouts_added.load(Ordering::SeqCst) == before {
-        install(None);
-        return Err(Error::ForeignImplRegistered);
-    }
-    *registered = Registered::Ours;
-    Ok(())
+    claim(Registered::Ours, || {
+        // SAFETY: plain call; libvirt's global initialisation, idempotent.
+        if unsafe { sys::virInitialize() } < 0 {
+            return Err(Error::last_libvirt());
+        }
+        install(Some(implementation));
+        // SAFETY: the six functions match libvirt's typedefs and stay valid for the
+        // life of the process.
+        unsafe {
+            sys::virEventRegisterImpl(
+                Some(add_handle),
+                Some(update_handle),
+                Some(remove_handle),
+                Some(add_timeout),
+                Some(update_timeout),
+                Some(remove_timeout),
+            )
+        };
+        let before = REGISTRY.timeouts_added.load(Ordering::SeqCst);
+        // SAFETY: a disabled timer with a no-op callback and no opaque, removed at once.
+        let probe = unsafe { sys::virEventAddTimeout(-1, Some(noop_timer), ptr::null_mut(), None) };
+        if probe > 0 {
+            // SAFETY: plain integer argument.
+            unsafe { sys::virEventRemoveTimeout(probe) };
+        }
+        if probe <= 0 || REGISTRY.timeouts_added.load(Ordering::SeqCst) == before {
+            install(None);
+            return Err(Error::ForeignImplRegistered);
+        }
+        Ok(())
+    })
 }
 
-#[cfg(feature = "default-loop")]
 /// Registers libvirt's default loop (`virEventRegisterDefaultImpl`), under the same
 /// lock and rules as [`register`].
+#[cfg(feature = "default-loop")]
 pub(crate) fn register_default() -> Result<()> {
-    let mut registered = REGISTRY
-        .registered
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
+    claim(Registered::Default, || {
+        // SAFETY: plain call, before any connection of ours exists.
+        if unsafe { sys::virEventRegisterDefaultImpl() } < 0 {
+            return Err(Error::last_libvirt());
+        }
+        Ok(())
+    })
+}
+
+/// Runs `register` under the registration lock if nothing is registered yet, and
+/// records `what` when it succeeds.
+fn claim(what: Registered, register: impl FnOnce() -> Result<()>) -> Result<()> {
+    let mut registered = lock(&REGISTRY.registered);
     if *registered != Registered::Nothing {
         return Err(Error::AlreadyRegistered);
     }
-    // SAFETY: plain call, before any connection of ours exists.
-    if unsafe { sys::virEventRegisterDefaultImpl() } < 0 {
-        return Err(Error::last_libvirt());
-    }
-    *registered = Registered::Default;
+    register()?;
+    *registered = what;
     Ok(())
 }
 
