@@ -124,10 +124,10 @@ fn frequency(period: Option<Duration>) -> i32 {
     })
 }
 
-/// Wraps a callback so that a panic inside it is caught and reported to the loop's
-/// runner, and the callback is dropped and never called again: its state may be
-/// half-updated.
-fn once_panicked<F, A>(f: F, call: impl Fn(&mut F, A)) -> impl FnMut(A)
+/// Wraps a callback libvirt calls so that a panic inside it is caught and reported
+/// to the loop's runner, and the callback is dropped and never called again: its
+/// state may be half-updated.
+pub(crate) fn once_panicked<F, A>(f: F, call: impl Fn(&mut F, A)) -> impl FnMut(A)
 where
     F: Send,
 {
@@ -138,9 +138,9 @@ where
         };
         if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(|| call(inner, args))) {
             let message = payload_message(payload.as_ref());
-            log::error!("a watch or timer callback panicked: {message}; it is disabled");
+            log::error!("a callback on the loop panicked: {message}; it is disabled");
             if let Some(implementation) = event_impl::implementation() {
-                implementation.report_panic("watch or timer callback".to_owned(), message);
+                implementation.report_panic("callback on the loop".to_owned(), message);
             }
             // Dropped here, on the loop thread, outside any libvirt call.
             drop(f.take());

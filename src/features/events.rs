@@ -1,20 +1,18 @@
-//! A connection's events, delivered through the loop to Rust closures: domain
-//! lifecycle events ([`DomainEventSubscription`]) and the connection closing
-//! ([`CloseWatch`]).
+//! [`CloseWatch`]: a connection's close callback, for programs that want to hear
+//! when libvirt closes a connection they hold without streams in a reactor (a
+//! reactor's streams hear of it by themselves, as `Error::ConnectionClosed`).
+//! Domain lifecycle events go through `Reactor::subscribe_lifecycle`.
 //!
-//! libvirt queues both and calls them from the event loop, so nothing arrives while
-//! the loop is not running. The closures run on the loop thread; a panic inside one is
-//! caught, logged and returned by the loop's `run`.
-//!
-//! Both guards keep their own reference to the connection and must be dropped (or
+//! The watch keeps its own reference to the connection and must be dropped (or
 //! cancelled) before the connection is closed: libvirt holds the connection open for
-//! as long as a callback is registered on it, and `drain` would wait for it.
+//! as long as a callback is registered on it, and `shutdown` would wait for it.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use virt::connect::Connect;
 
+use crate::event_loop::watch::once_panicked;
 use crate::sys::connection as ffi;
 use crate::vocab::error::Result;
 use crate::vocab::events::CloseReason;
@@ -43,8 +41,11 @@ impl CloseWatch {
     /// [`Connect`] being dropped: the socket failed, the daemon went away or stopped
     /// answering keepalive messages.
     ///
-    /// `f` must not drop this watch: libvirt calls it holding the lock that
-    /// unregistering takes. `f` is dropped by the time the watch is.
+    /// `f` runs inside libvirt's close callback: it must not drop this watch (libvirt
+    /// holds the lock that unregistering takes), and should only hand the news on
+    /// (a channel, [`ReactorHandle::execute`](crate::ReactorHandle::execute)). A panic
+    /// in it is returned by the reactor's next `run_once`. `f` is dropped by the time
+    /// the watch is.
     ///
     /// # Errors
     ///
@@ -58,16 +59,13 @@ impl CloseWatch {
         // libvirt's copy only reaches through the slot: drivers that ignore close
         // callbacks never free it, and then only the empty slot leaks, not `f`.
         let libvirt_slot = Arc::clone(&slot);
-        ffi::register_close(
-            conn,
-            Box::new(move |reason| {
-                let f = take(&libvirt_slot);
-                match f {
-                    Some(f) => f(reason),
-                    None => log::debug!("connection closed ({reason}) after its watch went"),
-                }
-            }),
-        )?;
+        let call = once_panicked((), move |(), reason: CloseReason| {
+            match take(&libvirt_slot) {
+                Some(f) => f(reason),
+                None => log::debug!("connection closed ({reason}) after its watch went"),
+            }
+        });
+        ffi::register_close(conn, Box::new(call))?;
         Ok(CloseWatch {
             conn: conn.clone(),
             slot,
