@@ -443,9 +443,11 @@ impl Shared {
                     let result = if abort { raw.abort() } else { raw.finish() };
                     drop(raw);
                     state = self.lock();
-                    state.queues.remove(&id);
+                    let queue = state.queues.remove(&id);
                     drop(state);
-                    // Outside the lock: dropping the stream drops its LaneStream.
+                    // Outside the lock: the queue's reference is a libvirt call to
+                    // release, and dropping the stream drops its LaneStream.
+                    drop(queue);
                     then.done(result);
                     state = self.lock();
                 }

@@ -1179,3 +1179,21 @@ impl<S: 'static> fmt::Debug for Reactor<S> {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::rc::Rc;
+
+    use super::{Reactor, ReactorHandle};
+
+    fn is_send<T: Send>() {}
+
+    /// Built on one thread, run on another: whatever the state is, since the state
+    /// is lent to each run call rather than kept, and handlers must be `Send`.
+    #[test]
+    fn a_reactor_and_its_handle_are_send_whatever_the_state() {
+        is_send::<Reactor<Rc<u8>>>();
+        is_send::<ReactorHandle<Rc<u8>>>();
+        is_send::<Reactor<()>>();
+    }
+}
