@@ -190,11 +190,12 @@ struct Subscription<S> {
     handler: Option<LifecycleHandler<S>>,
 }
 
-/// The lifecycle trampoline slots a connection uses. The entry keeps a reference
-/// to the connection while any slot is claimed, so its address (the key) cannot
-/// be reused by another connection meanwhile.
+/// The lifecycle trampoline slots a connection uses, by connection key (its
+/// address). A claimed slot's subscription holds a reference to its connection
+/// until the slot is released, so no other connection can have that address
+/// meanwhile.
+#[derive(Default)]
 struct Slots {
-    _conn: Connect,
     claimed: u64,
 }
 
@@ -468,10 +469,7 @@ impl<S: 'static> Reactor<S> {
         F: FnMut(&mut S, &LifecycleEvent) + Send + 'static,
     {
         let key = connection_key(conn);
-        let slots = self.lifecycle_slots.entry(key).or_insert_with(|| Slots {
-            _conn: conn.clone(),
-            claimed: 0,
-        });
+        let slots = self.lifecycle_slots.entry(key).or_default();
         let Some(slot) = (0..LIFECYCLE_SLOTS).find(|slot| slots.claimed & (1 << slot) == 0) else {
             return Err(Error::SubscriptionLimit {
                 limit: LIFECYCLE_SLOTS,
@@ -508,8 +506,7 @@ impl<S: 'static> Reactor<S> {
 
     /// Ends a lifecycle subscription: its handler is dropped now, on this thread.
     /// On a remote connection libvirt's deregistration (a call to the daemon) runs
-    /// on a worker thread; a failure there is logged, and the connection's slot stays
-    /// taken.
+    /// on a worker thread, and a failure there is logged.
     ///
     /// # Errors
     ///
@@ -532,23 +529,26 @@ impl<S: 'static> Reactor<S> {
             handler,
         } = subscription;
         drop(handler);
+        // libvirt forgets the callback on the client side before it tells the
+        // daemon, so the slot is free again whatever the daemon answers.
         let key = connection_key(&conn);
         if !is_remote(&conn) {
-            sys_connection::deregister_lifecycle(&conn, libvirt_id)?;
+            let deregistered = sys_connection::deregister_lifecycle(&conn, libvirt_id);
             self.release_slot(key, slot);
-            return Ok(());
+            return deregistered;
         }
         let inbox = Arc::clone(&self.inbox);
         std::thread::Builder::new()
             .name("virt-reactor-unsubscribe".into())
-            .spawn(
-                move || match sys_connection::deregister_lifecycle(&conn, libvirt_id) {
-                    Ok(()) => inbox.post(|news| news.released.push((key, slot))),
-                    Err(e) => {
-                        log::warn!("cannot deregister domain event callback {libvirt_id}: {e}")
-                    }
-                },
-            )
+            .spawn(move || {
+                if let Err(e) = sys_connection::deregister_lifecycle(&conn, libvirt_id) {
+                    log::warn!("deregistering domain event callback {libvirt_id}: {e}");
+                }
+                inbox.post(|news| news.released.push((key, slot)));
+                // The connection goes after the release is posted: its address
+                // stays taken until then.
+                drop(conn);
+            })
             .map(drop)
             .map_err(Error::Io)
     }
