@@ -148,7 +148,7 @@ fn callgrind_run(kind: Loop, what: &str, n: usize, out: &std::path::Path) -> Res
 /// The child: ping-pong among idle registrations.
 pub(crate) fn pingpong(p: &Params) -> Figures {
     sys::pin_to_current_cpu();
-    let mut reactor = p.kind.reactor();
+    let mut reactor = p.kind.reactor::<()>();
     let idle: usize = p.num("idle");
     let timers_wanted = p.str("kind") == "timers";
     let mut keep = Vec::new();
@@ -199,14 +199,14 @@ pub(crate) fn pingpong(p: &Params) -> Figures {
     if let Some(fixed) = p.get("fixed") {
         let n: u64 = fixed.parse().expect("iterations");
         for _ in 0..n {
-            reactor.run_once(None).expect("iteration");
+            reactor.run_once(None, &mut ()).expect("iteration");
         }
         measured_iterations(&mut reactor, n);
         return vec![("iterations", n as f64)];
     }
     let seconds: f64 = p.num("seconds");
     for _ in 0..100 {
-        reactor.run_once(None).expect("iteration"); // warm up
+        reactor.run_once(None, &mut ()).expect("iteration"); // warm up
     }
     // Windows of at least WINDOW each; the run's figure is the median window, so
     // that a moment when the VM's host takes the CPU away does not set it.
@@ -219,7 +219,7 @@ pub(crate) fn pingpong(p: &Params) -> Figures {
         let mut iterations = 0u64;
         while iterations < 32 || window_start.elapsed() < WINDOW {
             for _ in 0..16 {
-                reactor.run_once(None).expect("iteration");
+                reactor.run_once(None, &mut ()).expect("iteration");
             }
             iterations += 16;
         }
@@ -245,9 +245,9 @@ const MIN_WINDOWS: usize = 5;
 
 /// The iterations callgrind counts (`--toggle-collect`).
 #[inline(never)]
-fn measured_iterations(reactor: &mut Reactor, n: u64) {
+fn measured_iterations(reactor: &mut Reactor<()>, n: u64) {
     for _ in 0..n {
-        reactor.run_once(None).expect("iteration");
+        reactor.run_once(None, &mut ()).expect("iteration");
     }
 }
 
@@ -255,7 +255,7 @@ fn measured_iterations(reactor: &mut Reactor, n: u64) {
 /// per callback, so every dispatch is a re-report).
 pub(crate) fn busy(p: &Params) -> Figures {
     const BYTES: u64 = 1 << 20;
-    let mut reactor = p.kind.reactor();
+    let mut reactor = p.kind.reactor::<()>();
     let (mut writer, reader) = UnixStream::pair().expect("socketpair");
     reader.set_nonblocking(true).expect("nonblocking");
     writer.set_nonblocking(true).expect("nonblocking");
@@ -278,7 +278,7 @@ pub(crate) fn busy(p: &Params) -> Figures {
                 .write(&chunk[..(BYTES - written).min(chunk.len() as u64) as usize])
                 .unwrap_or(0) as u64;
         }
-        reactor.run_once(None).expect("iteration");
+        reactor.run_once(None, &mut ()).expect("iteration");
     }
     vec![("dispatches", BYTES as f64 / started.elapsed().as_secs_f64())]
 }

@@ -12,7 +12,7 @@
 //! guests, and then runs every case as one child process per run (libvirt's event
 //! registration is per process), alternating ours and default, on the same daemon
 //! and data. Children are this binary again with `--child`: each registers one loop
-//! (`Reactor::register` or `Reactor::register_default`), drives the same reactor and
+//! (`Reactor::register` or `Reactor::register_default_loop`), drives the same reactor and
 //! transfer code on it, and prints its figures. The parent prints, per figure, the
 //! median and min–max of the runs of each loop and the ratio ours/default, checks
 //! the targets, and writes `results.md`, `raw.tsv` and the scenario 2 plot.
@@ -77,11 +77,11 @@ impl Loop {
         }
     }
 
-    /// The reactor on this loop.
-    pub(crate) fn reactor(self) -> Reactor {
+    /// The reactor on this loop, with handlers that share the state `S`.
+    pub(crate) fn reactor<S>(self) -> Reactor<S> {
         match self {
             Loop::Ours => Reactor::register().expect("register virt-reactor's loop"),
-            Loop::Default => Reactor::register_default().expect("register the default loop"),
+            Loop::Default => Reactor::register_default_loop().expect("register the default loop"),
         }
     }
 

@@ -56,9 +56,11 @@ pub(crate) fn scenario5(opts: &Opts, env: &Env, results: &mut Results) {
     }
 }
 
-fn settle(reactor: &mut Reactor) {
+fn settle(reactor: &mut Reactor<()>) {
     for _ in 0..10 {
-        reactor.run_once(Some(Duration::ZERO)).expect("iteration");
+        reactor
+            .run_once(Some(Duration::ZERO), &mut ())
+            .expect("iteration");
     }
 }
 
@@ -67,7 +69,7 @@ fn counters() -> [i64; 3] {
 }
 
 pub(crate) fn measure(p: &Params) -> Figures {
-    let mut reactor = p.kind.reactor();
+    let mut reactor = p.kind.reactor::<()>();
     let count: usize = p.num("count");
     let (before, after) = match p.str("what") {
         "streams" => {

@@ -4,14 +4,12 @@
 //! Both loops run the very same code: `virt_reactor::transfer::{recv_all,
 //! send_all}` handlers (the ones `virt_reactor::volume` uses, with its default
 //! 256 KiB budget per readiness event) inserted into a `Reactor`, which is
-//! `Reactor::register()` or `Reactor::register_default()`. The data never touches a
+//! `Reactor::register()` or `Reactor::register_default_loop()`. The data never touches a
 //! file on the client: downloads are checked byte by byte as they arrive, uploads
 //! are generated on the fly and the parent checks the volume files afterwards, so the
 //! client's CPU is the loop, libvirt's client library and the check.
 
-use std::cell::RefCell;
 use std::io;
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use virt::storage_vol::StorageVol;
@@ -155,8 +153,8 @@ fn upload_volume(n: usize, big: bool, i: usize) -> String {
 /// Opens `count` idle streams into the reactor: uploads that send nothing, waiting
 /// for READABLE, which never comes. Each is a remote stream with its (disabled)
 /// event timer in the loop, like any stream between two bursts.
-pub(crate) fn open_idle_streams(
-    reactor: &mut virt_reactor::Reactor,
+pub(crate) fn open_idle_streams<S>(
+    reactor: &mut virt_reactor::Reactor<S>,
     conn: &virt::connect::Connect,
     count: usize,
 ) {
@@ -168,35 +166,40 @@ pub(crate) fn open_idle_streams(
         .lookup_storage_vol_by_name("idle")
         .expect("idle volume");
     for i in 0..count {
-        let stream = Stream::new(conn).expect("stream");
-        vol.upload(&stream.to_virt(), 0, MIB, 0)
+        let mut stream = Stream::new(conn).expect("stream");
+        stream
+            .with_virt(|virt_stream| vol.upload(virt_stream, 0, MIB, 0))
             .unwrap_or_else(|e| panic!("idle upload {i}: {e}"));
         reactor
             .insert(
                 stream,
                 Interest::READABLE,
-                handler_fn(|_, _| Flow::Continue),
+                handler_fn(|_: &mut S, _, _| Flow::Continue),
             )
             .expect("insert an idle stream");
     }
 }
 
-/// How each transfer ended: its data bytes, or the error.
-type Outcomes = Rc<RefCell<Vec<Option<Result<u64, String>>>>>;
+/// How each transfer ended: its data bytes, or the error (the state the transfers'
+/// `on_end` callbacks get).
+type Outcomes = Vec<Option<Result<u64, String>>>;
 
 /// The child: `streams` concurrent transfers of `len` bytes each, `idle` idle streams
 /// beside them.
 pub(crate) fn transfer(p: &Params) -> Figures {
-    let mut reactor = p.kind.reactor();
+    let mut reactor = p.kind.reactor::<Outcomes>();
     let conn = p.kind.connect(p.str("uri"));
     let (n, len, idle): (usize, u64, usize) = (p.num("streams"), p.num("len"), p.num("idle"));
     let source_size: u64 = p.num("source_size");
     let download = p.str("dir") == "download";
     let pool = conn.lookup_storage_pool_by_name(POOL).expect("pool");
+    let mut outcomes: Outcomes = vec![None; n];
     open_idle_streams(&mut reactor, &conn, idle);
     // Let the idle streams' setup traffic settle.
     for _ in 0..10 {
-        reactor.run_once(Some(Duration::ZERO)).expect("iteration");
+        reactor
+            .run_once(Some(Duration::ZERO), &mut outcomes)
+            .expect("iteration");
     }
     let volumes: Vec<StorageVol> = if download {
         vec![pool
@@ -211,17 +214,15 @@ pub(crate) fn transfer(p: &Params) -> Figures {
             })
             .collect()
     };
-    let outcomes: Outcomes = Rc::new(RefCell::new(vec![None; n]));
-
     let cpu_before = sys::cpu_time();
     let started = Instant::now();
     for i in 0..n {
-        let stream = Stream::new(&conn).expect("stream");
+        let mut stream = Stream::new(&conn).expect("stream");
         let base = i as u64 * len;
         let t = if download {
             let offset = base % source_size;
-            volumes[0]
-                .download(&stream.to_virt(), offset, len, 0)
+            stream
+                .with_virt(|virt_stream| volumes[0].download(virt_stream, offset, len, 0))
                 .expect("virStorageVolDownload");
             let mut position = offset;
             transfer::recv_all(move |bytes| {
@@ -232,8 +233,8 @@ pub(crate) fn transfer(p: &Params) -> Figures {
                 Ok(())
             })
         } else {
-            volumes[i]
-                .upload(&stream.to_virt(), 0, len, 0)
+            stream
+                .with_virt(|virt_stream| volumes[i].upload(virt_stream, 0, len, 0))
                 .expect("virStorageVolUpload");
             let mut sent = 0;
             transfer::send_all(move |buf| {
@@ -243,9 +244,8 @@ pub(crate) fn transfer(p: &Params) -> Figures {
                 Ok(want)
             })
         };
-        let outcomes = Rc::clone(&outcomes);
-        let t = t.on_end(move |result| {
-            outcomes.borrow_mut()[i] = Some(
+        let t = t.on_end(move |outcomes: &mut Outcomes, result| {
+            outcomes[i] = Some(
                 result
                     .map(|stats| stats.data_bytes)
                     .map_err(|e| e.to_string()),
@@ -254,17 +254,21 @@ pub(crate) fn transfer(p: &Params) -> Figures {
         let interest = t.interest();
         reactor.insert(stream, interest, t).expect("insert");
     }
+    // Counts the checks of the condition, as the figure always has.
     let mut iterations = 0u64;
-    reactor
-        .run_while(|r| {
-            iterations += 1;
-            r.len() > idle
-        })
-        .expect("run the transfers");
+    loop {
+        iterations += 1;
+        if reactor.len() <= idle {
+            break;
+        }
+        reactor
+            .run_once(None, &mut outcomes)
+            .expect("run the transfers");
+    }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = (sys::cpu_time() - cpu_before).as_secs_f64();
 
-    for (i, outcome) in outcomes.borrow().iter().enumerate() {
+    for (i, outcome) in outcomes.iter().enumerate() {
         match outcome {
             Some(Ok(bytes)) if *bytes == len => {}
             other => panic!("transfer {i}: {other:?} (expected {len} bytes)"),
@@ -279,6 +283,6 @@ pub(crate) fn transfer(p: &Params) -> Figures {
         ("iterations_per_gib", iterations as f64 / (bytes / GIB)),
     ];
     drop((volumes, pool, conn));
-    let _ = reactor.shutdown(Duration::from_secs(5));
+    let _ = reactor.shutdown(Duration::from_secs(5), &mut outcomes);
     figures
 }
