@@ -226,27 +226,35 @@ fn mio_interest(interest: Interest) -> Option<MioInterest> {
     }
 }
 
-/// Whether a token (a `usize`) has room for the generation beside the fd.
-const TOKEN_HAS_GENERATION: bool = usize::BITS >= 64;
-
 /// A token carries the fd (32 bits) and, where `usize` has 64 bits, the registration
 /// generation above it. On narrower targets it carries the fd alone, and events of
 /// an older registration are told apart only by it having been deregistered.
 fn encode(fd: RawFd, generation: u32) -> Token {
-    let fd = u64::from(fd.unsigned_abs());
-    let raw = if TOKEN_HAS_GENERATION {
-        fd | (u64::from(generation) << 32)
-    } else {
-        fd
-    };
-    Token(usize::try_from(raw).expect("the generation is only added where it fits"))
+    let raw = pack(usize::BITS, fd, generation);
+    Token(usize::try_from(raw).expect("packed for usize's width"))
 }
 
 /// The fd and, where the token has room for it, the generation.
 fn decode(token: Token) -> (RawFd, Option<u32>) {
-    let raw = u64::try_from(token.0).expect("usize has at most 64 bits");
+    unpack(
+        usize::BITS,
+        u64::try_from(token.0).expect("usize has at most 64 bits"),
+    )
+}
+
+/// A token's bits for a `usize` of `width` bits.
+fn pack(width: u32, fd: RawFd, generation: u32) -> u64 {
+    let fd = u64::from(fd.unsigned_abs());
+    if width >= 64 {
+        fd | (u64::from(generation) << 32)
+    } else {
+        fd
+    }
+}
+
+fn unpack(width: u32, raw: u64) -> (RawFd, Option<u32>) {
     let fd = RawFd::try_from(raw & u64::from(u32::MAX)).unwrap_or(RawFd::MAX);
-    let generation = TOKEN_HAS_GENERATION.then(|| u32::try_from(raw >> 32).unwrap_or(u32::MAX));
+    let generation = (width >= 64).then(|| u32::try_from(raw >> 32).unwrap_or(u32::MAX));
     (fd, generation)
 }
 
@@ -258,6 +266,19 @@ mod tests {
     fn tokens_round_trip() {
         for (fd, generation) in [(0, 1), (7, u32::MAX), (i32::MAX, 12345)] {
             assert_eq!(decode(encode(fd, generation)), (fd, Some(generation)));
+        }
+    }
+
+    /// The old encoding shifted a `usize` by 32, which panics (debug) or loses the
+    /// fd (release) where `usize` has 32 bits. Both widths are checked here, on
+    /// whatever this host is.
+    #[test]
+    fn tokens_fit_a_32_bit_usize_and_keep_the_fd() {
+        for (fd, generation) in [(0, 1), (7, u32::MAX), (i32::MAX, 12345)] {
+            let narrow = pack(32, fd, generation);
+            assert!(narrow <= u64::from(u32::MAX), "fits a 32-bit usize");
+            assert_eq!(unpack(32, narrow), (fd, None));
+            assert_eq!(unpack(64, pack(64, fd, generation)), (fd, Some(generation)));
         }
     }
 
