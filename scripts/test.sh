@@ -25,7 +25,7 @@ step nextest cargo nextest run --no-fail-fast
 step doctest cargo test --doc
 # The library builds on the oldest Rust that Cargo.toml declares (rust-version).
 msrv=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml)
-step msrv cargo "+$msrv" check --lib
+step msrv cargo "+$msrv" check --lib --all-features
 
 if [ "${#failed[@]}" -ne 0 ]; then
     echo "test: FAILED stages: ${failed[*]}"
