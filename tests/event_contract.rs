@@ -33,7 +33,7 @@ use raw::{
     in_forked_child, remove_handle, remove_timeout, update_handle, update_timeout, RawTimer,
     RawWatch, Recorder, ERROR, HANGUP, READABLE, WRITABLE,
 };
-use virt_reactor::{Error, EventLoop, Interest, Readiness, Timer, Watch};
+use virt_reactor::{Error, Interest, Reactor, Readiness, Timer, Watch};
 
 // ---------------------------------------------------------------------------------
 // Helpers
@@ -48,12 +48,12 @@ const PROMPTLY: Duration = Duration::from_secs(2);
 
 /// Registers the loop (once per process: nextest runs each test in its own), silences
 /// libvirt's default error printer and arms a watchdog against deadlocks.
-fn setup() -> EventLoop {
+fn setup() -> Reactor {
     virt::error::clear_error_callback();
     start_watchdog();
-    EventLoop::register().unwrap_or_else(|e| {
+    Reactor::<()>::register().unwrap_or_else(|e| {
         panic!(
-            "EventLoop::register: {e}; each test needs a process of its own: \
+            "Reactor::register: {e}; each test needs a process of its own: \
              run with `cargo nextest run --test event_contract`"
         )
     })
@@ -71,7 +71,7 @@ fn start_watchdog() {
 }
 
 /// Runs loop iterations until `cond` holds (true) or `limit` passes (false).
-fn run_until(ev: &mut EventLoop, limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+fn run_until(ev: &mut Reactor, limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     loop {
         if cond() {
@@ -82,23 +82,23 @@ fn run_until(ev: &mut EventLoop, limit: Duration, mut cond: impl FnMut() -> bool
             return false;
         }
         let step = (deadline - now).min(Duration::from_millis(10));
-        ev.run_once(Some(step)).expect("run_once");
+        ev.run_once(Some(step), &mut ()).expect("run_once");
     }
 }
 
 /// Runs `n` iterations of at most `timeout` each.
-fn run_iterations(ev: &mut EventLoop, n: usize, timeout: Duration) {
+fn run_iterations(ev: &mut Reactor, n: usize, timeout: Duration) {
     for _ in 0..n {
-        ev.run_once(Some(timeout)).expect("run_once");
+        ev.run_once(Some(timeout), &mut ()).expect("run_once");
     }
 }
 
 /// Runs iterations of at most 10 ms for `span` of wall time; returns how many.
-fn run_for(ev: &mut EventLoop, span: Duration) -> usize {
+fn run_for(ev: &mut Reactor, span: Duration) -> usize {
     let end = Instant::now() + span;
     let mut n = 0;
     while Instant::now() < end {
-        ev.run_once(Some(Duration::from_millis(10)))
+        ev.run_once(Some(Duration::from_millis(10)), &mut ())
             .expect("run_once");
         n += 1;
     }
@@ -108,9 +108,9 @@ fn run_for(ev: &mut EventLoop, span: Duration) -> usize {
 /// One `run_once(Some(timeout))` with nothing due must actually sleep: an fd that the
 /// loop should not be polling (disabled, closed) would make it return at once, every
 /// time. This is the "no busy spin" check; it asserts a lower bound only.
-fn assert_iteration_blocks(ev: &mut EventLoop, timeout: Duration, why: &str) {
+fn assert_iteration_blocks(ev: &mut Reactor, timeout: Duration, why: &str) {
     let start = Instant::now();
-    ev.run_once(Some(timeout)).expect("run_once");
+    ev.run_once(Some(timeout), &mut ()).expect("run_once");
     let took = start.elapsed();
     assert!(
         took >= timeout * 3 / 4,
@@ -119,8 +119,8 @@ fn assert_iteration_blocks(ev: &mut EventLoop, timeout: Duration, why: &str) {
 }
 
 /// Everything registered was removed: drain must finish with nothing left.
-fn assert_drains(ev: &mut EventLoop) {
-    let report = ev.drain(Duration::from_secs(5));
+fn assert_drains(ev: &mut Reactor) {
+    let report = ev.shutdown(Duration::from_secs(5), &mut ());
     assert!(report.is_ok(), "drain: {report:?}; left: {:?}", ev.stats());
     assert!(ev.stats().is_idle(), "{:?}", ev.stats());
 }
@@ -224,7 +224,7 @@ fn quiet_deliberate_panics() {
 #[test]
 fn second_register_is_already_registered() {
     let _ev = setup();
-    let second = EventLoop::register();
+    let second = Reactor::<()>::register();
     assert!(
         matches!(second, Err(Error::AlreadyRegistered)),
         "second register: {second:?}"
@@ -244,7 +244,7 @@ fn connect_before_register_is_not_registered() {
         early.as_ref().map(|_| "a connection")
     );
 
-    let mut ev = EventLoop::register().expect("register");
+    let mut ev = Reactor::<()>::register().expect("register");
     let conn = virt_reactor::connect("test:///default").expect("connect after register");
     // virConnectClose. A4: whatever the connection registered is gone once closed.
     drop(conn);
@@ -262,7 +262,7 @@ fn register_after_default_impl_is_foreign_impl_registered() {
         0,
         "virEventRegisterDefaultImpl"
     );
-    let ours = EventLoop::register();
+    let ours = Reactor::<()>::register();
     assert!(
         matches!(ours, Err(Error::ForeignImplRegistered)),
         "register after the default impl: {ours:?}"
@@ -381,7 +381,7 @@ fn new_watch_never_receives_callbacks_meant_for_a_removed_id() {
     let (ours, mut peer) = socketpair();
     peer.write_all(b"x").unwrap();
     let old = RawWatch::recorded(fd_of(&ours), READABLE);
-    ev.run_once(Some(Duration::from_secs(1))).unwrap();
+    ev.run_once(Some(Duration::from_secs(1)), &mut ()).unwrap();
     assert_eq!(old.rec.calls(), 1, "the first watch should have fired once");
     assert_eq!(old.remove(), 0);
 
@@ -467,7 +467,7 @@ fn one_call_per_iteration_with_pending_bits_ored() {
     peer.write_all(b"x").unwrap();
     let w = RawWatch::recorded(fd_of(&ours), READABLE | WRITABLE);
     for i in 1..=3 {
-        ev.run_once(Some(Duration::from_secs(1))).unwrap();
+        ev.run_once(Some(Duration::from_secs(1)), &mut ()).unwrap();
         assert_eq!(w.rec.calls(), i, "calls after {i} iterations");
     }
     assert!(
@@ -491,7 +491,7 @@ fn hangup_is_delivered_to_a_writable_only_watch_when_peer_closes() {
             update_handle(id, 0); // HANGUP is level-triggered too: stop it repeating
         }
     });
-    ev.run_once(Some(Duration::from_millis(100))).unwrap();
+    ev.run_once(Some(Duration::from_millis(100)), &mut ()).unwrap();
     assert_eq!(w.rec.calls(), 0, "fired while neither writable nor hung up");
 
     drop(peer);
@@ -522,7 +522,7 @@ fn hangup_is_delivered_to_a_readable_watch_when_peer_closes() {
             update_handle(id, 0);
         }
     });
-    ev.run_once(Some(Duration::from_millis(100))).unwrap();
+    ev.run_once(Some(Duration::from_millis(100)), &mut ()).unwrap();
     assert_eq!(w.rec.calls(), 0, "fired with nothing to read");
 
     drop(peer);
@@ -555,7 +555,7 @@ fn error_is_delivered_unrequested_when_the_pipe_reader_closes() {
             update_handle(id, 0);
         }
     });
-    ev.run_once(Some(Duration::from_millis(100))).unwrap();
+    ev.run_once(Some(Duration::from_millis(100)), &mut ()).unwrap();
     assert_eq!(w.rec.calls(), 0, "fired on a full pipe");
 
     drop(r);
@@ -674,7 +674,7 @@ fn reenabling_after_zero_delivers_pending_data() {
     assert_eq!(w.rec.calls(), 0, "fired while disabled");
 
     w.update(READABLE);
-    ev.run_once(Some(Duration::from_secs(2))).unwrap();
+    ev.run_once(Some(Duration::from_secs(2)), &mut ()).unwrap();
     assert_eq!(w.rec.calls(), 1, "not delivered on the next iteration");
     assert_eq!(bytes.load(SeqCst), 3);
     assert_eq!(w.remove(), 0);
@@ -691,7 +691,7 @@ fn same_fd_readable_and_writable_watches_get_only_their_bits() {
     let r = RawWatch::recorded(fd_of(&ours), READABLE);
     let w = RawWatch::recorded(fd_of(&ours), WRITABLE);
     for i in 1..=2 {
-        ev.run_once(Some(Duration::from_secs(1))).unwrap();
+        ev.run_once(Some(Duration::from_secs(1)), &mut ()).unwrap();
         assert_eq!((r.rec.calls(), w.rec.calls()), (i, i), "iteration {i}");
     }
     assert!(
@@ -706,7 +706,7 @@ fn same_fd_readable_and_writable_watches_get_only_their_bits() {
     );
 
     assert_eq!(w.remove(), 0);
-    ev.run_once(Some(Duration::from_secs(1))).unwrap();
+    ev.run_once(Some(Duration::from_secs(1)), &mut ()).unwrap();
     assert_eq!(
         (r.rec.calls(), w.rec.calls()),
         (3, 2),
@@ -860,7 +860,7 @@ fn timer_zero_fires_exactly_once_per_iteration() {
     let t = RawTimer::recorded(0);
     let start = Instant::now();
     for i in 1..=100 {
-        ev.run_once(Some(Duration::from_secs(2))).unwrap();
+        ev.run_once(Some(Duration::from_secs(2)), &mut ()).unwrap();
         assert_eq!(t.rec.calls(), i, "fires after {i} iterations");
     }
     // A due 0 ms timer makes the poll return at once: 100 iterations that waited
@@ -877,11 +877,11 @@ fn timer_zero_fires_exactly_once_per_iteration() {
 /// Runs the loop for 1 s with a 50 ms timer and checks its firings: at least a quarter
 /// of the ideal count (a loaded machine), never more than the window allows, none
 /// earlier than 50 ms after the add or the previous firing.
-fn check_50ms_timer_for_a_second(ev: &mut EventLoop, what: &str) {
+fn check_50ms_timer_for_a_second(ev: &mut Reactor, what: &str) {
     let added = Instant::now();
     let t = RawTimer::recorded(50);
     while added.elapsed() < Duration::from_secs(1) {
-        ev.run_once(None).unwrap(); // sleeps until the next timer is due
+        ev.run_once(None, &mut ()).unwrap(); // sleeps until the next timer is due
     }
     let window = added.elapsed();
     let fires: Vec<Instant> = t.rec.history().iter().map(|c| c.at).collect();
@@ -981,7 +981,7 @@ fn timer_updates_itself_from_its_callback() {
     let mut ev = setup();
     // Starts at 0 ms, then re-arms itself for 100 ms on every firing.
     let t = RawTimer::add(0, |id| update_timeout(id, 100));
-    ev.run_once(Some(Duration::from_secs(1))).unwrap();
+    ev.run_once(Some(Duration::from_secs(1)), &mut ()).unwrap();
     assert_eq!(t.rec.calls(), 1);
     let t2 = RawTimer::add(0, |id| update_timeout(id, -1));
     assert!(run_until(&mut ev, PROMPTLY, || t.rec.calls() >= 2));
@@ -1100,7 +1100,7 @@ fn free_never_runs_inside_remove_only_on_the_next_iteration() {
         "free ran inside remove"
     );
     assert_eq!(ev.stats().pending_frees, 2);
-    ev.run_once(Some(Duration::ZERO)).unwrap();
+    ev.run_once(Some(Duration::ZERO), &mut ()).unwrap();
     assert_eq!(
         (w.rec.frees(), t.rec.frees()),
         (1, 1),
@@ -1162,7 +1162,7 @@ fn free_runs_on_the_loop_thread_when_removed_from_another_thread() {
         (0, 0),
         "free ran off the loop"
     );
-    ev.run_once(Some(Duration::from_secs(1))).unwrap();
+    ev.run_once(Some(Duration::from_secs(1)), &mut ()).unwrap();
     for rec in [&w.rec, &t.rec] {
         assert_eq!(rec.frees(), 1);
         assert_eq!(
@@ -1529,7 +1529,7 @@ type MutualVictims = (RawWatch, RawWatch, Arc<Mutex<Vec<i32>>>, [UnixStream; 2])
 
 /// Registers two ready watches whose callbacks each apply `action` (remove, disable)
 /// to the other, and runs one iteration.
-fn one_iteration_with_mutual_victims(ev: &mut EventLoop, action: fn(i32) -> i32) -> MutualVictims {
+fn one_iteration_with_mutual_victims(ev: &mut Reactor, action: fn(i32) -> i32) -> MutualVictims {
     let (a, mut a_peer) = socketpair();
     let (b, mut b_peer) = socketpair();
     let victims = [id_cell(), id_cell()];
@@ -1552,7 +1552,7 @@ fn one_iteration_with_mutual_victims(ev: &mut EventLoop, action: fn(i32) -> i32)
     a_peer.write_all(b"x").unwrap();
     b_peer.write_all(b"x").unwrap();
     // Both fds are ready before the poll: one batch holds both.
-    ev.run_once(Some(Duration::from_secs(1))).unwrap();
+    ev.run_once(Some(Duration::from_secs(1)), &mut ()).unwrap();
     (wa, wb, rcs, [a_peer, b_peer])
 }
 
@@ -1626,7 +1626,7 @@ fn timer_removed_by_an_earlier_timer_of_the_batch_does_not_fire() {
     let tb = make(victims[1].clone());
     victims[0].store(tb.id, SeqCst);
     victims[1].store(ta.id, SeqCst);
-    ev.run_once(Some(Duration::from_secs(1))).unwrap();
+    ev.run_once(Some(Duration::from_secs(1)), &mut ()).unwrap();
     let (ca, cb) = (ta.rec.calls(), tb.rec.calls());
     assert_eq!(ca + cb, 1, "both fired (a: {ca}, b: {cb})");
     let (survivor, removed) = if ca == 1 { (ta, tb) } else { (tb, ta) };
@@ -1649,7 +1649,7 @@ fn timer_removed_by_an_earlier_timer_of_the_batch_does_not_fire() {
 /// The 100 ms head start only makes it likely that the change lands while the loop
 /// sleeps in the poll (the case under test); landing earlier is just as correct.
 fn change_while_sleeping(
-    ev: &mut EventLoop,
+    ev: &mut Reactor,
     change: impl FnOnce() + Send + 'static,
     mut done: impl FnMut() -> bool,
 ) -> Duration {
@@ -1664,7 +1664,7 @@ fn change_while_sleeping(
     };
     let start = Instant::now();
     for _ in 0..3 {
-        ev.run_once(Some(Duration::from_secs(10))).unwrap();
+        ev.run_once(Some(Duration::from_secs(10)), &mut ()).unwrap();
         if done() {
             break;
         }
@@ -1732,7 +1732,7 @@ fn watch_added_or_enabled_from_another_thread_fires_while_the_loop_sleeps() {
     assert!(lag < PROMPTLY, "added watch fired {lag:?} after the add");
     let w = slot.lock().unwrap().take().unwrap();
     w.update(0);
-    ev.run_once(Some(Duration::ZERO)).unwrap();
+    ev.run_once(Some(Duration::ZERO), &mut ()).unwrap();
     let calls = w.rec.calls();
 
     let lag = {
@@ -1832,10 +1832,10 @@ fn ten_thousand_add_update_remove_cycles_from_another_thread() {
         })
     };
     while !done.load(SeqCst) {
-        ev.run_once(Some(Duration::from_millis(10))).unwrap();
+        ev.run_once(Some(Duration::from_millis(10)), &mut ()).unwrap();
     }
     let all = worker.join().unwrap();
-    let report = ev.drain(Duration::from_secs(10));
+    let report = ev.shutdown(Duration::from_secs(10), &mut ());
     assert!(report.is_ok(), "drain: {report:?}, {:?}", ev.stats());
     assert!(ev.stats().is_idle(), "{:?}", ev.stats());
     assert_eq!(all.len(), 2 * CYCLES);
@@ -1928,7 +1928,7 @@ fn run_returns_after_stop_from_another_thread() {
         handle.stop();
         stop_called
     });
-    ev.run().expect("run");
+    ev.run(&mut ()).expect("run");
     let returned = Instant::now();
     let stopped = stopper.join().unwrap();
     assert!(returned >= stopped, "run returned before stop");
@@ -1957,7 +1957,7 @@ fn run_returns_after_stop_from_inside_a_callback() {
             }
         })
     };
-    ev.run().expect("run");
+    ev.run(&mut ()).expect("run");
     assert_eq!(stop_at_third.rec.calls(), 3, "run went on after stop");
     assert_eq!(stop_at_third.remove(), 0);
     assert_eq!(t.remove(), 0);
@@ -1965,7 +1965,7 @@ fn run_returns_after_stop_from_inside_a_callback() {
     let (ours, mut peer) = socketpair();
     peer.write_all(b"x").unwrap();
     let w = RawWatch::add(fd_of(&ours), READABLE, move |_, _, _| handle.stop());
-    ev.run().expect("second run");
+    ev.run(&mut ()).expect("second run");
     assert_eq!(
         w.rec.calls(),
         1,
@@ -1988,7 +1988,7 @@ fn stop_in_a_panicking_iteration_does_not_stop_the_next_run() {
     })
     .expect("Timer::add");
     assert!(
-        matches!(ev.run(), Err(Error::CallbackPanicked { .. })),
+        matches!(ev.run(&mut ()), Err(Error::CallbackPanicked { .. })),
         "first run"
     );
     drop(panicking);
@@ -2000,7 +2000,7 @@ fn stop_in_a_panicking_iteration_does_not_stop_the_next_run() {
         thread::sleep(stop_at.saturating_duration_since(Instant::now()));
         handle.stop();
     });
-    ev.run().expect("second run");
+    ev.run(&mut ()).expect("second run");
     let returned = Instant::now();
     stopper.join().unwrap();
     assert!(
@@ -2014,7 +2014,7 @@ fn stop_in_a_panicking_iteration_does_not_stop_the_next_run() {
 }
 
 /// An embedder's own `mio::Poll` with the loop registered on it under `token`.
-fn embed(ev: &mut EventLoop, token: mio::Token) -> (mio::Poll, mio::Events) {
+fn embed(ev: &mut Reactor, token: mio::Token) -> (mio::Poll, mio::Events) {
     let poll = mio::Poll::new().unwrap();
     poll.registry()
         .register(ev, token, mio::Interest::READABLE)
@@ -2061,7 +2061,7 @@ fn embedded_in_own_mio_poll_token_fires_and_dispatch_runs_callbacks() {
     );
     for delivered in 1..=10 {
         let before = w.rec.calls();
-        ev.dispatch().unwrap();
+        ev.dispatch(&mut ()).unwrap();
         assert_eq!(w.rec.calls(), before + 1, "dispatch {delivered}");
         assert_eq!(bytes.load(SeqCst), delivered);
         assert_eq!(
@@ -2073,7 +2073,7 @@ fn embedded_in_own_mio_poll_token_fires_and_dispatch_runs_callbacks() {
         poll.poll(&mut events, ev.next_timeout()).unwrap();
     }
     // Drained: the next dispatch calls nothing, and then the embedder may sleep.
-    ev.dispatch().unwrap();
+    ev.dispatch(&mut ()).unwrap();
     assert_eq!(w.rec.calls(), 10, "called with nothing to read");
     assert_eq!(ev.next_timeout(), None, "nothing is left to do");
     poll.poll(&mut events, Some(Duration::from_millis(100)))
@@ -2083,7 +2083,7 @@ fn embedded_in_own_mio_poll_token_fires_and_dispatch_runs_callbacks() {
         "token with everything read"
     );
     assert_eq!(w.remove(), 0);
-    ev.dispatch().unwrap(); // runs the free callback
+    ev.dispatch(&mut ()).unwrap(); // runs the free callback
     assert_eq!(w.rec.frees(), 1);
     poll.registry().deregister(&mut ev).unwrap();
     assert_drains(&mut ev);
@@ -2117,7 +2117,7 @@ fn embedded_outer_poll_is_woken_by_a_timer_added_from_another_thread() {
         woke - start
     );
     assert!(woke.saturating_duration_since(added) < PROMPTLY);
-    ev.dispatch().unwrap();
+    ev.dispatch(&mut ()).unwrap();
     assert_eq!(t.rec.calls(), 1, "dispatch fires the new 0 ms timer");
     assert_eq!(t.remove(), 0);
     poll.registry().deregister(&mut ev).unwrap();
@@ -2153,7 +2153,7 @@ fn next_timeout_reflects_armed_timers_and_zero_timers() {
         Some(Duration::ZERO),
         "a free callback is pending"
     );
-    ev.dispatch().unwrap();
+    ev.dispatch(&mut ()).unwrap();
     assert_eq!(zero.rec.frees(), 1);
     let next = ev.next_timeout().expect("the 500 ms timer");
     assert!(next <= Duration::from_millis(500), "{next:?}");
@@ -2164,7 +2164,7 @@ fn next_timeout_reflects_armed_timers_and_zero_timers() {
     let start = Instant::now();
     while slow.rec.calls() == 0 && start.elapsed() < Duration::from_secs(5) {
         poll.poll(&mut events, ev.next_timeout()).unwrap();
-        ev.dispatch().unwrap();
+        ev.dispatch(&mut ()).unwrap();
     }
     assert_eq!(slow.rec.calls(), 1);
     assert!(start.elapsed() < Duration::from_secs(5));
@@ -2208,7 +2208,7 @@ fn drain_reports_removals_and_runs_all_frees() {
             (w.remove(), t.remove())
         })
     };
-    let report = ev.drain(Duration::from_secs(5)).expect("drain");
+    let report = ev.shutdown(Duration::from_secs(5), &mut ()).expect("drain");
     assert_eq!(remover.join().unwrap(), (0, 0));
     assert_eq!(report.handles_removed, 2, "{report:?}");
     assert_eq!(report.timers_removed, 2, "{report:?}");
@@ -2235,7 +2235,7 @@ fn drain_with_a_registration_left_times_out_with_counts() {
     let w = RawWatch::recorded(fd_of(&ours), READABLE);
     let t = RawTimer::recorded(-1);
     let start = Instant::now();
-    let result = ev.drain(Duration::from_millis(300));
+    let result = ev.shutdown(Duration::from_millis(300), &mut ());
     let took = start.elapsed();
     match result {
         Err(Error::DrainTimedOut {
@@ -2249,7 +2249,7 @@ fn drain_with_a_registration_left_times_out_with_counts() {
     assert!(took < Duration::from_secs(5), "gave up after {took:?}");
     assert_eq!(w.remove(), 0);
     assert_eq!(t.remove(), 0);
-    let report = ev.drain(Duration::from_secs(5)).expect("drain");
+    let report = ev.shutdown(Duration::from_secs(5), &mut ()).expect("drain");
     assert_eq!(
         (
             report.handles_removed,
@@ -2295,7 +2295,7 @@ fn panicking_watch_closure_is_reported_and_the_loop_stays_usable() {
     peer.write_all(b"x").unwrap();
     other_peer.write_all(b"y").unwrap();
 
-    match ev.run_once(Some(Duration::from_secs(1))) {
+    match ev.run_once(Some(Duration::from_secs(1)), &mut ()) {
         Err(Error::CallbackPanicked { origin, message }) => {
             assert!(
                 message.contains("deliberate watch panic"),
@@ -2312,7 +2312,7 @@ fn panicking_watch_closure_is_reported_and_the_loop_stays_usable() {
         "the rest of the batch was not dispatched"
     );
 
-    ev.run_once(Some(Duration::from_secs(1)))
+    ev.run_once(Some(Duration::from_secs(1)), &mut ())
         .expect("the next run_once works");
     assert_eq!(calls.load(SeqCst), 2, "the panicked watch was not re-armed");
     assert_eq!(other.rec.calls(), 2, "other watches fire");
@@ -2337,7 +2337,7 @@ fn panicking_timer_closure_is_reported_and_the_loop_stays_usable() {
         .expect("Timer::add")
     };
     let other = RawTimer::recorded(0);
-    match ev.run_once(Some(Duration::from_secs(1))) {
+    match ev.run_once(Some(Duration::from_secs(1)), &mut ()) {
         Err(Error::CallbackPanicked { message, .. }) => {
             assert!(
                 message.contains("deliberate timer panic"),
@@ -2352,7 +2352,7 @@ fn panicking_timer_closure_is_reported_and_the_loop_stays_usable() {
         "the other timer of the batch did not fire"
     );
     for i in 2..=4 {
-        ev.run_once(Some(Duration::from_secs(1)))
+        ev.run_once(Some(Duration::from_secs(1)), &mut ())
             .expect("the loop stays usable");
         assert_eq!(calls.load(SeqCst), i, "the timer fires on");
         assert_eq!(other.rec.calls(), i);
@@ -2380,13 +2380,13 @@ fn embedded_timer_fires_when_dispatch_follows_every_poll() {
             timer.rec.calls()
         );
         poll.poll(&mut events, ev.next_timeout()).unwrap();
-        ev.dispatch().unwrap();
+        ev.dispatch(&mut ()).unwrap();
         polls += 1;
     }
     // About one poll per firing; a spinning loop would poll thousands of times.
     assert!(polls <= 20, "{polls} polls for 5 firings of a 20 ms timer");
     assert_eq!(timer.remove(), 0);
-    ev.dispatch().unwrap();
+    ev.dispatch(&mut ()).unwrap();
     poll.registry().deregister(&mut ev).unwrap();
     assert_drains(&mut ev);
 }
@@ -2396,12 +2396,12 @@ fn embedded_timer_fires_when_dispatch_follows_every_poll() {
 #[test]
 fn loop_refuses_to_run_in_a_forked_child() {
     let mut ev = setup();
-    let status = in_forked_child(|| match ev.run_once(Some(Duration::ZERO)) {
+    let status = in_forked_child(|| match ev.run_once(Some(Duration::ZERO), &mut ()) {
         Err(Error::WrongProcess) => 0,
         _ => 1,
     });
     assert_eq!(status, 0, "the child's run_once was not refused");
-    ev.run_once(Some(Duration::ZERO))
+    ev.run_once(Some(Duration::ZERO), &mut ())
         .expect("the parent's loop still runs");
     assert_drains(&mut ev);
 }
@@ -2411,7 +2411,7 @@ fn loop_refuses_to_run_in_a_forked_child() {
 /// however fast the loop turns.
 #[test]
 fn a_sub_millisecond_timer_rounds_up_instead_of_firing_every_iteration() {
-    let mut event_loop = setup();
+    let mut ev = setup();
     let fired = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&fired);
     let timer = Timer::add(Some(Duration::from_micros(500)), move |_| {
@@ -2421,7 +2421,7 @@ fn a_sub_millisecond_timer_rounds_up_instead_of_firing_every_iteration() {
     let started = Instant::now();
     let iterations = 2000;
     for _ in 0..iterations {
-        event_loop.run_once(Some(Duration::ZERO)).expect("run_once");
+        ev.run_once(Some(Duration::ZERO), &mut ()).expect("run_once");
     }
     let elapsed_ms = started.elapsed().as_millis() as usize;
     let fired = fired.load(SeqCst);
