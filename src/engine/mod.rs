@@ -89,11 +89,9 @@ impl LoopStats {
     }
 }
 
-/// Installs the singleton. Fails if one exists.
-/// Makes the engine for the life of the process (libvirt keeps its registration
-/// that long).
-pub(crate) fn install(registry: Registry, waker: Waker) -> &'static Engine {
-    Box::leak(Box::new(Engine {
+/// Makes an engine; registration keeps it for the life of the process.
+pub(crate) fn new(registry: Registry, waker: Waker) -> Box<Engine> {
+    Box::new(Engine {
         state: Mutex::new(State::default()),
         registry,
         waker,
@@ -103,7 +101,7 @@ pub(crate) fn install(registry: Registry, waker: Waker) -> &'static Engine {
         panicked: AtomicBool::new(false),
         loop_thread: Mutex::new(None),
         pid: std::process::id(),
-    }))
+    })
 }
 
 impl EventImpl for Engine {

@@ -70,8 +70,7 @@ impl EventLoop {
     pub(crate) fn register() -> Result<EventLoop> {
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKE_TOKEN)?;
-        let engine = engine::install(poll.registry().try_clone()?, waker);
-        event_impl::register(engine)?;
+        let engine = event_impl::register(engine::new(poll.registry().try_clone()?, waker))?;
         log::debug!("virt-reactor registered as libvirt's event implementation");
         Ok(EventLoop {
             poll,

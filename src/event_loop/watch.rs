@@ -115,7 +115,6 @@ impl Drop for Timer {
     }
 }
 
-/// libvirt's frequency: milliseconds, or -1 for "disabled".
 /// libvirt's timer frequency: whole milliseconds, rounded up as mio rounds poll
 /// timeouts (0 means every iteration, so 500 µs must not become 0); -1 disabled.
 fn frequency(period: Option<Duration>) -> i32 {

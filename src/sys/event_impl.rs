@@ -83,18 +83,21 @@ fn install(implementation: Option<&'static dyn EventImpl>) {
     *lock(&REGISTRY.implementation) = implementation;
 }
 
-/// Registers `implementation` with `virEventRegisterImpl`, once per process.
+/// Registers `implementation` with `virEventRegisterImpl`, once per process, and
+/// keeps it for the life of the process (libvirt keeps its registration that long).
 ///
 /// libvirt ignores a second registration with only a warning, so a probe timer
-/// checks that libvirt calls our functions; if it does not, nothing stays
-/// installed and the error says why (every retry says the same).
-pub(crate) fn register(implementation: &'static dyn EventImpl) -> Result<()> {
+/// checks that libvirt calls our functions; if it does not, nothing stays installed
+/// (`implementation` is dropped) and the error says why: every retry says the same.
+pub(crate) fn register<T: EventImpl + 'static>(implementation: Box<T>) -> Result<&'static T> {
+    let mut kept = None;
     claim(Registered::Ours, || {
         // SAFETY: plain call; libvirt's global initialisation, idempotent.
         if unsafe { sys::virInitialize() } < 0 {
             return Err(Error::last_libvirt());
         }
-        install(Some(implementation));
+        let leaked: &'static T = Box::leak(implementation);
+        install(Some(leaked));
         // SAFETY: the six functions match libvirt's typedefs and stay valid for the
         // life of the process.
         unsafe {
@@ -114,12 +117,21 @@ pub(crate) fn register(implementation: &'static dyn EventImpl) -> Result<()> {
             // SAFETY: plain integer argument.
             unsafe { sys::virEventRemoveTimeout(probe) };
         }
-        if probe <= 0 || REGISTRY.timeouts_added.load(Ordering::SeqCst) == before {
+        let reached_us = REGISTRY.timeouts_added.load(Ordering::SeqCst) != before;
+        if probe <= 0 || !reached_us {
             install(None);
+            if !reached_us {
+                // SAFETY: libvirt never called our functions, and `install(None)`
+                // took the only other reference away under the registration lock:
+                // nothing can use the leaked box any more, so it is reclaimed.
+                drop(unsafe { Box::from_raw(std::ptr::from_ref(leaked).cast_mut()) });
+            }
             return Err(Error::ForeignImplRegistered);
         }
+        kept = Some(leaked);
         Ok(())
-    })
+    })?;
+    Ok(kept.expect("set when the registration succeeded"))
 }
 
 /// Registers libvirt's default loop (`virEventRegisterDefaultImpl`), under the same
