@@ -249,6 +249,8 @@ pub struct Reactor<S: 'static = ()> {
     subscriptions: FxHashMap<u64, Subscription<S>>,
     next_subscription: u64,
     lifecycle_slots: FxHashMap<usize, Slots>,
+    /// Deregistrations running on worker threads, each holding its connection.
+    deregistering: usize,
     /// The first panic of the iteration under way.
     panicked: Option<Error>,
 }
@@ -313,6 +315,7 @@ impl<S: 'static> Reactor<S> {
             subscriptions: FxHashMap::default(),
             next_subscription: 0,
             lifecycle_slots: FxHashMap::default(),
+            deregistering: 0,
             panicked: None,
         }
     }
@@ -538,6 +541,7 @@ impl<S: 'static> Reactor<S> {
             return deregistered;
         }
         let inbox = Arc::clone(&self.inbox);
+        self.deregistering += 1;
         std::thread::Builder::new()
             .name("virt-reactor-unsubscribe".into())
             .spawn(move || {
@@ -550,7 +554,10 @@ impl<S: 'static> Reactor<S> {
                 drop(conn);
             })
             .map(drop)
-            .map_err(Error::Io)
+            .map_err(|e| {
+                self.deregistering -= 1;
+                Error::Io(e)
+            })
     }
 
     fn release_slot(&mut self, key: usize, slot: usize) {
@@ -650,16 +657,17 @@ impl<S: 'static> Reactor<S> {
         self.driver.next_timeout()
     }
 
-    /// Aborts every stream (handlers see [`StreamEnd::Aborted`]), waits for the
-    /// aborts that run on sender threads, then runs the loop until libvirt has
-    /// removed every watch and timer it registered and every free callback has run.
+    /// Aborts every stream (handlers see [`StreamEnd::Aborted`]) and ends every
+    /// lifecycle subscription, waits for the aborts and deregistrations that run on
+    /// worker threads, then runs the loop until libvirt has removed every watch and
+    /// timer it registered and every free callback has run.
     /// Close connections (and drop what holds them) before calling it: libvirt
     /// removes a connection's watches only when its last reference goes.
     ///
     /// # Errors
     ///
-    /// [`Error::TimedOut`] when a daemon did not answer an abort in time (its sender
-    /// thread carries on alone); [`Error::DrainTimedOut`] with what is left; or an
+    /// [`Error::TimedOut`] when a daemon did not answer an abort or a deregistration
+    /// in time (its thread carries on alone); [`Error::DrainTimedOut`] with what is left; or an
     /// error of [`run_once`](Self::run_once).
     pub fn shutdown(&mut self, timeout: Duration, state: &mut S) -> Result<DrainReport> {
         let deadline = Instant::now() + timeout;
@@ -667,22 +675,26 @@ impl<S: 'static> Reactor<S> {
         for token in tokens {
             self.apply(token, Flow::Abort, state);
         }
-        while !self.ending.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                log::warn!(
-                    "shutdown: {} stream(s) still waiting for their daemon",
-                    self.ending.len()
-                );
-                return Err(Error::TimedOut);
-            }
-            self.run_once(Some(left.min(Duration::from_millis(50))), state)?;
-        }
         let subscriptions: Vec<u64> = self.subscriptions.keys().copied().collect();
         for id in subscriptions {
             if let Err(e) = self.unsubscribe(SubscriptionId(id)) {
                 log::warn!("shutdown: {e}");
             }
+        }
+        // Aborts on lanes and remote deregistrations hold their connections until
+        // the daemon has answered.
+        while !self.ending.is_empty() || self.deregistering > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::warn!(
+                    "shutdown: {} stream(s) and {} subscription(s) still waiting for \
+                     their daemon",
+                    self.ending.len(),
+                    self.deregistering
+                );
+                return Err(Error::TimedOut);
+            }
+            self.run_once(Some(left.min(Duration::from_millis(50))), state)?;
         }
         self.driver
             .drain(deadline.saturating_duration_since(Instant::now()))
@@ -809,6 +821,7 @@ impl<S: 'static> Reactor<S> {
             self.deliver_lifecycle(id, &event, state);
         }
         for (connection, slot) in news.released.drain(..) {
+            self.deregistering -= 1;
             self.release_slot(connection, slot);
         }
         for panic in news.panics.drain(..) {
