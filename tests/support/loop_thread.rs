@@ -106,6 +106,7 @@ impl LoopThread {
             .expect("the loop stops when asked");
     }
 
+    /// Runs the loop again after [`pause`](Self::pause).
     pub fn resume(&self) {
         self.resume.send(()).expect("the loop thread is waiting");
     }
