@@ -14,9 +14,9 @@
 //! else there (a file, a directory, a live socket) is an error and left alone. At
 //! exit the socket goes, if it is still the one this run made.
 //!
-//! The embedding pattern is three calls: register the `EventLoop` on the daemon's
-//! registry, `next_timeout()` to cap the daemon's poll timeout, and `dispatch()`
-//! after every poll.
+//! The embedding pattern is three calls: register the `Reactor` on the daemon's
+//! registry, `next_timeout()` to cap the daemon's poll timeout, and
+//! `dispatch(&mut state)` after every poll.
 
 use std::collections::HashMap;
 use std::fs;
@@ -31,8 +31,7 @@ use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token};
 use virt::connect::Connect;
 use virt::domain::Domain;
-use virt_reactor::connection_events::{DomainEventSubscription, LifecycleEvent};
-use virt_reactor::EventLoop;
+use virt_reactor::{LifecycleEvent, Reactor};
 
 const LIBVIRT: Token = Token(0);
 const LISTENER: Token = Token(1);
@@ -72,7 +71,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut events = Events::with_capacity(256);
 
     // libvirt's loop is one more source on our poll.
-    let mut libvirt = EventLoop::register()?;
+    let mut libvirt = Reactor::register()?;
     poll.registry()
         .register(&mut libvirt, LIBVIRT, Interest::READABLE)?;
 
@@ -82,11 +81,12 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     println!("listening on {}", args.socket.display());
 
     let conn = virt_reactor::connect(args.uri.as_deref().unwrap_or("test:///default"))?;
-    // The subscription's closure runs inside dispatch(); it hands lines over a channel.
-    let (lines_tx, lines) = crossbeam_channel::unbounded::<String>();
-    let subscription = DomainEventSubscription::lifecycle(&conn, move |event: LifecycleEvent| {
-        let _ = lines_tx.send(format!("{event}\n"));
-    })?;
+    // The subscription's handler runs inside dispatch(); it queues lines in the state.
+    let mut lines: Vec<String> = Vec::new();
+    let subscription =
+        libvirt.subscribe_lifecycle(&conn, |lines: &mut Vec<String>, event: &LifecycleEvent| {
+            lines.push(format!("{event}\n"));
+        })?;
 
     let mut clients: HashMap<Token, UnixStream> = HashMap::new();
     let mut next_client = FIRST_CLIENT;
@@ -101,7 +101,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         poll.poll(&mut events, timeout)?;
         // After every poll, not only when LIBVIRT fired: a due libvirt timer makes no
         // fd readable, it only ends the poll's timeout.
-        libvirt.dispatch()?;
+        libvirt.dispatch(&mut lines)?;
         for event in events.iter() {
             match event.token() {
                 LIBVIRT => {} // dispatched above
@@ -133,7 +133,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 steps += 1;
             }
         }
-        for line in lines.try_iter() {
+        for line in lines.drain(..) {
             print!("{line}");
             // A client that cannot take a line now is dropped rather than allowed to
             // block the thread that also runs libvirt.
@@ -141,10 +141,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
 
-    drop(subscription);
+    libvirt.unsubscribe(subscription)?;
     drop(demo);
     drop(conn);
-    let report = libvirt.drain(Duration::from_secs(5))?;
+    let report = libvirt.shutdown(Duration::from_secs(5), &mut lines)?;
     println!("drained: {report:?}");
     Ok(())
 }

@@ -19,10 +19,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use virt_reactor::connection_events::{
-    CloseReason, CloseWatch, DomainEventSubscription, LifecycleEvent, LifecycleKind,
+use virt::connect::Connect;
+use virt_reactor::{
+    CloseReason, CloseWatch, DrainReport, LifecycleEvent, LifecycleKind, Reactor, ReactorHandle,
+    SubscriptionId,
 };
-use virt_reactor::{DrainReport, EventLoop};
 
 /// The scripted demo's domain, on `test:///default`.
 const DEMO_DOMAIN: &str = "test-demo";
@@ -80,20 +81,20 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<()> {
-    let mut event_loop = EventLoop::register().context("registering the event loop")?;
-    let stopper = event_loop.handle();
+    let mut reactor = Reactor::register().context("registering the event loop")?;
+    let handle = reactor.handle();
     let runner = thread::spawn(move || -> virt_reactor::Result<DrainReport> {
-        event_loop.run()?;
-        event_loop.drain(DRAIN_TIMEOUT)
+        reactor.run(&mut ())?;
+        reactor.shutdown(DRAIN_TIMEOUT, &mut ())
     });
 
     // Both return only after deregistering and closing their connection.
     let watched = match &args.uri {
-        None => demo(Duration::from_secs(args.timeout)),
-        Some(uri) => watch(uri),
+        None => demo(&handle, Duration::from_secs(args.timeout)),
+        Some(uri) => watch(&handle, uri),
     };
 
-    stopper.stop();
+    handle.stop();
     let drained = runner
         .join()
         .map_err(|_| "the event loop thread panicked".to_owned())?
@@ -107,16 +108,45 @@ fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Runs `f` with the reactor on the loop thread, and returns what it returned.
+fn on_loop<T: Send + 'static>(
+    handle: &ReactorHandle<()>,
+    f: impl FnOnce(&mut Reactor) -> virt_reactor::Result<T> + Send + 'static,
+) -> virt_reactor::Result<T> {
+    let (tx, rx) = mpsc::channel();
+    handle.execute(move |reactor, _| {
+        let _ = tx.send(f(reactor));
+    })?;
+    rx.recv().map_err(|_| virt_reactor::Error::ReactorGone)?
+}
+
+/// Subscribes `handler` to the lifecycle events of `conn`, on the loop thread.
+fn subscribe(
+    handle: &ReactorHandle<()>,
+    conn: &Connect,
+    handler: impl FnMut(&mut (), &LifecycleEvent) + Send + 'static,
+) -> Result<SubscriptionId> {
+    let conn = conn.clone();
+    on_loop(handle, move |reactor| {
+        reactor.subscribe_lifecycle(&conn, handler)
+    })
+    .context("subscribing to lifecycle events")
+}
+
+fn unsubscribe(handle: &ReactorHandle<()>, id: SubscriptionId) -> Result<()> {
+    on_loop(handle, move |reactor| reactor.unsubscribe(id))
+        .context("deregistering the subscription")
+}
+
 /// Drives a scripted lifecycle on the test driver and waits for all its events.
-fn demo(timeout: Duration) -> Result<()> {
+fn demo(handle: &ReactorHandle<()>, timeout: Duration) -> Result<()> {
     let conn = virt_reactor::connect("test:///default").context("opening test:///default")?;
     let (tx, rx) = mpsc::channel();
-    let subscription = DomainEventSubscription::lifecycle(&conn, move |event| {
+    let subscription = subscribe(handle, &conn, move |_, event| {
         println!("{event}");
         // The receiver is gone only once the demo has what it waited for.
-        let _ = tx.send(event);
-    })
-    .context("subscribing to lifecycle events")?;
+        let _ = tx.send(event.clone());
+    })?;
 
     let domain = conn
         .define_domain_xml(DEMO_XML)
@@ -134,9 +164,7 @@ fn demo(timeout: Duration) -> Result<()> {
         .context(format!("undefining {DEMO_DOMAIN}"))?;
     wait_for_demo_events(&rx, timeout)?;
 
-    subscription
-        .cancel()
-        .context("deregistering the subscription")?;
+    unsubscribe(handle, subscription)?;
     drop(domain);
     drop(conn);
     Ok(())
@@ -170,7 +198,7 @@ enum Stop {
 }
 
 /// Prints the events of `uri` until Ctrl-C or until the connection closes.
-fn watch(uri: &str) -> Result<()> {
+fn watch(handle: &ReactorHandle<()>, uri: &str) -> Result<()> {
     let (tx, rx) = mpsc::channel();
     let interrupted = tx.clone();
     ctrlc::set_handler(move || {
@@ -183,16 +211,13 @@ fn watch(uri: &str) -> Result<()> {
         let _ = tx.send(Stop::Closed(reason));
     })
     .context("watching the connection")?;
-    let subscription = DomainEventSubscription::lifecycle(&conn, |event| println!("{event}"))
-        .context("subscribing to lifecycle events")?;
+    let subscription = subscribe(handle, &conn, |_, event| println!("{event}"))?;
     println!("watching {uri}; press Ctrl-C to stop");
 
     match rx.recv() {
         Ok(Stop::Interrupted) => {
             println!("interrupted, shutting down");
-            subscription
-                .cancel()
-                .context("deregistering the subscription")?;
+            unsubscribe(handle, subscription)?;
             close_watch
                 .cancel()
                 .context("unregistering the close callback")?;
@@ -200,8 +225,8 @@ fn watch(uri: &str) -> Result<()> {
             Ok(())
         }
         Ok(Stop::Closed(reason)) => {
-            // Deregistering may fail now that the daemon is gone; dropping logs it.
-            drop(subscription);
+            // Deregistering may fail now that the daemon is gone; the loop's shutdown
+            // logs it.
             drop(close_watch);
             drop(conn);
             Err(format!("the connection to {uri} closed: {reason}"))

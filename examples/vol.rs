@@ -19,18 +19,16 @@
 //! 2 bad arguments or no connection, nothing transferred; 3 an upload failed part
 //! way, so its volume is partly written (the summary names each such volume).
 
-use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::rc::Rc;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use virt_reactor::transfer::TransferStats;
-use virt_reactor::volume::{self, Callbacks, VolumeRange};
+use virt_reactor::volume::{self, VolumeRange};
 use virt_reactor::Reactor;
 
 #[derive(Parser)]
@@ -78,8 +76,17 @@ enum Outcome {
     },
 }
 
-/// How each transfer ended, by its index.
-type Outcomes = Rc<RefCell<Vec<Option<Outcome>>>>;
+/// One transfer, as the reactor's state holds it.
+#[derive(Default)]
+struct Progress {
+    /// The position of the last progress call: the end of a failure has none.
+    sent: u64,
+    /// How it ended; `None` while it runs.
+    outcome: Option<Outcome>,
+}
+
+/// The reactor's state: each transfer by its index.
+type Transfers = Vec<Progress>;
 
 /// Exit codes besides 0.
 const SOME_FAILED: u8 = 1;
@@ -169,12 +176,12 @@ fn run(args: &Args) -> virt_reactor::Result<u8> {
     };
     let bars = MultiProgress::new();
     let total = bars.add(bar("total"));
-    let outcomes: Outcomes = Rc::default();
+    let mut transfers = Transfers::new();
     let started = Instant::now();
 
     for (index, pair) in args.pairs.chunks(2).enumerate() {
         let (name, file) = (&pair[0], PathBuf::from(&pair[1]));
-        outcomes.borrow_mut().push(None);
+        transfers.push(Progress::default());
         let bar = bars.add(bar(name));
         let started = pool
             .lookup_storage_vol_by_name(name)
@@ -191,15 +198,19 @@ fn run(args: &Args) -> virt_reactor::Result<u8> {
                 };
                 bar.set_length(size);
                 total.inc_length(size);
-                let callbacks = callbacks(index, &bar, &total, &outcomes);
-                match args.direction {
-                    Direction::Download => {
-                        volume::download(&mut reactor, &conn, &vol, &file, range, callbacks)
-                    }
-                    Direction::Upload => {
-                        volume::upload(&mut reactor, &conn, &vol, &file, range, callbacks)
-                    }
-                }
+                let start = match args.direction {
+                    Direction::Download => volume::download,
+                    Direction::Upload => volume::upload,
+                };
+                let on_progress = on_progress(index, &bar, &total);
+                start(
+                    &mut reactor,
+                    &vol,
+                    &file,
+                    range,
+                    on_progress,
+                    on_end(index, &bar),
+                )
             });
         if let Err(e) = started {
             let hint = match e {
@@ -209,22 +220,24 @@ fn run(args: &Args) -> virt_reactor::Result<u8> {
                 _ => "",
             };
             bar.abandon_with_message(format!("failed: {e}"));
-            outcomes.borrow_mut()[index] = Some(Outcome::Failed {
+            transfers[index].outcome = Some(Outcome::Failed {
                 error: format!("{e}{hint}"),
                 sent: 0,
             });
         }
     }
 
-    reactor.run_while(|r| !r.is_empty())?;
+    while !reactor.is_empty() {
+        reactor.run_once(None, &mut transfers)?;
+    }
     total.finish();
     let elapsed = started.elapsed().as_secs_f64();
 
     let mut code = 0;
     let mut bytes = 0;
     let mut partly_written = Vec::new();
-    for (pair, outcome) in args.pairs.chunks(2).zip(outcomes.borrow().iter()) {
-        match outcome {
+    for (pair, transfer) in args.pairs.chunks(2).zip(&transfers) {
+        match &transfer.outcome {
             Some(Outcome::Done(stats)) => {
                 bytes += stats.position();
                 println!(
@@ -268,7 +281,7 @@ fn run(args: &Args) -> virt_reactor::Result<u8> {
     }
     drop(pool);
     drop(conn);
-    if let Err(e) = reactor.shutdown(std::time::Duration::from_secs(5)) {
+    if let Err(e) = reactor.shutdown(std::time::Duration::from_secs(5), &mut transfers) {
         // The transfers are settled and reported; their code says more than this.
         eprintln!("vol: shutting down: {e}");
         code = code.max(SOME_FAILED);
@@ -276,37 +289,40 @@ fn run(args: &Args) -> virt_reactor::Result<u8> {
     Ok(code)
 }
 
-fn callbacks(
+/// Moves transfer `index`'s bar and the total along.
+fn on_progress(
     index: usize,
     bar: &ProgressBar,
     total: &ProgressBar,
-    outcomes: &Outcomes,
-) -> Callbacks {
-    let (bar, total, done_bar) = (bar.clone(), total.clone(), bar.clone());
-    let outcomes = Rc::clone(outcomes);
-    // The position of the last progress call: the `done` of a failure has none.
-    let sent = Rc::new(Cell::new(0));
-    let last = Rc::clone(&sent);
-    Callbacks {
-        progress: Box::new(move |stats: TransferStats| {
-            total.inc(stats.position() - last.get());
-            last.set(stats.position());
-            bar.set_position(stats.position());
-        }),
-        done: Box::new(move |result| {
-            match &result {
-                Ok(_) => done_bar.finish_with_message("done"),
-                Err(e) => done_bar.abandon_with_message(format!("failed: {e}")),
-            }
-            let outcome = match result {
-                Ok(stats) => Outcome::Done(stats),
-                Err(e) => Outcome::Failed {
-                    error: e.to_string(),
-                    sent: sent.get(),
-                },
-            };
-            outcomes.borrow_mut()[index] = Some(outcome);
-        }),
+) -> impl FnMut(&mut Transfers, TransferStats) + Send + 'static {
+    let (bar, total) = (bar.clone(), total.clone());
+    move |transfers, stats| {
+        let transfer = &mut transfers[index];
+        total.inc(stats.position() - transfer.sent);
+        transfer.sent = stats.position();
+        bar.set_position(stats.position());
+    }
+}
+
+/// Records how transfer `index` ended, and shows it on its bar.
+fn on_end(
+    index: usize,
+    bar: &ProgressBar,
+) -> impl FnOnce(&mut Transfers, virt_reactor::Result<TransferStats>) + Send + 'static {
+    let bar = bar.clone();
+    move |transfers, result| {
+        match &result {
+            Ok(_) => bar.finish_with_message("done"),
+            Err(e) => bar.abandon_with_message(format!("failed: {e}")),
+        }
+        let transfer = &mut transfers[index];
+        transfer.outcome = Some(match result {
+            Ok(stats) => Outcome::Done(stats),
+            Err(e) => Outcome::Failed {
+                error: e.to_string(),
+                sent: transfer.sent,
+            },
+        });
     }
 }
 

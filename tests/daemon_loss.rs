@@ -42,24 +42,13 @@ fn killing_the_daemon_fails_every_stream_promptly_and_leaves_the_loop_idle() {
     let files: Vec<_> = (0..DOWNLOADS)
         .map(|i| bed.out(&format!("big{i}")))
         .collect();
-    let tracker = Tracker::default();
     for (vol, file) in vols.iter().zip(&files) {
-        tracker
-            .download(
-                &mut bed.reactor,
-                &bed.conn,
-                vol,
-                file,
-                VolumeRange::default(),
-            )
-            .expect("start a download");
+        bed.download(vol, file).expect("start a download");
     }
-    drive(
-        &mut bed.reactor,
-        Duration::from_secs(60),
-        "some progress",
-        |_| (0..DOWNLOADS).all(|i| tracker.position(i) >= PROGRESS),
-    );
+    bed.drive(Duration::from_secs(60), "some progress", |_, tracker| {
+        (0..DOWNLOADS).all(|i| tracker.position(i) >= PROGRESS)
+    });
+    let tracker = &bed.state;
     for i in 0..DOWNLOADS {
         assert!(
             !tracker.is_ended(i) && tracker.position(i) < VOLUME / 2,
@@ -69,16 +58,16 @@ fn killing_the_daemon_fails_every_stream_promptly_and_leaves_the_loop_idle() {
 
     let killed_at = Instant::now();
     bed.daemon.kill();
-    drive(
-        &mut bed.reactor,
+    bed.drive(
         Duration::from_secs(10),
         "every stream fails after the kill",
-        |_| tracker.all_ended(),
+        |_, tracker| tracker.all_ended(),
     );
+    let tracker = &bed.state;
     let mut slowest = Duration::ZERO;
     for (i, file) in files.iter().enumerate() {
         tracker.with(i, |t| {
-            assert_eq!(t.ends, 1, "download {i}: done called once");
+            assert_eq!(t.ends, 1, "download {i}: on_end called once");
             match &t.end {
                 Some(Err(Error::ConnectionClosed { .. })) => {}
                 other => panic!("download {i}: expected ConnectionClosed, got {other:?}"),
@@ -100,8 +89,7 @@ fn killing_the_daemon_fails_every_stream_promptly_and_leaves_the_loop_idle() {
     let second = Instant::now() + Duration::from_secs(1);
     let mut iterations = 0;
     while Instant::now() < second {
-        bed.reactor
-            .run_once(Some(Duration::from_millis(200)))
+        bed.run_once(Some(Duration::from_millis(200)))
             .expect("run_once");
         iterations += 1;
     }
@@ -117,6 +105,7 @@ fn killing_the_daemon_fails_every_stream_promptly_and_leaves_the_loop_idle() {
         pool,
         conn,
         mut reactor,
+        mut state,
         mut daemon,
         out,
     } = bed;
@@ -124,9 +113,9 @@ fn killing_the_daemon_fails_every_stream_promptly_and_leaves_the_loop_idle() {
     drop(pool);
     drop(conn);
     reactor
-        .shutdown(DRAIN_TIMEOUT)
+        .shutdown(DRAIN_TIMEOUT, &mut state)
         .expect("the loop drains after the connection is gone");
-    let stats = reactor.event_loop().expect("our loop").stats();
+    let stats = reactor.stats();
     assert!(stats.is_idle(), "left on the loop: {stats:?}");
 
     // A restarted daemon serves a new transfer on the same reactor.
@@ -136,22 +125,25 @@ fn killing_the_daemon_fails_every_stream_promptly_and_leaves_the_loop_idle() {
     let data = pattern(70, 3 * MIB as usize + 5);
     let vol = pool.volume_with("after", &data);
     let file = out.join("after");
-    let tracker = Tracker::default();
+    let mut tracker = Tracker::default();
     let (index, _) = tracker
-        .download(&mut reactor, &conn, &vol, &file, VolumeRange::default())
+        .download(&mut reactor, &vol, &file, VolumeRange::default())
         .expect("start a download after the restart");
     drive(
         &mut reactor,
+        &mut tracker,
         Duration::from_secs(60),
         "after the restart",
-        |r| r.is_empty(),
+        |r, _| r.is_empty(),
     );
     assert_eq!(tracker.ok(index).data_bytes, data.len() as u64);
     assert!(file_is(&file, &data), "content after the restart");
 
     drop((vol, pool, conn));
-    reactor.shutdown(DRAIN_TIMEOUT).expect("final drain");
-    assert!(reactor.event_loop().expect("our loop").stats().is_idle());
+    reactor
+        .shutdown(DRAIN_TIMEOUT, &mut tracker)
+        .expect("final drain");
+    assert!(reactor.stats().is_idle());
     drop(daemon);
 }
 
@@ -231,23 +223,14 @@ fn losing_one_connection_fails_only_its_streams() {
     // The victim is the first connection (the bed's), and its streams start first:
     // its close watch is the reactor's oldest, moved by every later growth of its
     // connection table.
-    let tracker = Tracker::default();
     for (i, vol) in victim_vols.iter().enumerate() {
-        tracker
-            .download(
-                &mut bed.reactor,
-                &bed.conn,
-                vol,
-                &victim_file(i),
-                VolumeRange::default(),
-            )
+        bed.download(vol, &victim_file(i))
             .expect("start a victim download");
     }
-    drive(
-        &mut bed.reactor,
+    bed.drive(
         Duration::from_secs(60),
         "the victim's downloads have started",
-        |_| (0..VICTIM_STREAMS).all(|i| tracker.position(i) > 0),
+        |_, tracker| (0..VICTIM_STREAMS).all(|i| tracker.position(i) > 0),
     );
     let bystanders: Vec<_> = (0..BYSTANDERS).map(|_| connect(&bed.daemon)).collect();
     // A volume object belongs to the connection it was looked up on.
@@ -260,17 +243,12 @@ fn losing_one_connection_fails_only_its_streams() {
                 .expect("look up a volume on a bystander connection")
         })
         .collect();
-    for (i, (conn, vol)) in bystanders.iter().zip(&bystander_vols).enumerate() {
-        tracker
-            .download(
-                &mut bed.reactor,
-                conn,
-                vol,
-                &bystander_file(i),
-                VolumeRange::default(),
-            )
+    // Each download runs on the connection its volume was looked up on.
+    for (i, vol) in bystander_vols.iter().enumerate() {
+        bed.download(vol, &bystander_file(i))
             .expect("start a bystander download");
     }
+    let tracker = &bed.state;
     for i in 0..tracker.len() {
         assert!(
             !tracker.is_ended(i) && tracker.position(i) < VOLUME / 2,
@@ -290,12 +268,12 @@ fn losing_one_connection_fails_only_its_streams() {
     let disconnected_at = Instant::now();
     admin(&bed.daemon, &["client-disconnect", "libvirtd", &victim]);
 
-    drive(
-        &mut bed.reactor,
+    bed.drive(
         Duration::from_secs(10),
         "the victim's streams fail",
-        |_| (0..VICTIM_STREAMS).all(|i| tracker.is_ended(i)),
+        |_, tracker| (0..VICTIM_STREAMS).all(|i| tracker.is_ended(i)),
     );
+    let tracker = &bed.state;
     for i in 0..VICTIM_STREAMS {
         tracker.with(i, |t| {
             assert!(
@@ -314,12 +292,12 @@ fn losing_one_connection_fails_only_its_streams() {
         let parts = parts_of(&bed.out(&format!("victim{i}")));
         assert!(parts.is_empty(), "a failed download left {parts:?}");
     }
-    drive(
-        &mut bed.reactor,
+    bed.drive(
         Duration::from_secs(60),
         "the other connections' downloads",
-        |r| r.is_empty(),
+        |r, _| r.is_empty(),
     );
+    let tracker = &bed.state;
     let zeros = vec![0; LEN as usize];
     for i in 0..BYSTANDERS {
         let stats = tracker.ok(VICTIM_STREAMS + i);
@@ -346,35 +324,22 @@ fn killing_the_daemon_fails_every_upload_as_a_lost_connection() {
     let vols: Vec<_> = (0..UPLOADS)
         .map(|i| bed.pool.create_volume(&format!("up{i}"), VOLUME))
         .collect();
-    let tracker = Tracker::default();
     for vol in &vols {
-        tracker
-            .upload(
-                &mut bed.reactor,
-                &bed.conn,
-                vol,
-                &source,
-                VolumeRange::default(),
-            )
-            .expect("start an upload");
+        bed.upload(vol, &source).expect("start an upload");
     }
-    drive(
-        &mut bed.reactor,
-        Duration::from_secs(60),
-        "some progress",
-        |_| (0..UPLOADS).all(|i| tracker.position(i) >= PROGRESS),
-    );
+    bed.drive(Duration::from_secs(60), "some progress", |_, tracker| {
+        (0..UPLOADS).all(|i| tracker.position(i) >= PROGRESS)
+    });
     let killed_at = Instant::now();
     bed.daemon.kill();
-    drive(
-        &mut bed.reactor,
+    bed.drive(
         Duration::from_secs(10),
         "every upload fails after the kill",
-        |_| tracker.all_ended(),
+        |_, tracker| tracker.all_ended(),
     );
     for i in 0..UPLOADS {
-        tracker.with(i, |t| {
-            assert_eq!(t.ends, 1, "upload {i}: done called once");
+        bed.state.with(i, |t| {
+            assert_eq!(t.ends, 1, "upload {i}: on_end called once");
             match &t.end {
                 Some(Err(Error::ConnectionClosed { .. })) => {}
                 other => panic!("upload {i}: expected ConnectionClosed, got {other:?}"),

@@ -2,64 +2,20 @@
 //!
 //! Each test registers the loop itself, so run them one process each (cargo-nextest).
 
+mod support;
+
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle, ThreadId};
+use std::thread;
 use std::time::{Duration, Instant};
 
-use virt::connect::Connect;
-use virt_reactor::connection_events::{DomainEventSubscription, LifecycleEvent, LifecycleKind};
-use virt_reactor::{DrainReport, EventLoop, LoopHandle};
+use support::loop_thread::{Delivered, LoopThread};
+use virt_reactor::{LifecycleEvent, LifecycleKind};
 
 /// How long one expected event may take to arrive.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to listen for events that must not come.
 const QUIET_PERIOD: Duration = Duration::from_millis(300);
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The loop, running on a thread of its own until [`finish`](Self::finish) drains it.
-struct LoopThread {
-    handle: LoopHandle,
-    thread: JoinHandle<virt_reactor::Result<DrainReport>>,
-}
-
-impl LoopThread {
-    fn start() -> LoopThread {
-        let mut event_loop = EventLoop::register().expect("register the event loop");
-        let handle = event_loop.handle();
-        let thread = thread::spawn(move || {
-            event_loop.run()?;
-            event_loop.drain(DRAIN_TIMEOUT)
-        });
-        LoopThread { handle, thread }
-    }
-
-    fn id(&self) -> ThreadId {
-        self.thread.thread().id()
-    }
-
-    /// Stops the loop and drains it; call after closing every connection.
-    fn finish(self) -> DrainReport {
-        self.handle.stop();
-        self.thread
-            .join()
-            .expect("loop thread panicked")
-            .expect("the loop ran and drained cleanly")
-    }
-}
-
-/// Each event with the thread that delivered it.
-type Delivered = (LifecycleEvent, ThreadId);
-
-fn subscribe(conn: &Connect) -> (DomainEventSubscription, Receiver<Delivered>) {
-    let (tx, rx) = mpsc::channel();
-    let subscription = DomainEventSubscription::lifecycle(conn, move |event| {
-        // The receiver may be gone when a test has seen what it needs.
-        let _ = tx.send((event, thread::current().id()));
-    })
-    .expect("subscribe to lifecycle events");
-    (subscription, rx)
-}
 
 fn domain_xml(name: &str) -> String {
     format!(
@@ -86,7 +42,7 @@ fn next_event(rx: &Receiver<Delivered>, waiting_for: &LifecycleEvent) -> Deliver
 fn lifecycle_events_arrive_in_order_on_the_loop_thread() {
     let event_loop = LoopThread::start();
     let conn = virt_reactor::connect("test:///default").expect("open test:///default");
-    let (subscription, rx) = subscribe(&conn);
+    let (subscription, rx) = event_loop.deliveries(&conn);
 
     let name = "events-lifecycle";
     let dom = conn
@@ -120,7 +76,7 @@ fn lifecycle_events_arrive_in_order_on_the_loop_thread() {
         other => panic!("unexpected event after the scripted lifecycle: {other:?}"),
     }
 
-    subscription.cancel().expect("deregister the subscription");
+    event_loop.unsubscribe(subscription);
     drop(dom);
     drop(conn);
     event_loop.finish();
@@ -135,12 +91,11 @@ fn dropped_subscription_stops_delivery_and_frees_its_closure() {
     let alive = Arc::new(());
     let (tx, dropped_rx) = mpsc::channel();
     let token = Arc::clone(&alive);
-    let dropped = DomainEventSubscription::lifecycle(&conn, move |event| {
+    let dropped = event_loop.subscribe(&conn, move |event| {
         let _owned = &token;
-        let _ = tx.send(event);
-    })
-    .expect("subscribe the subscription to drop");
-    let (kept, kept_rx) = subscribe(&conn);
+        let _ = tx.send(event.clone());
+    });
+    let (kept, kept_rx) = event_loop.deliveries(&conn);
     assert_eq!(Arc::strong_count(&alive), 2, "the closure holds its token");
 
     let name = "events-dropped";
@@ -154,7 +109,7 @@ fn dropped_subscription_stops_delivery_and_frees_its_closure() {
     assert_eq!(got, defined);
     assert_eq!(next_event(&kept_rx, &defined).0, defined);
 
-    drop(dropped);
+    event_loop.unsubscribe(dropped);
     let deadline = Instant::now() + EVENT_TIMEOUT;
     while Arc::strong_count(&alive) > 1 {
         assert!(
@@ -173,7 +128,7 @@ fn dropped_subscription_stops_delivery_and_frees_its_closure() {
         "events after the drop were delivered: {late:?}"
     );
 
-    kept.cancel().expect("deregister the kept subscription");
+    event_loop.unsubscribe(kept);
     drop(dom);
     drop(conn);
     event_loop.finish();

@@ -14,10 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::daemon::PrivateDaemon;
-use support::pool::{connect, drive, file_is, pattern, sparse_file, Bed, DirPool, Tracker, MIB};
-use virt_reactor::connection_events::CloseReason;
-use virt_reactor::volume::VolumeRange;
-use virt_reactor::{Error, KeepAlive, Timer};
+use support::pool::{connect, file_is, pattern, sparse_file, Bed, DirPool, MIB};
+use virt_reactor::{CloseReason, Error, KeepAlive, Timer};
 
 /// The upload is far bigger than what the sockets can hold once the daemon stops
 /// reading (a few hundred KiB), so it is mid-flight when the daemon freezes.
@@ -56,22 +54,11 @@ fn a_frozen_daemon_stalls_only_its_own_upload_which_fails_by_keepalive() {
     let target = upload_conn
         .lookup_storage_vol_by_path(&path)
         .expect("the volume on the upload's connection");
-    let tracker = Tracker::default();
-    let (upload, _) = tracker
-        .upload(
-            &mut frozen.reactor,
-            &upload_conn,
-            &target,
-            &big,
-            VolumeRange::default(),
-        )
-        .expect("start the upload");
-    drive(
-        &mut frozen.reactor,
-        Duration::from_secs(60),
-        "the upload moves",
-        |_| tracker.position(upload) >= 8 * MIB,
-    );
+    // Each transfer runs on the connection its volume was looked up on.
+    let (upload, _) = frozen.upload(&target, &big).expect("start the upload");
+    frozen.drive(Duration::from_secs(60), "the upload moves", |_, tracker| {
+        tracker.position(upload) >= 8 * MIB
+    });
 
     // A timer on the loop records the longest gap between its runs: (last, longest).
     let gaps = Arc::new(Mutex::new((Instant::now(), Duration::ZERO)));
@@ -90,21 +77,15 @@ fn a_frozen_daemon_stalls_only_its_own_upload_which_fails_by_keepalive() {
     let frozen_at = Instant::now();
     *gaps.lock().expect("gaps") = (frozen_at, Duration::ZERO);
     let out = frozen.out("served");
-    let (download, _) = tracker
-        .download(
-            &mut frozen.reactor,
-            &other_conn,
-            &source_vol,
-            &out,
-            VolumeRange::default(),
-        )
+    let (download, _) = frozen
+        .download(&source_vol, &out)
         .expect("start the download from the other daemon");
-    drive(
-        &mut frozen.reactor,
+    frozen.drive(
         Duration::from_secs(30),
         "the other daemon's download completes while the first is frozen",
-        |_| tracker.is_ended(download),
+        |_, tracker| tracker.is_ended(download),
     );
+    let tracker = &frozen.state;
     assert!(
         !tracker.is_ended(upload),
         "the upload is still waiting on the frozen daemon when the download is done"
@@ -112,14 +93,13 @@ fn a_frozen_daemon_stalls_only_its_own_upload_which_fails_by_keepalive() {
     assert_eq!(tracker.ok(download).data_bytes, DOWNLOAD as u64);
     assert!(file_is(&out, &data), "the download arrived intact");
 
-    drive(
-        &mut frozen.reactor,
+    frozen.drive(
         Duration::from_secs(20),
         "the upload to the frozen daemon fails",
-        |_| tracker.is_ended(upload),
+        |_, tracker| tracker.is_ended(upload),
     );
     let failed_after = frozen_at.elapsed();
-    tracker.with(upload, |t| {
+    frozen.state.with(upload, |t| {
         assert_eq!(t.ends, 1, "the upload ended once");
         match &t.end {
             Some(Err(Error::ConnectionClosed {

@@ -5,20 +5,17 @@
 
 mod support;
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::thread::{self, JoinHandle, ThreadId};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use support::daemon::{DaemonConfig, PrivateDaemon};
+use support::loop_thread::{Delivered, LoopThread};
 use virt::connect::Connect;
-use virt_reactor::connection_events::{
-    CloseReason, CloseWatch, DomainEventSubscription, LifecycleEvent, LifecycleKind,
-};
-use virt_reactor::{DrainReport, EventLoop, KeepAlive, LoopHandle};
+use virt_reactor::{CloseReason, CloseWatch, KeepAlive, LifecycleKind};
 
 /// How long one expected event may take; the first define also probes QEMU.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Daemon and client keepalive: a ping after 1 s of silence, dead after 2 unanswered,
 /// so an unserved client is dropped after about 1 × (2 + 1) = 3 s.
 const KEEPALIVE_INTERVAL: u32 = 1;
@@ -29,65 +26,6 @@ const IDLE: Duration = Duration::from_secs(10);
 const PAUSE: Duration = Duration::from_secs(6);
 /// How long the close callback may take once the loop runs again.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The loop on a thread of its own, which can be paused and resumed.
-struct LoopThread {
-    handle: LoopHandle,
-    resume: Sender<()>,
-    paused: Receiver<()>,
-    thread: JoinHandle<virt_reactor::Result<DrainReport>>,
-}
-
-impl LoopThread {
-    fn start() -> LoopThread {
-        let mut event_loop = EventLoop::register().expect("register the event loop");
-        let handle = event_loop.handle();
-        let (resume, resumed) = mpsc::channel();
-        let (paused_tx, paused) = mpsc::channel();
-        let thread = thread::spawn(move || {
-            loop {
-                event_loop.run()?;
-                let _ = paused_tx.send(());
-                if resumed.recv().is_err() {
-                    break; // finishing
-                }
-            }
-            event_loop.drain(DRAIN_TIMEOUT)
-        });
-        LoopThread {
-            handle,
-            resume,
-            paused,
-            thread,
-        }
-    }
-
-    fn id(&self) -> ThreadId {
-        self.thread.thread().id()
-    }
-
-    /// Returns once the loop thread has stopped running the loop.
-    fn pause(&self) {
-        self.handle.stop();
-        self.paused
-            .recv_timeout(Duration::from_secs(5))
-            .expect("the loop stops when asked");
-    }
-
-    fn resume(&self) {
-        self.resume.send(()).expect("the loop thread is waiting");
-    }
-
-    /// Stops the loop and drains it; call after closing every connection.
-    fn finish(self) -> DrainReport {
-        self.handle.stop();
-        drop(self.resume);
-        self.thread
-            .join()
-            .expect("loop thread panicked")
-            .expect("the loop ran and drained cleanly")
-    }
-}
 
 fn start_daemon(cfg: DaemonConfig) -> PrivateDaemon {
     PrivateDaemon::start_with(cfg).expect("start a private libvirtd")
@@ -132,10 +70,7 @@ fn qemu_domain_xml(name: &str) -> String {
     )
 }
 
-fn next_event(
-    rx: &Receiver<(LifecycleEvent, ThreadId)>,
-    daemon: &PrivateDaemon,
-) -> (LifecycleEvent, ThreadId) {
+fn next_event(rx: &Receiver<Delivered>, daemon: &PrivateDaemon) -> Delivered {
     rx.recv_timeout(EVENT_TIMEOUT).unwrap_or_else(|e| {
         panic!(
             "no lifecycle event within {EVENT_TIMEOUT:?}: {e}\n{}",
@@ -144,16 +79,37 @@ fn next_event(
     })
 }
 
+/// Waits until the loop has nothing of libvirt's left: once every connection is
+/// closed, it has let go of them.
+///
+/// On a remote connection the reactor's `unsubscribe` deregisters on a worker
+/// thread, and the reactor keeps a reference to the connection until a later
+/// iteration hears that it is done; `Reactor::shutdown` drains without listening
+/// for it, so it would time out with the connection's watch and keepalive timer
+/// still registered.
+fn wait_until_released(event_loop: &LoopThread, daemon: &PrivateDaemon) {
+    let deadline = Instant::now() + CLOSE_TIMEOUT;
+    loop {
+        let stats = event_loop.on_loop(|reactor| reactor.stats());
+        if stats.is_idle() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the loop still holds {stats:?} {CLOSE_TIMEOUT:?} after the connection was \
+             closed\n{}",
+            daemon.log_tail(30)
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn domain_events_arrive_over_a_remote_connection() {
     let daemon = start_daemon(DaemonConfig::default());
     let event_loop = LoopThread::start();
     let conn = connect(&daemon);
-    let (tx, rx) = mpsc::channel();
-    let subscription = DomainEventSubscription::lifecycle(&conn, move |event| {
-        let _ = tx.send((event, thread::current().id()));
-    })
-    .expect("subscribe to lifecycle events");
+    let (subscription, rx) = event_loop.deliveries(&conn);
 
     let name = "remote-events";
     let dom = conn
@@ -178,9 +134,10 @@ fn domain_events_arrive_over_a_remote_connection() {
     );
     assert_eq!(thread, event_loop.id(), "delivered by the loop thread");
 
-    subscription.cancel().expect("deregister the subscription");
+    event_loop.unsubscribe(subscription);
     drop(dom);
     drop(conn);
+    wait_until_released(&event_loop, &daemon);
     event_loop.finish();
 }
 

@@ -11,12 +11,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use support::pool::{
-    allocated, data_extents, drive, file_is, parts_of, pattern, read_range, sparse_file, Bed,
-    Tracker, KIB, MIB,
+    allocated, data_extents, file_is, parts_of, pattern, read_range, sparse_file, Bed, Tracker,
+    KIB, MIB,
 };
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
-use virt_reactor::volume::{self, Callbacks, VolumeRange};
+use virt_reactor::transfer::TransferStats;
+use virt_reactor::volume::{self, VolumeRange};
 use virt_reactor::Error;
 
 /// How many transfers run at once in the concurrency tests.
@@ -29,86 +30,82 @@ fn size_of(i: usize) -> usize {
     (2 * MIB + (i as u64) * 32 * KIB + 4099 * i as u64 % 4096 + 1) as usize
 }
 
+/// Which way the concurrency tests move their bytes.
+#[derive(Clone, Copy)]
+enum Way {
+    Download,
+    Upload,
+}
+
 #[test]
 fn sixty_four_concurrent_downloads_arrive_intact() {
-    let mut bed = Bed::start("downloads");
-    let mut expected = Vec::new();
-    let mut vols = Vec::new();
-    for i in 0..CONCURRENT {
-        let data = pattern(1000 + i as u64, size_of(i));
-        vols.push(bed.pool.volume_with(&format!("vol{i}"), &data));
-        expected.push(data);
-    }
-    let tracker = Tracker::default();
-    for (i, vol) in vols.iter().enumerate() {
-        let file = bed.out(&format!("file{i}"));
-        let (index, _) = bed
-            .download(&tracker, vol, &file)
-            .unwrap_or_else(|e| panic!("start download {i}: {e}"));
-        assert_eq!(index, i);
-    }
-    assert_eq!(bed.reactor.len(), CONCURRENT, "all downloads run at once");
-    drive(&mut bed.reactor, BATCH_LIMIT, "64 downloads", |r| {
-        r.is_empty()
-    });
-
-    for (i, data) in expected.iter().enumerate() {
-        let stats = tracker.ok(i);
-        assert_eq!(
-            stats.data_bytes,
-            data.len() as u64,
-            "download {i}: bytes reported"
-        );
-        assert_eq!((stats.holes, stats.hole_bytes), (0, 0), "download {i}");
-        let file = bed.out(&format!("file{i}"));
-        assert!(file_is(&file, data), "download {i}: content differs");
-        assert!(parts_of(&bed.out(&format!("file{i}"))).is_empty());
-    }
-    drop(vols);
-    bed.finish();
+    concurrent_transfers_arrive_intact(Way::Download);
 }
 
 #[test]
 fn sixty_four_concurrent_uploads_arrive_intact() {
-    let mut bed = Bed::start("uploads");
+    concurrent_transfers_arrive_intact(Way::Upload);
+}
+
+/// [`CONCURRENT`] transfers `way` on one reactor at once, each of a different size:
+/// every one arrives whole, without holes.
+fn concurrent_transfers_arrive_intact(way: Way) {
+    let (name, seed) = match way {
+        Way::Download => ("download", 1000),
+        Way::Upload => ("upload", 2000),
+    };
+    let mut bed = Bed::start(&format!("{name}s"));
     let mut expected = Vec::new();
     let mut vols = Vec::new();
     for i in 0..CONCURRENT {
-        let data = pattern(2000 + i as u64, size_of(i));
-        std::fs::write(bed.out(&format!("file{i}")), &data).expect("write a source file");
-        vols.push(
-            bed.pool
-                .create_volume(&format!("vol{i}"), data.len() as u64),
-        );
+        let data = pattern(seed + i as u64, size_of(i));
+        let vol = format!("vol{i}");
+        vols.push(match way {
+            Way::Download => bed.pool.volume_with(&vol, &data),
+            Way::Upload => {
+                std::fs::write(bed.out(&format!("file{i}")), &data).expect("write a source file");
+                bed.pool.create_volume(&vol, data.len() as u64)
+            }
+        });
         expected.push(data);
     }
 
-    let tracker = Tracker::default();
     for (i, vol) in vols.iter().enumerate() {
         let file = bed.out(&format!("file{i}"));
-        let (index, _) = bed
-            .upload(&tracker, vol, &file)
-            .unwrap_or_else(|e| panic!("start upload {i}: {e}"));
+        let started = match way {
+            Way::Download => bed.download(vol, &file),
+            Way::Upload => bed.upload(vol, &file),
+        };
+        let (index, _) = started.unwrap_or_else(|e| panic!("start {name} {i}: {e}"));
         assert_eq!(index, i);
     }
-    assert_eq!(bed.reactor.len(), CONCURRENT, "all uploads run at once");
-    drive(&mut bed.reactor, BATCH_LIMIT, "64 uploads", |r| {
+    assert_eq!(bed.reactor.len(), CONCURRENT, "all {name}s run at once");
+    bed.drive(BATCH_LIMIT, &format!("{CONCURRENT} {name}s"), |r, _| {
         r.is_empty()
     });
 
     for (i, data) in expected.iter().enumerate() {
-        let stats = tracker.ok(i);
+        let stats = bed.state.ok(i);
         assert_eq!(
             stats.data_bytes,
             data.len() as u64,
-            "upload {i}: bytes reported"
+            "{name} {i}: bytes reported"
         );
-        assert_eq!((stats.holes, stats.hole_bytes), (0, 0), "upload {i}");
-        let volume_file = bed.pool.path_of(&format!("vol{i}"));
-        assert!(
-            file_is(&volume_file, data),
-            "upload {i}: volume content differs"
-        );
+        assert_eq!((stats.holes, stats.hole_bytes), (0, 0), "{name} {i}");
+        match way {
+            Way::Download => {
+                let file = bed.out(&format!("file{i}"));
+                assert!(file_is(&file, data), "download {i}: content differs");
+                assert!(parts_of(&file).is_empty());
+            }
+            Way::Upload => {
+                let volume_file = bed.pool.path_of(&format!("vol{i}"));
+                assert!(
+                    file_is(&volume_file, data),
+                    "upload {i}: volume content differs"
+                );
+            }
+        }
     }
     drop(vols);
     bed.finish();
@@ -156,14 +153,12 @@ fn sparse_round_trip_of_a_gibibyte_keeps_its_holes() {
         ..VolumeRange::default()
     };
 
-    let tracker = Tracker::default();
-    let (up, _) = tracker
-        .upload(&mut bed.reactor, &bed.conn, &vol, &source, sparse)
+    let (up, _) = bed
+        .state
+        .upload(&mut bed.reactor, &vol, &source, sparse)
         .expect("start the sparse upload");
-    drive(&mut bed.reactor, BATCH_LIMIT, "sparse upload", |r| {
-        r.is_empty()
-    });
-    let stats = tracker.ok(up);
+    bed.drive(BATCH_LIMIT, "sparse upload", |r, _| r.is_empty());
+    let stats = bed.state.ok(up);
     assert_eq!(
         (stats.data_bytes, stats.holes, stats.hole_bytes),
         (data_len, 2, hole_len),
@@ -181,13 +176,12 @@ fn sparse_round_trip_of_a_gibibyte_keeps_its_holes() {
     );
 
     let copy = bed.out("copy.img");
-    let (down, _) = tracker
-        .download(&mut bed.reactor, &bed.conn, &vol, &copy, sparse)
+    let (down, _) = bed
+        .state
+        .download(&mut bed.reactor, &vol, &copy, sparse)
         .expect("start the sparse download");
-    drive(&mut bed.reactor, BATCH_LIMIT, "sparse download", |r| {
-        r.is_empty()
-    });
-    let stats = tracker.ok(down);
+    bed.drive(BATCH_LIMIT, "sparse download", |r, _| r.is_empty());
+    let stats = bed.state.ok(down);
     assert_eq!(
         (stats.data_bytes, stats.holes, stats.hole_bytes),
         (data_len, 2, hole_len),
@@ -223,27 +217,33 @@ fn libvirt_code(e: &Error) -> ErrorNumber {
     }
 }
 
+/// `on_progress` of a transfer that must never start.
+fn no_progress(_: &mut Tracker, _: TransferStats) {}
+
+/// `on_end` of a transfer that must never start.
+fn never_ends(_: &mut Tracker, result: virt_reactor::Result<TransferStats>) {
+    panic!("a transfer that never started ended: {result:?}");
+}
+
 #[test]
 fn bad_input_fails_clearly_and_disturbs_nothing() {
     let mut bed = Bed::start("bad");
     const LEN: usize = 32 * MIB as usize;
     let data = pattern(4000, LEN);
     let vol = bed.pool.volume_with("background", &data);
-    let tracker = Tracker::default();
     let background_file = bed.out("background");
     let (background, background_token) = bed
-        .download(&tracker, &vol, &background_file)
+        .download(&vol, &background_file)
         .expect("start the background download");
-    drive(&mut bed.reactor, BATCH_LIMIT, "background progress", |_| {
+    bed.drive(BATCH_LIMIT, "background progress", |_, tracker| {
         tracker.position(background) > 0
     });
     // After each case: the background transfer is untouched and still running.
     let still_running = |bed: &mut Bed, case: &str| {
-        bed.reactor
-            .run_once(Some(Duration::ZERO))
+        bed.run_once(Some(Duration::ZERO))
             .unwrap_or_else(|e| panic!("{case}: run_once: {e}"));
         assert!(
-            !tracker.is_ended(background) && bed.reactor.contains(background_token),
+            !bed.state.is_ended(background) && bed.reactor.contains(background_token),
             "{case}: the background transfer is in flight (precondition)"
         );
         assert_eq!(bed.reactor.len(), 1, "{case}: nothing else was inserted");
@@ -252,10 +252,6 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
         assert!(!file.exists(), "{case}: left {}", file.display());
         let parts = parts_of(file);
         assert!(parts.is_empty(), "{case}: left {parts:?}");
-    };
-    let ignore = || Callbacks {
-        progress: Box::new(|_| {}),
-        done: Box::new(|result| panic!("a transfer that never started ended: {result:?}")),
     };
 
     // A missing pool.
@@ -280,11 +276,11 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
     let file = bed.out("doomed");
     let e = volume::download(
         &mut bed.reactor,
-        &bed.conn,
         &doomed,
         &file,
         VolumeRange::default(),
-        ignore(),
+        no_progress,
+        never_ends,
     )
     .expect_err("download a deleted volume");
     assert_eq!(libvirt_code(&e), ErrorNumber::NoStorageVolume, "{e}");
@@ -295,11 +291,11 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
     let file = bed.out("no-such-dir").join("file");
     let e = volume::download(
         &mut bed.reactor,
-        &bed.conn,
         &vol,
         &file,
         VolumeRange::default(),
-        ignore(),
+        no_progress,
+        never_ends,
     )
     .expect_err("download into a missing directory");
     match &e {
@@ -322,11 +318,11 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
     std::fs::write(&source, pattern(4003, 2 * MIB as usize + 1)).unwrap();
     let e = volume::upload(
         &mut bed.reactor,
-        &bed.conn,
         &small,
         &source,
         VolumeRange::default(),
-        ignore(),
+        no_progress,
+        never_ends,
     )
     .expect_err("upload more than the volume holds");
     assert!(
@@ -341,11 +337,11 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
     };
     let e = volume::upload(
         &mut bed.reactor,
-        &bed.conn,
         &small,
         &source,
         at_offset,
-        ignore(),
+        no_progress,
+        never_ends,
     )
     .expect_err("upload past the volume's end");
     assert!(
@@ -361,35 +357,28 @@ fn bad_input_fails_clearly_and_disturbs_nothing() {
 
     // A download that fails half way leaves neither FILE nor its `.part`.
     let file = bed.out("interrupted");
-    let (interrupted, token) = bed
-        .download(&tracker, &vol, &file)
-        .expect("start a download");
-    drive(
-        &mut bed.reactor,
-        BATCH_LIMIT,
-        "a second download moves",
-        |_| tracker.position(interrupted) > 0,
-    );
+    let (interrupted, token) = bed.download(&vol, &file).expect("start a download");
+    bed.drive(BATCH_LIMIT, "a second download moves", |_, tracker| {
+        tracker.position(interrupted) > 0
+    });
     assert_eq!(parts_of(&file).len(), 1, "its .part while it runs");
-    assert!(!tracker.is_ended(interrupted), "mid-flight (precondition)");
-    bed.reactor.abort(token).expect("abort it");
+    assert!(
+        !bed.state.is_ended(interrupted),
+        "mid-flight (precondition)"
+    );
+    bed.reactor.abort(token, &mut bed.state).expect("abort it");
     // A remote stream's abort waits for the daemon's answer, off the loop.
-    drive(&mut bed.reactor, BATCH_LIMIT, "the abort", |_| {
+    bed.drive(BATCH_LIMIT, "the abort", |_, tracker| {
         tracker.is_ended(interrupted)
     });
-    tracker.with(interrupted, |t| {
+    bed.state.with(interrupted, |t| {
         assert!(matches!(t.end, Some(Err(Error::Aborted))), "{:?}", t.end);
     });
     nothing_at(&file, "interrupted download");
     still_running(&mut bed, "interrupted download");
 
-    drive(
-        &mut bed.reactor,
-        BATCH_LIMIT,
-        "the background transfer",
-        |r| r.is_empty(),
-    );
-    assert_eq!(tracker.ok(background).data_bytes, LEN as u64);
+    bed.drive(BATCH_LIMIT, "the background transfer", |r, _| r.is_empty());
+    assert_eq!(bed.state.ok(background).data_bytes, LEN as u64);
     assert!(file_is(&background_file, &data), "the background content");
 
     drop((vol, doomed, small));
@@ -411,15 +400,12 @@ fn two_downloads_into_one_file_never_mix() {
         bed.pool.volume_with("two", &two),
     ];
     let file = bed.out("same");
-    let tracker = Tracker::default();
     for vol in &vols {
-        bed.download(&tracker, vol, &file)
-            .expect("start a download");
+        bed.download(vol, &file).expect("start a download");
     }
     assert_eq!(parts_of(&file).len(), 2, "one .part each");
-    drive(&mut bed.reactor, BATCH_LIMIT, "two downloads", |r| {
-        r.is_empty()
-    });
+    bed.drive(BATCH_LIMIT, "two downloads", |r, _| r.is_empty());
+    let tracker = &bed.state;
 
     let ends: Vec<bool> = (0..2)
         .map(|i| tracker.with(i, |t| matches!(t.end, Some(Ok(_)))))
@@ -466,8 +452,9 @@ fn a_download_range_past_the_end_is_refused() {
             length,
             ..VolumeRange::default()
         };
-        let e = Tracker::default()
-            .download(&mut bed.reactor, &bed.conn, &vol, &file, range)
+        let e = bed
+            .state
+            .download(&mut bed.reactor, &vol, &file, range)
             .expect_err("a range past the end");
         assert!(
             matches!(e, Error::OutOfRange { offset: o, length: l, size }
@@ -478,16 +465,16 @@ fn a_download_range_past_the_end_is_refused() {
     }
     assert!(bed.reactor.is_empty(), "nothing started");
     // The last bytes exactly are a valid range.
-    let tracker = Tracker::default();
     let range = VolumeRange {
         offset: 4 * MIB - 10,
         ..VolumeRange::default()
     };
-    let (index, _) = tracker
-        .download(&mut bed.reactor, &bed.conn, &vol, &file, range)
+    let (index, _) = bed
+        .state
+        .download(&mut bed.reactor, &vol, &file, range)
         .expect("the last 10 bytes");
-    drive(&mut bed.reactor, BATCH_LIMIT, "10 bytes", |r| r.is_empty());
-    assert_eq!(tracker.ok(index).data_bytes, 10);
+    bed.drive(BATCH_LIMIT, "10 bytes", |r, _| r.is_empty());
+    assert_eq!(bed.state.ok(index).data_bytes, 10);
     drop(vol);
     bed.finish();
 }

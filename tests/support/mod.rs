@@ -5,5 +5,6 @@
 
 pub mod consoles;
 pub mod daemon;
+pub mod loop_thread;
 pub mod pool;
 pub mod raw;
