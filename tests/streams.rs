@@ -8,16 +8,17 @@
 
 mod support;
 
-use std::io;
+use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::pool::{drive, file_is, pattern, Bed, Tracker, KIB, MIB};
+use support::pool::{file_is, pattern, Bed, Tracker, KIB, MIB};
 use virt::storage_vol::StorageVol;
 use virt_reactor::{
-    Error, Flow, Interest, Readiness, Stream, StreamCtx, StreamEnd, StreamHandler, StreamToken,
+    Error, Flow, Interest, Reactor, Readiness, Stream, StreamCtx, StreamEnd, StreamHandler,
+    StreamToken,
 };
 
 /// Time limit for one phase of a test; the transfers involved take well under a second.
@@ -36,7 +37,7 @@ enum Ended {
     Removed(Stream),
 }
 
-/// What a handler saw, shared with the test (handlers may live on other threads).
+/// What a handler saw, in the reactor's state.
 #[derive(Debug, Default)]
 struct Record {
     bytes: Vec<u8>,
@@ -47,41 +48,59 @@ struct Record {
     end: Option<Ended>,
 }
 
-type Shared = Arc<Mutex<Record>>;
+impl Record {
+    fn is_finished(&self) -> bool {
+        matches!(self.end, Some(Ended::Finished))
+    }
 
-fn lock(shared: &Shared) -> MutexGuard<'_, Record> {
-    shared.lock().unwrap_or_else(PoisonError::into_inner)
+    fn has_ended(&self) -> bool {
+        self.end.is_some()
+    }
 }
 
-fn is_finished(shared: &Shared) -> bool {
-    matches!(lock(shared).end, Some(Ended::Finished))
+/// The reactor's state in these tests: the volume transfers' tracks and what each
+/// hand-written handler saw (handlers name their [`Record`] by index).
+#[derive(Default)]
+struct World {
+    tracker: Tracker,
+    records: Vec<Record>,
 }
 
-fn has_ended(shared: &Shared) -> bool {
-    lock(shared).end.is_some()
+impl AsMut<Tracker> for World {
+    fn as_mut(&mut self) -> &mut Tracker {
+        &mut self.tracker
+    }
+}
+
+impl World {
+    /// A new, empty record: its index.
+    fn record(&mut self) -> usize {
+        self.records.push(Record::default());
+        self.records.len() - 1
+    }
 }
 
 /// Reads a stream to its end into a [`Record`]; with `remove_after`, hands the
 /// stream back with [`Flow::Remove`] once it has that many bytes.
 struct Reader {
-    shared: Shared,
+    record: usize,
     buf: Vec<u8>,
     remove_after: Option<usize>,
 }
 
 impl Reader {
-    fn new(shared: &Shared) -> Reader {
+    fn new(record: usize) -> Reader {
         Reader {
-            shared: Arc::clone(shared),
+            record,
             buf: vec![0; 256 * KIB as usize],
             remove_after: None,
         }
     }
 }
 
-impl StreamHandler for Reader {
-    fn ready(&mut self, cx: &mut StreamCtx<'_>, readiness: Readiness) -> Flow {
-        let mut record = lock(&self.shared);
+impl StreamHandler<World> for Reader {
+    fn ready(&mut self, world: &mut World, cx: &mut StreamCtx<'_>, readiness: Readiness) -> Flow {
+        let record = &mut world.records[self.record];
         record.readies += 1;
         assert!(
             readiness.is_readable(),
@@ -91,7 +110,7 @@ impl StreamHandler for Reader {
         // triggered, so what is left is reported again next iteration.
         let mut moved = 0;
         while moved < READ_BUDGET {
-            match cx.recv(&mut self.buf) {
+            match cx.read(&mut self.buf) {
                 Ok(0) => return Flow::Finish,
                 Ok(n) => {
                     moved += n;
@@ -101,14 +120,14 @@ impl StreamHandler for Reader {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flow::Continue,
-                Err(e) => return Flow::Fail(Error::Io(e)),
+                Err(e) => return Flow::Fail(Error::from(e)),
             }
         }
         Flow::Continue
     }
 
-    fn closed(&mut self, end: StreamEnd) {
-        let mut record = lock(&self.shared);
+    fn closed(&mut self, world: &mut World, end: StreamEnd) {
+        let record = &mut world.records[self.record];
         record.closes += 1;
         record.end = Some(ended(end));
     }
@@ -116,16 +135,16 @@ impl StreamHandler for Reader {
 
 /// Does nothing; inserted with [`Interest::NONE`] it should never be called but to
 /// be told its end.
-struct Idle(Shared);
+struct Idle(usize);
 
-impl StreamHandler for Idle {
-    fn ready(&mut self, _cx: &mut StreamCtx<'_>, _readiness: Readiness) -> Flow {
-        lock(&self.0).readies += 1;
+impl StreamHandler<World> for Idle {
+    fn ready(&mut self, world: &mut World, _cx: &mut StreamCtx<'_>, _readiness: Readiness) -> Flow {
+        world.records[self.0].readies += 1;
         Flow::Continue
     }
 
-    fn closed(&mut self, end: StreamEnd) {
-        let mut record = lock(&self.0);
+    fn closed(&mut self, world: &mut World, end: StreamEnd) {
+        let record = &mut world.records[self.0];
         record.closes += 1;
         record.end = Some(ended(end));
     }
@@ -142,9 +161,10 @@ fn ended(end: StreamEnd) -> Ended {
 }
 
 /// A new non-blocking stream downloading all of `vol`.
-fn download_stream(bed: &Bed, vol: &StorageVol) -> Stream {
-    let stream = Stream::new(&bed.conn).expect("new stream");
-    vol.download(&stream.to_virt(), 0, 0, 0)
+fn download_stream(bed: &Bed<World>, vol: &StorageVol) -> Stream {
+    let mut stream = Stream::new(&bed.conn).expect("new stream");
+    stream
+        .with_virt(|virt_stream| vol.download(virt_stream, 0, 0, 0))
         .expect("attach the stream to a download");
     stream
 }
@@ -162,7 +182,7 @@ fn key_and_generation(token: StreamToken) -> (u32, u32) {
 
 #[test]
 fn a_handler_that_removes_itself_gets_its_stream_back_and_no_more_events() {
-    let mut bed = Bed::start("remove");
+    let mut bed = Bed::start_with("remove", World::default());
     const LEN: usize = 32 * MIB as usize;
     let contents: Vec<Vec<u8>> = (0..4).map(|i| pattern(10 + i, LEN)).collect();
     let vols: Vec<StorageVol> = contents
@@ -171,10 +191,10 @@ fn a_handler_that_removes_itself_gets_its_stream_back_and_no_more_events() {
         .map(|(i, data)| bed.pool.volume_with(&format!("vol{i}"), data))
         .collect();
 
-    let records: Vec<Shared> = (0..4).map(|_| Shared::default()).collect();
+    let records: Vec<usize> = (0..4).map(|_| bed.state.record()).collect();
     let mut tokens = Vec::new();
     for (i, vol) in vols.iter().enumerate() {
-        let mut reader = Reader::new(&records[i]);
+        let mut reader = Reader::new(records[i]);
         if i == 0 {
             reader.remove_after = Some(MIB as usize);
         }
@@ -186,14 +206,11 @@ fn a_handler_that_removes_itself_gets_its_stream_back_and_no_more_events() {
         );
     }
 
-    drive(
-        &mut bed.reactor,
-        LIMIT,
-        "the first stream removes itself",
-        |_| has_ended(&records[0]),
-    );
+    bed.drive(LIMIT, "the first stream removes itself", |_, w| {
+        w.records[records[0]].has_ended()
+    });
     let (removed, readies_at_removal, bytes_at_removal) = {
-        let mut record = lock(&records[0]);
+        let record = &mut bed.state.records[records[0]];
         assert_eq!(record.closes, 1);
         let Some(Ended::Removed(stream)) = record.end.take() else {
             panic!("expected StreamEnd::Removed, got {:?}", record.end);
@@ -206,53 +223,44 @@ fn a_handler_that_removes_itself_gets_its_stream_back_and_no_more_events() {
         bed.reactor.set_interest(tokens[0], Interest::READABLE),
         Err(Error::InvalidToken)
     ));
-    for record in &records[1..] {
+    for &record in &records[1..] {
         assert!(
-            !has_ended(record),
+            !bed.state.records[record].has_ended(),
             "the other streams are still running when the first leaves (precondition)"
         );
     }
 
     // The others complete, while the removed stream (data still pending on it, so
     // libvirt would report it READABLE) is held here, outside the reactor.
-    drive(&mut bed.reactor, LIMIT, "the other streams", |r| {
-        r.is_empty()
-    });
+    bed.drive(LIMIT, "the other streams", |r, _| r.is_empty());
     for i in 1..4 {
-        assert!(
-            is_finished(&records[i]),
-            "stream {i}: {:?}",
-            lock(&records[i]).end
-        );
-        assert_eq!(lock(&records[i]).closes, 1);
-        assert!(
-            lock(&records[i]).bytes == contents[i],
-            "stream {i}: content"
-        );
+        let record = &bed.state.records[records[i]];
+        assert!(record.is_finished(), "stream {i}: {:?}", record.end);
+        assert_eq!(record.closes, 1);
+        assert!(record.bytes == contents[i], "stream {i}: content");
     }
     for _ in 0..5 {
-        bed.reactor
-            .run_once(Some(Duration::from_millis(20)))
+        bed.run_once(Some(Duration::from_millis(20)))
             .expect("run_once");
     }
     assert_eq!(
-        lock(&records[0]).readies,
-        readies_at_removal,
+        bed.state.records[records[0]].readies, readies_at_removal,
         "the removed stream's handler was called after it left"
     );
-    assert_eq!(lock(&records[0]).bytes.len(), bytes_at_removal);
+    assert_eq!(bed.state.records[records[0]].bytes.len(), bytes_at_removal);
 
     // The stream handed back is alive: insert it again and read the rest.
     let token = bed
         .reactor
-        .insert(removed, Interest::READABLE, Reader::new(&records[0]))
+        .insert(removed, Interest::READABLE, Reader::new(records[0]))
         .expect("insert the removed stream again");
-    drive(&mut bed.reactor, LIMIT, "the re-inserted stream", |r| {
-        !r.contains(token) && has_ended(&records[0])
+    bed.drive(LIMIT, "the re-inserted stream", |r, w| {
+        !r.contains(token) && w.records[records[0]].has_ended()
     });
-    assert!(is_finished(&records[0]), "{:?}", lock(&records[0]).end);
+    let record = &bed.state.records[records[0]];
+    assert!(record.is_finished(), "{:?}", record.end);
     assert!(
-        lock(&records[0]).bytes == contents[0],
+        record.bytes == contents[0],
         "the two halves make up the volume"
     );
 
@@ -262,7 +270,7 @@ fn a_handler_that_removes_itself_gets_its_stream_back_and_no_more_events() {
 
 #[test]
 fn streams_inserted_from_other_threads_complete() {
-    let mut bed = Bed::start("threads");
+    let mut bed = Bed::start_with("threads", World::default());
     const THREADS: usize = 4;
     let contents: Vec<Vec<u8>> = (0..THREADS)
         .map(|i| pattern(20 + i as u64, 3 * MIB as usize + i))
@@ -272,23 +280,30 @@ fn streams_inserted_from_other_threads_complete() {
         .enumerate()
         .map(|(i, data)| bed.pool.volume_with(&format!("vol{i}"), data))
         .collect();
-    let records: Vec<Shared> = (0..THREADS).map(|_| Shared::default()).collect();
+    let records: Vec<usize> = (0..THREADS).map(|_| bed.state.record()).collect();
 
     let loop_thread = thread::current().id();
     let workers: Vec<_> = vols
         .iter()
         .zip(&records)
-        .map(|(vol, record)| {
+        .map(|(vol, &record)| {
             let (conn, vol, handle) = (bed.conn.clone(), vol.clone(), bed.reactor.handle());
-            let record = Arc::clone(record);
             thread::spawn(move || {
                 assert_ne!(thread::current().id(), loop_thread);
                 // Created and attached on this thread, handed over to the loop.
-                let stream = Stream::new(&conn).expect("new stream");
-                vol.download(&stream.to_virt(), 0, 0, 0)
+                let mut stream = Stream::new(&conn).expect("new stream");
+                stream
+                    .with_virt(|virt_stream| vol.download(virt_stream, 0, 0, 0))
                     .expect("attach the stream to a download");
-                let reply = handle
-                    .insert(stream, Interest::READABLE, Reader::new(&record))
+                let (reply_tx, reply) = mpsc::channel();
+                handle
+                    .execute(move |reactor, _| {
+                        let _ = reply_tx.send(reactor.insert(
+                            stream,
+                            Interest::READABLE,
+                            Reader::new(record),
+                        ));
+                    })
                     .expect("the reactor is there");
                 reply
                     .recv_timeout(LIMIT)
@@ -298,19 +313,17 @@ fn streams_inserted_from_other_threads_complete() {
         })
         .collect();
 
-    drive(
-        &mut bed.reactor,
-        LIMIT,
-        "streams from other threads",
-        |_| records.iter().all(has_ended),
-    );
+    bed.drive(LIMIT, "streams from other threads", |_, w| {
+        records.iter().all(|&r| w.records[r].has_ended())
+    });
     let tokens: Vec<StreamToken> = workers
         .into_iter()
         .map(|w| w.join().expect("worker thread"))
         .collect();
-    for (i, record) in records.iter().enumerate() {
-        assert!(is_finished(record), "stream {i}: {:?}", lock(record).end);
-        assert!(lock(record).bytes == contents[i], "stream {i}: content");
+    for (i, &record) in records.iter().enumerate() {
+        let record = &bed.state.records[record];
+        assert!(record.is_finished(), "stream {i}: {:?}", record.end);
+        assert!(record.bytes == contents[i], "stream {i}: content");
         assert!(!bed.reactor.contains(tokens[i]));
     }
     let mut distinct = tokens.clone();
@@ -331,13 +344,12 @@ const INSERT_BATCH: usize = 50;
 /// about 5 when the loop sleeps, thousands when it spins.
 const IDLE_ITERATIONS: u32 = 15;
 
-/// How many `run_once(200 ms)` iterations fit in `span`.
-fn iterations_in(reactor: &mut virt_reactor::Reactor, span: Duration) -> u32 {
+/// How many `run_once(200 ms)` iterations of the bed's reactor fit in `span`.
+fn iterations_in(bed: &mut Bed<World>, span: Duration) -> u32 {
     let end = Instant::now() + span;
     let mut iterations = 0;
     while Instant::now() < end {
-        reactor
-            .run_once(Some(Duration::from_millis(200)))
+        bed.run_once(Some(Duration::from_millis(200)))
             .expect("run_once");
         iterations += 1;
     }
@@ -346,7 +358,7 @@ fn iterations_in(reactor: &mut virt_reactor::Reactor, span: Duration) -> u32 {
 
 #[test]
 fn running_transfers_survive_the_slab_growing_under_them() {
-    let mut bed = Bed::start("grow");
+    let mut bed = Bed::start_with("grow", World::default());
     const RUNNING: usize = 4;
     const LEN: usize = 32 * MIB as usize;
     let contents: Vec<Vec<u8>> = (0..RUNNING).map(|i| pattern(30 + i as u64, LEN)).collect();
@@ -357,50 +369,41 @@ fn running_transfers_survive_the_slab_growing_under_them() {
         .collect();
     let tiny = bed.pool.volume_with("tiny", &pattern(39, 4096));
 
-    let tracker = Tracker::default();
     for (i, vol) in vols.iter().enumerate() {
         let file = bed.out(&format!("file{i}"));
-        let (index, _) = bed
-            .download(&tracker, vol, &file)
-            .expect("start a download");
+        let (index, _) = bed.download(vol, &file).expect("start a download");
         assert_eq!(index, i);
     }
-    drive(
-        &mut bed.reactor,
-        LIMIT,
-        "every transfer has started",
-        |_| (0..RUNNING).all(|i| tracker.position(i) > 0),
-    );
+    bed.drive(LIMIT, "every transfer has started", |_, w| {
+        (0..RUNNING).all(|i| w.tracker.position(i) > 0)
+    });
 
-    let idle: Vec<Shared> = (0..IDLE_STREAMS).map(|_| Shared::default()).collect();
+    let idle: Vec<usize> = (0..IDLE_STREAMS).map(|_| bed.state.record()).collect();
     let mut idle_tokens = Vec::new();
     for batch in idle.chunks(INSERT_BATCH) {
-        for record in batch {
+        for &record in batch {
             let stream = download_stream(&bed, &tiny);
             idle_tokens.push(
                 bed.reactor
-                    .insert(stream, Interest::NONE, Idle(Arc::clone(record)))
+                    .insert(stream, Interest::NONE, Idle(record))
                     .expect("insert an idle stream"),
             );
         }
         // Let the transfers move between reallocations.
-        bed.reactor
-            .run_once(Some(Duration::ZERO))
-            .expect("run_once");
+        bed.run_once(Some(Duration::ZERO)).expect("run_once");
     }
     assert_eq!(bed.reactor.len(), RUNNING + IDLE_STREAMS);
     for i in 0..RUNNING {
+        let tracker = &bed.state.tracker;
         assert!(
             !tracker.is_ended(i) && tracker.position(i) < LEN as u64,
             "transfer {i} is still mid-flight after the slab grew (precondition)"
         );
     }
 
-    drive(&mut bed.reactor, LIMIT, "the running transfers", |_| {
-        tracker.all_ended()
-    });
+    bed.drive(LIMIT, "the running transfers", |_, w| w.tracker.all_ended());
     for (i, data) in contents.iter().enumerate() {
-        assert_eq!(tracker.ok(i).data_bytes, LEN as u64);
+        assert_eq!(bed.state.tracker.ok(i).data_bytes, LEN as u64);
         assert!(
             file_is(&bed.out(&format!("file{i}")), data),
             "transfer {i}: content"
@@ -410,18 +413,20 @@ fn running_transfers_survive_the_slab_growing_under_them() {
     assert_eq!(bed.reactor.len(), IDLE_STREAMS);
     // Data is pending on every idle stream, but nobody asked for it: libvirt must
     // not be told to report it, or the loop would wake for it on every iteration.
-    let iterations = iterations_in(&mut bed.reactor, Duration::from_secs(1));
+    let iterations = iterations_in(&mut bed, Duration::from_secs(1));
     assert!(
         iterations <= IDLE_ITERATIONS,
         "{iterations} iterations in 1 s with only uninterested streams left"
     );
     for token in &idle_tokens {
-        bed.reactor.abort(*token).expect("abort an idle stream");
+        bed.reactor
+            .abort(*token, &mut bed.state)
+            .expect("abort an idle stream");
     }
     // A remote stream's abort waits for the daemon's answer, off the loop.
-    drive(&mut bed.reactor, LIMIT, "the aborts", |r| r.is_empty());
-    for (i, record) in idle.iter().enumerate() {
-        let record = lock(record);
+    bed.drive(LIMIT, "the aborts", |r, _| r.is_empty());
+    for (i, &record) in idle.iter().enumerate() {
+        let record = &bed.state.records[record];
         assert_eq!(
             record.readies, 0,
             "idle stream {i} was called without interest"
@@ -439,46 +444,51 @@ fn running_transfers_survive_the_slab_growing_under_them() {
 
 #[test]
 fn stale_tokens_are_refused_and_never_reach_a_new_stream() {
-    let mut bed = Bed::start("stale");
+    let mut bed = Bed::start_with("stale", World::default());
     let small = pattern(40, 256 * KIB as usize);
     let big = pattern(41, 32 * MIB as usize);
     let small_vol = bed.pool.volume_with("small", &small);
     let big_vol = bed.pool.volume_with("big", &big);
 
-    let first = Shared::default();
+    let first = bed.state.record();
     let stream = download_stream(&bed, &small_vol);
     let old = bed
         .reactor
-        .insert(stream, Interest::READABLE, Reader::new(&first))
+        .insert(stream, Interest::READABLE, Reader::new(first))
         .expect("insert");
-    drive(&mut bed.reactor, LIMIT, "the first stream", |r| {
-        r.is_empty()
-    });
-    assert!(is_finished(&first) && lock(&first).bytes == small);
+    bed.drive(LIMIT, "the first stream", |r, _| r.is_empty());
+    let record = &bed.state.records[first];
+    assert!(record.is_finished() && record.bytes == small);
 
     // A finished stream's token, its slot empty.
     assert!(!bed.reactor.contains(old));
-    let refused = |reactor: &mut virt_reactor::Reactor, token: StreamToken| {
+    let refused = |reactor: &mut Reactor<World>, state: &mut World, token: StreamToken| {
         assert!(matches!(
             reactor.set_interest(token, Interest::NONE),
             Err(Error::InvalidToken)
         ));
-        assert!(matches!(reactor.finish(token), Err(Error::InvalidToken)));
-        assert!(matches!(reactor.abort(token), Err(Error::InvalidToken)));
+        assert!(matches!(
+            reactor.finish(token, state),
+            Err(Error::InvalidToken)
+        ));
+        assert!(matches!(
+            reactor.abort(token, state),
+            Err(Error::InvalidToken)
+        ));
         assert!(matches!(reactor.remove(token), Err(Error::InvalidToken)));
         assert!(matches!(
             reactor.writer(token, 1024),
             Err(Error::InvalidToken)
         ));
     };
-    refused(&mut bed.reactor, old);
+    refused(&mut bed.reactor, &mut bed.state, old);
 
     // The slot is reused by a new stream: same key, new generation.
-    let second = Shared::default();
+    let second = bed.state.record();
     let stream = download_stream(&bed, &big_vol);
     let new = bed
         .reactor
-        .insert(stream, Interest::READABLE, Reader::new(&second))
+        .insert(stream, Interest::READABLE, Reader::new(second))
         .expect("insert");
     let ((old_key, old_gen), (new_key, new_gen)) =
         (key_and_generation(old), key_and_generation(new));
@@ -487,24 +497,23 @@ fn stale_tokens_are_refused_and_never_reach_a_new_stream() {
     assert_ne!(old, new);
     assert!(bed.reactor.contains(new) && !bed.reactor.contains(old));
 
-    drive(
-        &mut bed.reactor,
-        LIMIT,
-        "the second stream has started",
-        |_| !lock(&second).bytes.is_empty(),
+    bed.drive(LIMIT, "the second stream has started", |_, w| {
+        !w.records[second].bytes.is_empty()
+    });
+    assert!(
+        !bed.state.records[second].has_ended(),
+        "mid-flight (precondition)"
     );
-    assert!(!has_ended(&second), "mid-flight (precondition)");
     // Each of these would stall (NONE), end early (finish), abort or take the new
-    // stream if the old token reached it.
-    refused(&mut bed.reactor, old);
+    // stream if the old token reached it; also when queued from the handle (a
+    // panic in the job fails the next `run_once`, and so `drive`).
+    refused(&mut bed.reactor, &mut bed.state, old);
     bed.reactor
         .handle()
-        .set_interest(old, Interest::NONE)
-        .expect("the command is queued");
-    drive(&mut bed.reactor, LIMIT, "the second stream", |r| {
-        r.is_empty()
-    });
-    let record = lock(&second);
+        .execute(move |reactor, state| refused(reactor, state, old))
+        .expect("the job is queued");
+    bed.drive(LIMIT, "the second stream", |r, _| r.is_empty());
+    let record = &bed.state.records[second];
     assert!(
         matches!(record.end, Some(Ended::Finished)),
         "{:?}",
@@ -512,7 +521,6 @@ fn stale_tokens_are_refused_and_never_reach_a_new_stream() {
     );
     assert_eq!(record.closes, 1);
     assert!(record.bytes == big, "the new stream got all of its data");
-    drop(record);
 
     drop((small_vol, big_vol));
     bed.finish();
@@ -520,22 +528,23 @@ fn stale_tokens_are_refused_and_never_reach_a_new_stream() {
 
 #[test]
 fn a_stream_writer_blocks_while_full_and_the_loop_finishes_the_upload() {
-    let mut bed = Bed::start("writer");
+    let mut bed = Bed::start_with("writer", World::default());
     const LEN: usize = 8 * MIB as usize;
     const CAPACITY: usize = 64 * KIB as usize;
     const PIECE: usize = MIB as usize;
     let data = pattern(50, LEN);
     let vol = bed.pool.create_volume("written", LEN as u64);
 
-    let stream = Stream::new(&bed.conn).expect("new stream");
-    vol.upload(&stream.to_virt(), 0, LEN as u64, 0)
+    let mut stream = Stream::new(&bed.conn).expect("new stream");
+    stream
+        .with_virt(|virt_stream| vol.upload(virt_stream, 0, LEN as u64, 0))
         .expect("attach the stream to an upload");
-    let record = Shared::default();
+    let record = bed.state.record();
     // No interest of its own: only the writer's bytes make the reactor ask for
     // WRITABLE.
     let token = bed
         .reactor
-        .insert(stream, Interest::NONE, Idle(Arc::clone(&record)))
+        .insert(stream, Interest::NONE, Idle(record))
         .expect("insert");
     let writer = bed.reactor.writer(token, CAPACITY).expect("writer");
     let handle = bed.reactor.handle();
@@ -556,8 +565,8 @@ fn a_stream_writer_blocks_while_full_and_the_loop_finishes_the_upload() {
         }
         let (tx, rx) = mpsc::channel();
         handle
-            .execute(move |r| {
-                let _ = tx.send(r.finish(token).map_err(|e| e.to_string()));
+            .execute(move |reactor, state| {
+                let _ = tx.send(reactor.finish(token, state).map_err(|e| e.to_string()));
             })
             .expect("the reactor is there");
         let finished = rx.recv_timeout(LIMIT).expect("the loop ran the job");
@@ -565,8 +574,8 @@ fn a_stream_writer_blocks_while_full_and_the_loop_finishes_the_upload() {
         (most_pending, finished, late)
     });
 
-    drive(&mut bed.reactor, LIMIT, "the written upload", |_| {
-        has_ended(&record)
+    bed.drive(LIMIT, "the written upload", |_, w| {
+        w.records[record].has_ended()
     });
     let (most_pending, finished, late) = producer.join().expect("producer thread");
     assert!(
@@ -578,7 +587,7 @@ fn a_stream_writer_blocks_while_full_and_the_loop_finishes_the_upload() {
         "write_all returned with {most_pending} bytes queued, more than the {CAPACITY} bound"
     );
     assert_eq!(finished, Ok(()), "finish from the loop thread");
-    let record = lock(&record);
+    let record = &bed.state.records[record];
     assert!(
         matches!(record.end, Some(Ended::Finished)),
         "{:?}",
@@ -588,7 +597,6 @@ fn a_stream_writer_blocks_while_full_and_the_loop_finishes_the_upload() {
         record.readies, 0,
         "WRITABLE for the outbox is not the handler's"
     );
-    drop(record);
     assert!(!bed.reactor.contains(token));
     assert!(
         file_is(&bed.pool.path_of("written"), &data),
@@ -599,19 +607,25 @@ fn a_stream_writer_blocks_while_full_and_the_loop_finishes_the_upload() {
     bed.finish();
 }
 
-/// Panics on its first event; tells whether it was dropped or told its end.
+/// Panics on its first event; its record tells whether it was told its end, the
+/// flag whether it was dropped.
 struct Panicker {
+    record: usize,
     dropped: Arc<AtomicBool>,
-    closed: Arc<AtomicBool>,
 }
 
-impl StreamHandler for Panicker {
-    fn ready(&mut self, _cx: &mut StreamCtx<'_>, _readiness: Readiness) -> Flow {
+impl StreamHandler<World> for Panicker {
+    fn ready(
+        &mut self,
+        _world: &mut World,
+        _cx: &mut StreamCtx<'_>,
+        _readiness: Readiness,
+    ) -> Flow {
         panic!("handler boom");
     }
 
-    fn closed(&mut self, _end: StreamEnd) {
-        self.closed.store(true, Ordering::SeqCst);
+    fn closed(&mut self, world: &mut World, _end: StreamEnd) {
+        world.records[self.record].closes += 1;
     }
 }
 
@@ -623,16 +637,14 @@ impl Drop for Panicker {
 
 #[test]
 fn a_panicking_handler_aborts_only_its_stream() {
-    let mut bed = Bed::start("panic");
+    let mut bed = Bed::start_with("panic", World::default());
     let data = pattern(60, 32 * MIB as usize);
     let vol = bed.pool.volume_with("vol", &data);
 
-    let tracker = Tracker::default();
     let file = bed.out("file");
-    let (other, _) = bed
-        .download(&tracker, &vol, &file)
-        .expect("start the download");
-    let (dropped, closed) = (Arc::default(), Arc::default());
+    let (other, _) = bed.download(&vol, &file).expect("start the download");
+    let dropped = Arc::new(AtomicBool::new(false));
+    let record = bed.state.record();
     let stream = download_stream(&bed, &vol);
     let token = bed
         .reactor
@@ -640,18 +652,18 @@ fn a_panicking_handler_aborts_only_its_stream() {
             stream,
             Interest::READABLE,
             Panicker {
+                record,
                 dropped: Arc::clone(&dropped),
-                closed: Arc::clone(&closed),
             },
         )
         .expect("insert");
 
     let deadline = Instant::now() + LIMIT;
     let mut errors = Vec::new();
-    while !tracker.is_ended(other) {
+    while !bed.state.tracker.is_ended(other) {
         assert!(Instant::now() < deadline, "the other transfer did not end");
-        if let Err(e) = bed.reactor.run_once(Some(Duration::from_millis(100))) {
-            errors.push((e, tracker.is_ended(other)));
+        if let Err(e) = bed.run_once(Some(Duration::from_millis(100))) {
+            errors.push((e, bed.state.tracker.is_ended(other)));
         }
     }
     assert_eq!(errors.len(), 1, "exactly one error: {errors:?}");
@@ -669,11 +681,11 @@ fn a_panicking_handler_aborts_only_its_stream() {
     );
     assert!(!bed.reactor.contains(token), "the panicked stream left");
     assert!(dropped.load(Ordering::SeqCst), "its handler was dropped");
-    assert!(
-        !closed.load(Ordering::SeqCst),
+    assert_eq!(
+        bed.state.records[record].closes, 0,
         "a panicked handler is not called again"
     );
-    assert_eq!(tracker.ok(other).data_bytes, data.len() as u64);
+    assert_eq!(bed.state.tracker.ok(other).data_bytes, data.len() as u64);
     assert!(file_is(&file, &data), "the other transfer's content");
     // `finish` drains the loop to idle: the aborted stream's libvirt callback (a
     // timer on the loop) is gone too.
@@ -688,32 +700,30 @@ fn a_panicking_handler_aborts_only_its_stream() {
 #[test]
 fn a_stream_held_outside_the_reactor_stalls_no_new_stream_of_its_connection() {
     const LEN: usize = 2 * MIB as usize;
-    let mut bed = Bed::start("held");
+    let mut bed = Bed::start_with("held", World::default());
     let held_vol = bed.pool.volume_with("held", &pattern(11, LEN));
-    let record: Shared = Arc::default();
-    let mut reader = Reader::new(&record);
+    let record = bed.state.record();
+    let mut reader = Reader::new(record);
     reader.remove_after = Some(1);
     bed.reactor
         .insert(download_stream(&bed, &held_vol), Interest::READABLE, reader)
         .expect("insert");
-    drive(&mut bed.reactor, LIMIT, "the stream removes itself", |r| {
-        r.is_empty()
-    });
-    let Some(Ended::Removed(held)) = lock(&record).end.take() else {
-        panic!("expected StreamEnd::Removed, got {:?}", lock(&record).end);
+    bed.drive(LIMIT, "the stream removes itself", |r, _| r.is_empty());
+    let Some(Ended::Removed(held)) = bed.state.records[record].end.take() else {
+        panic!(
+            "expected StreamEnd::Removed, got {:?}",
+            bed.state.records[record].end
+        );
     };
 
     let data = pattern(12, LEN);
     let vol = bed.pool.volume_with("after", &data);
     let file = bed.out("after");
-    let tracker = Tracker::default();
-    let (index, _) = bed
-        .download(&tracker, &vol, &file)
-        .expect("start a download");
-    drive(&mut bed.reactor, LIMIT, "a new download finishes", |_| {
-        tracker.is_ended(index)
+    let (index, _) = bed.download(&vol, &file).expect("start a download");
+    bed.drive(LIMIT, "a new download finishes", |_, w| {
+        w.tracker.is_ended(index)
     });
-    assert_eq!(tracker.ok(index).data_bytes, LEN as u64);
+    assert_eq!(bed.state.tracker.ok(index).data_bytes, LEN as u64);
     assert!(file_is(&file, &data), "the download arrived intact");
 
     drop(held);

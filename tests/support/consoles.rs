@@ -325,15 +325,15 @@ impl Transcript {
     }
 }
 
-/// A private daemon, a reactor running on a thread of its own, a connection and a
-/// [`ConsoleMux`] on it. Dropping it (also when a test fails) destroys the guests it
+/// A private daemon, a reactor (state `()`) running on a thread of its own, a
+/// connection and a [`ConsoleMux`] on it. Dropping it (also when a test fails) destroys the guests it
 /// booted, detaches the consoles and stops the reactor; the daemon's drop then kills
 /// whatever is left.
 pub struct MuxRig {
     pub testbed: Testbed,
-    pub handle: ReactorHandle,
+    pub handle: ReactorHandle<()>,
     guests: Option<Guests>,
-    mux: Option<ConsoleMux>,
+    mux: Option<ConsoleMux<()>>,
     conn: Option<Connect>,
     loop_thread: Option<JoinHandle<virt_reactor::Result<DrainReport>>>,
     /// Last, so that it outlives everything that talks to it.
@@ -346,11 +346,15 @@ impl MuxRig {
         virt::error::clear_error_callback();
         let testbed = testbed();
         let daemon = PrivateDaemon::start().expect("start a private libvirtd");
-        let (handle, loop_thread) = spawn_reactor();
+        // Registered here, before the connection opens; moved to its thread once the
+        // mux is on it.
+        let mut reactor = Reactor::register().expect("register the reactor's event loop");
+        let handle = reactor.handle();
         let uri = daemon.uri("qemu");
         let conn = virt_reactor::connect(&uri)
             .unwrap_or_else(|e| panic!("connect {uri}: {e}\n{}", daemon.log_tail(30)));
-        let (mux, rx) = ConsoleMux::new(&conn, handle.clone(), options).expect("a console mux");
+        let (mux, rx) = ConsoleMux::new(&mut reactor, &conn, options).expect("a console mux");
+        let loop_thread = spawn_reactor(reactor, ());
         let rig = MuxRig {
             testbed,
             handle,
@@ -363,7 +367,7 @@ impl MuxRig {
         (rig, Transcript::new(rx))
     }
 
-    pub fn mux(&self) -> &ConsoleMux {
+    pub fn mux(&self) -> &ConsoleMux<()> {
         self.mux.as_ref().expect("the rig is running")
     }
 
@@ -397,8 +401,8 @@ impl MuxRig {
         let (done_tx, done) = crossbeam_channel::bounded(1);
         let mux = self.mux().clone();
         self.handle
-            .execute(move |reactor| {
-                mux.detach_all(reactor);
+            .execute(move |reactor, state| {
+                mux.detach_all(reactor, state);
                 let _ = done_tx.send(());
             })
             .expect("reach the reactor");
@@ -429,8 +433,8 @@ impl MuxRig {
         let mut problems = Vec::new();
         if let Some(mux) = self.mux.take() {
             let (done_tx, done) = crossbeam_channel::bounded(1);
-            let sent = self.handle.execute(move |reactor| {
-                mux.detach_all(reactor);
+            let sent = self.handle.execute(move |reactor, state| {
+                mux.detach_all(reactor, state);
                 let _ = done_tx.send(());
             });
             if sent.is_err() || done.recv_timeout(DRAIN_TIMEOUT).is_err() {
@@ -464,35 +468,28 @@ impl Drop for MuxRig {
     }
 }
 
-/// A reactor (it is not `Send`, so it is made there) running on a thread of its
-/// own until its handle's `stop`, then shut down.
-pub fn spawn_reactor() -> (ReactorHandle, JoinHandle<virt_reactor::Result<DrainReport>>) {
-    let (handle_tx, handle_rx) = crossbeam_channel::bounded(1);
-    let loop_thread = thread::Builder::new()
+/// Runs `reactor` with `state` on a thread of its own until its handle's `stop`,
+/// then shuts it down. Take the handle (`reactor.handle()`) before.
+pub fn spawn_reactor<S: Send + 'static>(
+    mut reactor: Reactor<S>,
+    mut state: S,
+) -> JoinHandle<virt_reactor::Result<DrainReport>> {
+    thread::Builder::new()
         .name("reactor".into())
         .spawn(move || {
-            let mut reactor = Reactor::register()?;
-            let _ = handle_tx.send(reactor.handle());
-            reactor.run()?;
-            reactor.shutdown(DRAIN_TIMEOUT)
+            reactor.run(&mut state)?;
+            reactor.shutdown(DRAIN_TIMEOUT, &mut state)
         })
-        .expect("spawn the reactor thread");
-    match handle_rx.recv() {
-        Ok(handle) => (handle, loop_thread),
-        Err(_) => panic!(
-            "the reactor thread failed: {:?}",
-            loop_thread.join().map(|r| r.map(drop))
-        ),
-    }
+        .expect("spawn the reactor thread")
 }
 
 /// What a [`Tap`] saw on its stream.
 #[derive(Debug)]
 pub enum Tapped {
     Output(Vec<u8>),
-    /// `recv` returned 0: end of stream.
+    /// `read` returned 0: end of stream.
     End,
-    /// `recv` failed.
+    /// `read` failed.
     Failed(String),
     /// The stream left the reactor.
     Closed(String),
@@ -516,12 +513,12 @@ impl Tap {
     }
 }
 
-impl StreamHandler for Tap {
-    fn ready(&mut self, cx: &mut StreamCtx<'_>, _readiness: Readiness) -> Flow {
+impl<S> StreamHandler<S> for Tap {
+    fn ready(&mut self, _state: &mut S, cx: &mut StreamCtx<'_>, _readiness: Readiness) -> Flow {
         let token = cx.token();
         self.token = Some(token);
         loop {
-            match cx.recv(&mut self.buf) {
+            match cx.read(&mut self.buf) {
                 Ok(0) => {
                     let _ = self.tx.send((token, Tapped::End));
                     return Flow::Finish;
@@ -540,7 +537,7 @@ impl StreamHandler for Tap {
         }
     }
 
-    fn closed(&mut self, end: StreamEnd) {
+    fn closed(&mut self, _state: &mut S, end: StreamEnd) {
         if let Some(token) = self.token {
             let _ = self.tx.send((token, Tapped::Closed(format!("{end:?}"))));
         }

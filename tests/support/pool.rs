@@ -7,13 +7,11 @@
 //! directly, which is much cheaper than a blocking upload for test setup.
 #![allow(dead_code)]
 
-use std::cell::RefCell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -21,7 +19,7 @@ use virt::connect::Connect;
 use virt::storage_pool::StoragePool;
 use virt::storage_vol::StorageVol;
 use virt_reactor::transfer::TransferStats;
-use virt_reactor::volume::{self, Callbacks, VolumeRange};
+use virt_reactor::volume::{self, VolumeRange};
 use virt_reactor::{Reactor, StreamToken};
 
 use super::daemon::PrivateDaemon;
@@ -280,29 +278,39 @@ pub fn parts_of(file: &Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// Runs the reactor until `done` holds, panicking after `limit`.
-pub fn drive(
-    reactor: &mut Reactor,
+/// Runs the reactor with `state` until `done` holds, panicking after `limit`.
+pub fn drive<S>(
+    reactor: &mut Reactor<S>,
+    state: &mut S,
     limit: Duration,
     what: &str,
-    mut done: impl FnMut(&Reactor) -> bool,
+    mut done: impl FnMut(&Reactor<S>, &S) -> bool,
 ) {
     let deadline = Instant::now() + limit;
-    while !done(reactor) {
+    while !done(reactor, state) {
         assert!(
             Instant::now() < deadline,
             "{what}: not done within {limit:?} ({} stream(s) left)",
             reactor.len()
         );
         reactor
-            .run_once(Some(Duration::from_millis(100)))
+            .run_once(Some(Duration::from_millis(100)), state)
             .unwrap_or_else(|e| panic!("{what}: run_once: {e}"));
     }
 }
 
-/// Where each transfer of a test is, filled in by its [`Callbacks`].
-#[derive(Clone, Default)]
-pub struct Tracker(Rc<RefCell<Vec<Track>>>);
+/// Where each transfer of a test is: the state of the reactor the transfers run on
+/// (or part of it, through `AsMut<Tracker>`), filled in by their callbacks.
+#[derive(Default)]
+pub struct Tracker {
+    tracks: Vec<Track>,
+}
+
+impl AsMut<Tracker> for Tracker {
+    fn as_mut(&mut self) -> &mut Tracker {
+        self
+    }
+}
 
 /// One transfer's progress and end.
 #[derive(Default)]
@@ -315,69 +323,76 @@ pub struct Track {
     pub end: Option<virt_reactor::Result<TransferStats>>,
     /// When it ended.
     pub ended_at: Option<Instant>,
-    /// How many times `done` was called (must end up exactly 1).
+    /// How many times `on_end` was called (must end up exactly 1).
     pub ends: u32,
 }
 
+/// `on_progress` for the transfer at `index` of the state's [`Tracker`].
+fn on_progress<S: AsMut<Tracker>>(index: usize) -> impl FnMut(&mut S, TransferStats) + Send {
+    move |state: &mut S, stats: TransferStats| {
+        let track = &mut state.as_mut().tracks[index];
+        track.position = stats.position();
+        track.steps += 1;
+    }
+}
+
+/// `on_end` for the transfer at `index` of the state's [`Tracker`].
+fn on_end<S: AsMut<Tracker>>(
+    index: usize,
+) -> impl FnOnce(&mut S, virt_reactor::Result<TransferStats>) + Send {
+    move |state: &mut S, result| {
+        let track = &mut state.as_mut().tracks[index];
+        track.ends += 1;
+        track.end = Some(result);
+        track.ended_at = Some(Instant::now());
+    }
+}
+
 impl Tracker {
-    /// Callbacks for a new transfer, and its index.
-    fn callbacks(&self) -> (usize, Callbacks) {
-        let index = {
-            let mut tracks = self.0.borrow_mut();
-            tracks.push(Track::default());
-            tracks.len() - 1
-        };
-        let (progress, done) = (Rc::clone(&self.0), Rc::clone(&self.0));
-        let callbacks = Callbacks {
-            progress: Box::new(move |stats: TransferStats| {
-                let mut tracks = progress.borrow_mut();
-                tracks[index].position = stats.position();
-                tracks[index].steps += 1;
-            }),
-            done: Box::new(move |result| {
-                let mut tracks = done.borrow_mut();
-                let track = &mut tracks[index];
-                track.ends += 1;
-                track.end = Some(result);
-                track.ended_at = Some(Instant::now());
-            }),
-        };
-        (index, callbacks)
+    /// A track for a new transfer: its index.
+    fn add(&mut self) -> usize {
+        self.tracks.push(Track::default());
+        self.tracks.len() - 1
     }
 
-    /// Starts a tracked `volume::download` of `vol` into `file`: its index and token.
-    pub fn download(
-        &self,
-        reactor: &mut Reactor,
-        conn: &Connect,
+    /// Starts a tracked `volume::download` of `vol` into `file` on `reactor`, whose
+    /// state holds this tracker: its index and token.
+    pub fn download<S: AsMut<Tracker> + 'static>(
+        &mut self,
+        reactor: &mut Reactor<S>,
         vol: &StorageVol,
         file: &Path,
         range: VolumeRange,
     ) -> virt_reactor::Result<(usize, StreamToken)> {
-        let (index, callbacks) = self.callbacks();
-        volume::download(reactor, conn, vol, file, range, callbacks).map(|token| (index, token))
+        let index = self.add();
+        volume::download(reactor, vol, file, range, on_progress(index), on_end(index))
+            .map(|token| (index, token))
     }
 
     /// Starts a tracked `volume::upload` of `file` into `vol`: its index and token.
-    pub fn upload(
-        &self,
-        reactor: &mut Reactor,
-        conn: &Connect,
+    pub fn upload<S: AsMut<Tracker> + 'static>(
+        &mut self,
+        reactor: &mut Reactor<S>,
         vol: &StorageVol,
         file: &Path,
         range: VolumeRange,
     ) -> virt_reactor::Result<(usize, StreamToken)> {
-        let (index, callbacks) = self.callbacks();
-        volume::upload(reactor, conn, vol, file, range, callbacks).map(|token| (index, token))
+        let index = self.add();
+        volume::upload(reactor, vol, file, range, on_progress(index), on_end(index))
+            .map(|token| (index, token))
     }
 
     pub fn len(&self) -> usize {
-        self.0.borrow().len()
+        self.tracks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tracks.is_empty()
     }
 
     /// Transfers that have ended.
     pub fn ended(&self) -> usize {
-        self.0.borrow().iter().filter(|t| t.end.is_some()).count()
+        self.tracks.iter().filter(|t| t.end.is_some()).count()
     }
 
     pub fn all_ended(&self) -> bool {
@@ -385,22 +400,26 @@ impl Tracker {
     }
 
     pub fn is_ended(&self, index: usize) -> bool {
-        self.0.borrow()[index].end.is_some()
+        self.tracks[index].end.is_some()
     }
 
     pub fn position(&self, index: usize) -> u64 {
-        self.0.borrow()[index].position
+        self.tracks[index].position
     }
 
     /// Looks at one transfer's track.
     pub fn with<T>(&self, index: usize, f: impl FnOnce(&Track) -> T) -> T {
-        f(&self.0.borrow()[index])
+        f(&self.tracks[index])
     }
 
     /// The stats of a transfer that must have ended well, exactly once.
     pub fn ok(&self, index: usize) -> TransferStats {
         self.with(index, |t| {
-            assert_eq!(t.ends, 1, "transfer {index}: done called {} times", t.ends);
+            assert_eq!(
+                t.ends, 1,
+                "transfer {index}: on_end called {} times",
+                t.ends
+            );
             match &t.end {
                 Some(Ok(stats)) => *stats,
                 Some(Err(e)) => panic!("transfer {index} failed: {e}"),
@@ -410,13 +429,16 @@ impl Tracker {
     }
 }
 
-/// A test's world: a reactor registered in this process, a private daemon with a
-/// `dir` pool, a connection opened after the registration, and a directory for
-/// downloaded files. Fields drop in this order if a test panics.
-pub struct Bed {
+/// A test's world: a reactor registered in this process with its state (a
+/// [`Tracker`] unless the test brings its own), a private daemon with a `dir` pool,
+/// a connection opened after the registration, and a directory for downloaded
+/// files. Fields drop in this order if a test panics.
+pub struct Bed<S: 'static = Tracker> {
     pub pool: DirPool,
     pub conn: Connect,
-    pub reactor: Reactor,
+    pub reactor: Reactor<S>,
+    /// What the reactor's handlers get, passed to every run call.
+    pub state: S,
     /// Downloads go here (inside the daemon's temp dir, removed with it).
     pub out: PathBuf,
     pub daemon: PrivateDaemon,
@@ -426,7 +448,15 @@ pub struct Bed {
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Bed {
+    /// A bed whose state is a fresh [`Tracker`].
     pub fn start(pool_name: &str) -> Bed {
+        Bed::start_with(pool_name, Tracker::default())
+    }
+}
+
+impl<S: 'static> Bed<S> {
+    /// A bed whose reactor's state is `state`.
+    pub fn start_with(pool_name: &str, state: S) -> Bed<S> {
         virt::error::clear_error_callback();
         let reactor = Reactor::register().expect("register the reactor's event loop");
         let daemon = PrivateDaemon::start().expect("start a private libvirtd");
@@ -438,6 +468,7 @@ impl Bed {
             pool,
             conn,
             reactor,
+            state,
             out,
             daemon,
         }
@@ -448,36 +479,19 @@ impl Bed {
         self.out.join(name)
     }
 
-    /// Starts a tracked download of all of `vol` into `file`: its index and token.
-    pub fn download(
-        &mut self,
-        tracker: &Tracker,
-        vol: &StorageVol,
-        file: &Path,
-    ) -> virt_reactor::Result<(usize, StreamToken)> {
-        tracker.download(
-            &mut self.reactor,
-            &self.conn,
-            vol,
-            file,
-            VolumeRange::default(),
-        )
+    /// One `run_once` of the reactor with the bed's state.
+    pub fn run_once(&mut self, timeout: Option<Duration>) -> virt_reactor::Result<()> {
+        self.reactor.run_once(timeout, &mut self.state)
     }
 
-    /// Starts a tracked upload of `file` into all of `vol`: its index and token.
-    pub fn upload(
+    /// [`drive`] with the bed's reactor and state.
+    pub fn drive(
         &mut self,
-        tracker: &Tracker,
-        vol: &StorageVol,
-        file: &Path,
-    ) -> virt_reactor::Result<(usize, StreamToken)> {
-        tracker.upload(
-            &mut self.reactor,
-            &self.conn,
-            vol,
-            file,
-            VolumeRange::default(),
-        )
+        limit: Duration,
+        what: &str,
+        done: impl FnMut(&Reactor<S>, &S) -> bool,
+    ) {
+        drive(&mut self.reactor, &mut self.state, limit, what, done);
     }
 
     /// Closes the connection (drop every `StorageVol` first), shuts the reactor down
@@ -487,6 +501,7 @@ impl Bed {
             pool,
             conn,
             mut reactor,
+            mut state,
             daemon,
             ..
         } = self;
@@ -494,14 +509,38 @@ impl Bed {
         drop(conn);
         let streams = reactor.len();
         reactor
-            .shutdown(DRAIN_TIMEOUT)
+            .shutdown(DRAIN_TIMEOUT, &mut state)
             .unwrap_or_else(|e| panic!("shutdown with {streams} stream(s) left: {e}"));
-        let stats = reactor.event_loop().expect("our loop").stats();
+        let stats = reactor.stats();
         assert!(
             stats.is_idle(),
             "the loop is not idle after shutdown: {stats:?}"
         );
         drop(daemon);
+    }
+}
+
+impl<S: AsMut<Tracker> + 'static> Bed<S> {
+    /// Starts a tracked download of all of `vol` into `file`: its index and token.
+    pub fn download(
+        &mut self,
+        vol: &StorageVol,
+        file: &Path,
+    ) -> virt_reactor::Result<(usize, StreamToken)> {
+        self.state
+            .as_mut()
+            .download(&mut self.reactor, vol, file, VolumeRange::default())
+    }
+
+    /// Starts a tracked upload of `file` into all of `vol`: its index and token.
+    pub fn upload(
+        &mut self,
+        vol: &StorageVol,
+        file: &Path,
+    ) -> virt_reactor::Result<(usize, StreamToken)> {
+        self.state
+            .as_mut()
+            .upload(&mut self.reactor, vol, file, VolumeRange::default())
     }
 }
 
