@@ -288,8 +288,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Runs the loop until the shutdown's destroy work is done, calling `between`
-/// after each iteration, for `grace` at most.
+/// Runs the loop until the shutdown's destroy work is done and libvirt has
+/// answered every console's end, calling `between` after each iteration, for
+/// `grace` at most.
 fn run_until_destroyed(
     reactor: &mut Reactor<Loop>,
     state: &mut Loop,
@@ -297,11 +298,13 @@ fn run_until_destroyed(
     mut between: impl FnMut(),
 ) -> virt_reactor::Result<usize> {
     let deadline = Instant::now() + grace;
+    let mut destroyed = None;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         reactor.run_once(Some(left.min(Duration::from_millis(100))), state)?;
         between();
-        if let Some(destroyed) = state.destroyed.take() {
+        destroyed = destroyed.or(state.destroyed.take());
+        if let (Some(destroyed), true) = (destroyed, reactor.is_empty()) {
             return Ok(destroyed);
         }
         if left.is_zero() {

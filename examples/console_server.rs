@@ -1283,7 +1283,8 @@ impl Server {
         }
     }
 
-    /// Runs the loop until the shutdown's destroy work is done, for `grace` at most.
+    /// Runs the loop until the shutdown's destroy work is done and the daemon has
+    /// answered every console's end, for `grace` at most.
     fn run_until_destroyed(
         &mut self,
         reactor: &mut Reactor<Libvirt>,
@@ -1291,6 +1292,7 @@ impl Server {
         events: &Receiver<ConsoleEvent>,
     ) -> virt_reactor::Result<usize> {
         let deadline = Instant::now() + grace;
+        let mut destroyed = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             reactor.run_once(
@@ -1300,7 +1302,8 @@ impl Server {
             for event in events.try_iter() {
                 log::debug!("after detach: {event:?}");
             }
-            if let Some(destroyed) = self.libvirt.destroyed.take() {
+            destroyed = destroyed.or(self.libvirt.destroyed.take());
+            if let (Some(destroyed), true) = (destroyed, reactor.is_empty()) {
                 return Ok(destroyed);
             }
             if left.is_zero() {
