@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use virt::connect::Connect;
 use virt_reactor::console::{ConsoleEvent, ConsoleMux, ConsoleOptions};
 use virt_reactor::testbed::{self, GuestMode, Guests, Testbed, BANNER};
 use virt_reactor::Reactor;
@@ -79,20 +80,9 @@ fn run(args: &Args) -> Result<(), BoxError> {
         return Err("--guests and --rounds must be at least 1".into());
     }
     let testbed = Testbed::open(&args.testbed)?;
-    // The reactor is not Send: it is made on the thread that runs it.
-    let (handle_tx, handle_rx) = crossbeam_channel::bounded(1);
-    let loop_thread = thread::spawn(move || -> virt_reactor::Result<()> {
-        let mut reactor = Reactor::register()?;
-        let _ = handle_tx.send(reactor.handle());
-        reactor.run()?;
-        reactor.shutdown(Duration::from_secs(10)).map(drop)
-    });
-    let Ok(handle) = handle_rx.recv() else {
-        let failed = loop_thread
-            .join()
-            .map_err(|_| "the reactor thread panicked")?;
-        return Err(format!("cannot start the reactor: {failed:?}").into());
-    };
+    // Built here, and run on a thread of its own once the mux is made.
+    let mut reactor = Reactor::register()?;
+    let mut state = Loop::default();
     let root = match &args.uri {
         Some(_) => None,
         None => Some(std::env::temp_dir().join(format!("console-latency-{}", std::process::id()))),
@@ -103,8 +93,15 @@ fn run(args: &Args) -> Result<(), BoxError> {
         (None, None) => unreachable!("no uri means an embedded root"),
     };
     println!("driver: {uri}");
-    let conn = virt_reactor::connect(&uri)?;
-    let (mux, events) = ConsoleMux::new(&conn, handle.clone(), ConsoleOptions::default())?;
+    let conn = connect(&mut reactor, &mut state, uri)?;
+    let (mux, events) = ConsoleMux::new(&mut reactor, &conn, ConsoleOptions::default())?;
+    let handle = reactor.handle();
+    let loop_thread = thread::spawn(move || -> virt_reactor::Result<()> {
+        reactor.run(&mut state)?;
+        reactor
+            .shutdown(Duration::from_secs(10), &mut state)
+            .map(drop)
+    });
     let guests = Guests::new();
 
     let result = measure(args, &testbed, &conn, &mux, events, &guests);
@@ -113,8 +110,8 @@ fn run(args: &Args) -> Result<(), BoxError> {
     drop(guests);
     let (done_tx, done) = crossbeam_channel::bounded(1);
     let detach = mux.clone();
-    handle.execute(move |reactor| {
-        detach.detach_all(reactor);
+    handle.execute(move |reactor, state| {
+        detach.detach_all(reactor, state);
         let _ = done_tx.send(());
     })?;
     let _ = done.recv_timeout(Duration::from_secs(10));
@@ -129,11 +126,40 @@ fn run(args: &Args) -> Result<(), BoxError> {
     result.and(drained.map_err(Into::into))
 }
 
+/// The reactor's state: the connection, once the worker that opens it is done.
+#[derive(Default)]
+struct Loop {
+    connected: Option<virt_reactor::Result<Connect>>,
+}
+
+/// Opens `uri` off this thread while this thread runs the loop: with the
+/// in-process driver, opening it waits on QEMU, whose monitor the loop serves.
+fn connect(
+    reactor: &mut Reactor<Loop>,
+    state: &mut Loop,
+    uri: String,
+) -> Result<Connect, BoxError> {
+    reactor.handle().spawn_blocking(
+        move || virt_reactor::connect(&uri),
+        |_, state: &mut Loop, connected| state.connected = Some(connected),
+    )?;
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        reactor.run_once(Some(Duration::from_millis(100)), state)?;
+        if let Some(connected) = state.connected.take() {
+            return Ok(connected?);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no connection after {BOOT_TIMEOUT:?}").into());
+        }
+    }
+}
+
 fn measure(
     args: &Args,
     testbed: &Testbed,
-    conn: &virt::connect::Connect,
-    mux: &ConsoleMux,
+    conn: &Connect,
+    mux: &ConsoleMux<Loop>,
     events: Receiver<ConsoleEvent>,
     guests: &Guests,
 ) -> Result<(), BoxError> {
@@ -215,7 +241,7 @@ fn measure(
 /// Round trips on `names`, all concurrently, each console sequentially; returns
 /// the counted latencies per console.
 fn echo_phase(
-    mux: &ConsoleMux,
+    mux: &ConsoleMux<Loop>,
     consoles: &mut Consoles,
     names: &[String],
     args: &Args,

@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use virt::connect::Connect;
 use virt_reactor::console::{ConsoleEnd, ConsoleEvent, ConsoleMux, ConsoleOptions};
 use virt_reactor::testbed::{self, GuestMode, Testbed, BANNER};
@@ -73,19 +73,22 @@ fn seconds(text: &str) -> Result<f64, String> {
 /// The connection, the consoles, their events, and the guests this run booted.
 struct Session {
     conn: Connect,
-    mux: ConsoleMux,
+    mux: ConsoleMux<Loop>,
     events: Receiver<ConsoleEvent>,
     booted: Vec<String>,
 }
 
-/// What the stdin thread and the set-up worker tell the loop thread.
-enum Note {
-    Ready(Session),
-    SetupFailed(String),
-    /// End of input or Ctrl-]: quit after `--linger`.
-    Quit,
-    /// SIGINT, SIGTERM or SIGHUP: quit now.
-    Signal,
+/// The reactor's state: what the set-up, the stdin thread, signals and the shutdown
+/// tell the loop (through `execute` jobs and `spawn_blocking`, on the loop thread).
+#[derive(Default)]
+struct Loop {
+    /// The set-up's outcome, once it is known.
+    setup: Option<Result<Session, String>>,
+    /// When to quit: after `--linger` at end of input or Ctrl-], now on SIGINT,
+    /// SIGTERM or SIGHUP.
+    quit_at: Option<Instant>,
+    /// How many guests the shutdown destroyed, once it has.
+    destroyed: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -103,15 +106,14 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Before anything starts: a bad log directory must not leave guests behind.
     let mut out = Output::new(args.log_dir.clone())?;
-    let mut reactor = Reactor::register()?;
+    let mut reactor = Reactor::<Loop>::register()?;
+    let mut state = Loop::default();
     let handle = reactor.handle();
-    let (notes_tx, notes) = crossbeam_channel::unbounded();
     {
         // Ctrl-C and SIGTERM quit as cleanly as end of input, without lingering.
-        let (notes_tx, handle) = (notes_tx.clone(), handle.clone());
+        let handle = handle.clone();
         ctrlc::set_handler(move || {
-            let _ = notes_tx.send(Note::Signal);
-            handle.wake();
+            let _ = handle.execute(|_, state| state.quit_at = Some(Instant::now()));
         })?;
     }
     let embed_root = match &args.uri {
@@ -120,46 +122,39 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
 
     // Opening the connection and booting guests block on replies that, with the
-    // in-process driver, come through the loop: so they run on a worker thread
-    // while this thread runs the loop.
-    {
-        let (args_uri, domains, guests) = (args.uri.clone(), args.domains.clone(), args.guests);
-        let (testbed_dir, root, force) = (args.testbed.clone(), embed_root.clone(), args.force);
-        let (handle, notes_tx) = (handle.clone(), notes_tx.clone());
-        thread::spawn(move || {
-            let note = set_up(args_uri, domains, guests, testbed_dir, root, force, handle)
-                .map_or_else(Note::SetupFailed, Note::Ready);
-            let _ = notes_tx.send(note);
-        });
+    // in-process driver, come through the loop: so they run on worker threads
+    // while this thread runs the loop. The outcome arrives in `state.setup`.
+    SetUp {
+        uri: args.uri.clone(),
+        domains: args.domains.clone(),
+        guests: args.guests,
+        testbed: args.testbed.clone(),
+        root: embed_root.clone(),
+        force: args.force,
     }
+    .start(&handle)?;
 
     let mut session: Option<Session> = None;
     let mut waiting_for: BTreeMap<String, bool> = BTreeMap::new(); // name -> banner seen
     let mut input_started = false;
-    let mut quit_at: Option<Instant> = None;
     // Consoles that failed to attach or failed later: the exit status tells.
     let mut failed: Vec<String> = Vec::new();
 
     let result: Result<(), String> = 'run: loop {
-        if let Err(e) = reactor.run_once(Some(Duration::from_millis(100))) {
+        if let Err(e) = reactor.run_once(Some(Duration::from_millis(100)), &mut state) {
             break Err(e.to_string()); // still clean up below
         }
-        for note in notes.try_iter() {
-            match note {
-                Note::Ready(ready) => {
-                    // Booted guests are ready at their banner; running ones once
-                    // their console is attached.
-                    for name in ready.mux.names() {
-                        waiting_for.insert(name, false);
-                    }
-                    session = Some(ready);
+        match state.setup.take() {
+            Some(Ok(ready)) => {
+                // Booted guests are ready at their banner; running ones once
+                // their console is attached.
+                for name in ready.mux.names() {
+                    waiting_for.insert(name, false);
                 }
-                Note::SetupFailed(e) => break 'run Err(e),
-                Note::Quit => {
-                    quit_at.get_or_insert(Instant::now() + Duration::from_secs_f64(args.linger));
-                }
-                Note::Signal => quit_at = Some(Instant::now()),
+                session = Some(ready);
             }
+            Some(Err(e)) => break 'run Err(e),
+            None => {}
         }
         let Some(Session {
             mux,
@@ -216,14 +211,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 names.len(),
                 names.join(", ")
             ));
-            spawn_input(mux.clone(), names, handle.clone(), notes_tx.clone());
+            let linger = Duration::from_secs_f64(args.linger);
+            spawn_input(mux.clone(), names, handle.clone(), linger);
         }
         if !input_started && waiting_for.is_empty() {
             // Every console failed or ended before its banner: input would never
             // start, so neither end of input nor Ctrl-] could quit.
             break Err("no console came up".to_owned());
         }
-        if quit_at.is_some_and(|at| Instant::now() >= at) {
+        if state.quit_at.is_some_and(|at| Instant::now() >= at) {
             break match failed.is_empty() {
                 true => Ok(()),
                 false => Err(format!("console(s) failed: {}", failed.join("; "))),
@@ -249,27 +245,33 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         booted,
     }) = session
     {
-        mux.detach_all(&mut reactor);
-        destroyed = reactor.run_blocking(
-            // Off the loop thread: destroy waits on QEMU's monitor, which the loop serves.
-            move || {
-                let destroyed = testbed::destroy(&conn, &booted);
-                drop((mux, conn));
-                destroyed
-            },
-            grace,
-            |_| {
-                for event in events.try_iter() {
-                    let _ = out.event(&event);
-                }
-            },
-        );
+        mux.detach_all(&mut reactor, &mut state);
+        // Off the loop thread: destroy waits on QEMU's monitor, which the loop serves.
+        destroyed = handle
+            .spawn_blocking(
+                move || {
+                    let destroyed = testbed::destroy(&conn, &booted);
+                    drop((mux, conn));
+                    destroyed
+                },
+                |_, state, destroyed| state.destroyed = Some(destroyed),
+            )
+            .and_then(|()| {
+                run_until_destroyed(&mut reactor, &mut state, grace, || {
+                    for event in events.try_iter() {
+                        let _ = out.event(&event);
+                    }
+                })
+            });
         out.flush_all();
         if let Ok(n @ 1..) = destroyed {
             out.note(&format!("destroyed {n} guest(s)"));
         }
     }
-    let drained = reactor.shutdown(grace.saturating_sub(shutting_down.elapsed()).max(MIN_DRAIN));
+    let drained = reactor.shutdown(
+        grace.saturating_sub(shutting_down.elapsed()).max(MIN_DRAIN),
+        &mut state,
+    );
     log::debug!("drained: {drained:?}");
     let unanswered = |e: virt_reactor::Error| match e {
         virt_reactor::Error::TimedOut | virt_reactor::Error::DrainTimedOut { .. } => {
@@ -286,76 +288,155 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn set_up(
+/// Runs the loop until the shutdown's destroy work is done and libvirt has
+/// answered every console's end, calling `between` after each iteration, for
+/// `grace` at most.
+fn run_until_destroyed(
+    reactor: &mut Reactor<Loop>,
+    state: &mut Loop,
+    grace: Duration,
+    mut between: impl FnMut(),
+) -> virt_reactor::Result<usize> {
+    let deadline = Instant::now() + grace;
+    let mut destroyed = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        reactor.run_once(Some(left.min(Duration::from_millis(100))), state)?;
+        between();
+        destroyed = destroyed.or(state.destroyed.take());
+        if let (Some(destroyed), true) = (destroyed, reactor.is_empty()) {
+            return Ok(destroyed);
+        }
+        if left.is_zero() {
+            return Err(virt_reactor::Error::TimedOut);
+        }
+    }
+}
+
+/// What the set-up needs.
+struct SetUp {
     uri: Option<String>,
     domains: Vec<String>,
     guests: usize,
-    testbed_dir: PathBuf,
+    testbed: PathBuf,
     root: Option<PathBuf>,
     force: bool,
-    handle: ReactorHandle,
-) -> Result<Session, String> {
-    let uri = match (&uri, &root) {
-        (Some(uri), _) => uri.clone(),
-        (None, Some(root)) => {
-            testbed::embed_root(root).map_err(|e| format!("embedded driver: {e}"))?
-        }
-        (None, None) => unreachable!("no uri means an embedded root"),
-    };
-    let conn = virt_reactor::connect(&uri).map_err(|e| format!("{uri}: {e}"))?;
-    let options = ConsoleOptions {
-        force,
-        reopen: true,
-        ..ConsoleOptions::default()
-    };
-    let (mux, events) =
-        ConsoleMux::new(&conn, handle, options).map_err(|e| format!("consoles: {e}"))?;
-    let mut booted = Vec::new();
-    if root.is_some() {
-        let testbed = Testbed::open(&testbed_dir).map_err(|e| e.to_string())?;
-        for i in 1..=guests {
-            let name = format!("tb-{i}");
-            mux.boot(&name, &testbed.guest_xml(&name, GuestMode::Plain))
-                .map_err(|e| e.to_string())?;
-            booted.push(name);
-        }
-    } else {
-        let names = if domains.is_empty() {
-            conn.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-                .map_err(|e| e.to_string())?
-                .iter()
-                .filter_map(|d| d.name().ok())
-                .collect()
-        } else {
-            domains
-        };
-        if names.is_empty() {
-            return Err(format!("{uri}: no running domains"));
-        }
-        // Named domains that are missing or stopped fail now, not after "ready".
-        for name in &names {
-            let domain = conn
-                .lookup_domain_by_name(name)
-                .map_err(|e| format!("{name}: {}", e.message()))?;
-            if !domain.is_active().map_err(|e| format!("{name}: {e}"))? {
-                return Err(format!("{name}: the domain is not running"));
+}
+
+impl SetUp {
+    /// Connects on a worker thread, then makes the consoles on the loop thread and
+    /// boots the testbed guests or attaches to running domains. The outcome arrives
+    /// in [`Loop::setup`].
+    fn start(self, handle: &ReactorHandle<Loop>) -> virt_reactor::Result<()> {
+        handle.spawn_blocking(
+            move || {
+                let connected = self.connect();
+                (self, connected)
+            },
+            |reactor, state, (setup, connected)| {
+                let session = connected.and_then(|(uri, conn)| setup.consoles(reactor, uri, conn));
+                // `None`: the domains are checked on another worker, which reports.
+                state.setup = session.transpose();
+            },
+        )
+    }
+
+    /// On a worker thread: the connection, and its URI.
+    fn connect(&self) -> Result<(String, Connect), String> {
+        let uri = match (&self.uri, &self.root) {
+            (Some(uri), _) => uri.clone(),
+            (None, Some(root)) => {
+                testbed::embed_root(root).map_err(|e| format!("embedded driver: {e}"))?
             }
+            (None, None) => unreachable!("no uri means an embedded root"),
+        };
+        let conn = virt_reactor::connect(&uri).map_err(|e| format!("{uri}: {e}"))?;
+        Ok((uri, conn))
+    }
+
+    /// On the loop thread: the consoles; boots the testbed guests, or checks and
+    /// attaches to the running domains on a worker (then the result is `None`).
+    fn consoles(
+        self,
+        reactor: &mut Reactor<Loop>,
+        uri: String,
+        conn: Connect,
+    ) -> Result<Option<Session>, String> {
+        let options = ConsoleOptions {
+            force: self.force,
+            reopen: true,
+            ..ConsoleOptions::default()
+        };
+        let (mux, events) =
+            ConsoleMux::new(reactor, &conn, options).map_err(|e| format!("consoles: {e}"))?;
+        let mut session = Session {
+            conn,
+            mux,
+            events,
+            booted: Vec::new(),
+        };
+        if self.root.is_some() {
+            let testbed = Testbed::open(&self.testbed).map_err(|e| e.to_string())?;
+            for i in 1..=self.guests {
+                let name = format!("tb-{i}");
+                session
+                    .mux
+                    .boot(&name, &testbed.guest_xml(&name, GuestMode::Plain))
+                    .map_err(|e| e.to_string())?;
+                session.booted.push(name);
+            }
+            return Ok(Some(session));
         }
-        for name in names {
-            mux.attach(&name).map_err(|e| e.to_string())?;
+        let domains = self.domains;
+        reactor
+            .handle()
+            .spawn_blocking(
+                move || attach_running(&session, &uri, domains).map(|()| session),
+                |_, state, session| state.setup = Some(session),
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(None)
+    }
+}
+
+/// On a worker thread: attaches to the running `domains` (or all), after checking
+/// that each runs.
+fn attach_running(session: &Session, uri: &str, domains: Vec<String>) -> Result<(), String> {
+    let Session { conn, mux, .. } = session;
+    let names = if domains.is_empty() {
+        conn.list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            .map_err(|e| e.to_string())?
+            .iter()
+            .filter_map(|d| d.name().ok())
+            .collect()
+    } else {
+        domains
+    };
+    if names.is_empty() {
+        return Err(format!("{uri}: no running domains"));
+    }
+    // Named domains that are missing or stopped fail now, not after "ready".
+    for name in &names {
+        let domain = conn
+            .lookup_domain_by_name(name)
+            .map_err(|e| format!("{name}: {}", e.message()))?;
+        if !domain.is_active().map_err(|e| format!("{name}: {e}"))? {
+            return Err(format!("{name}: the domain is not running"));
         }
     }
-    Ok(Session {
-        conn,
-        mux,
-        events,
-        booted,
-    })
+    for name in names {
+        mux.attach(&name).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// Reads stdin lines and routes them; tells the loop to quit at the end.
-fn spawn_input(mux: ConsoleMux, names: Vec<String>, handle: ReactorHandle, notes: Sender<Note>) {
+fn spawn_input(
+    mux: ConsoleMux<Loop>,
+    names: Vec<String>,
+    handle: ReactorHandle<Loop>,
+    linger: Duration,
+) {
     thread::spawn(move || {
         let mut selected = names[0].clone();
         for line in io::stdin().lock().lines() {
@@ -390,8 +471,10 @@ fn spawn_input(mux: ConsoleMux, names: Vec<String>, handle: ReactorHandle, notes
                 }
             }
         }
-        let _ = notes.send(Note::Quit);
-        handle.wake(); // so the loop sees the note now
+        // Runs at the loop's next iteration: it wakes the loop.
+        let _ = handle.execute(move |_, state| {
+            state.quit_at.get_or_insert(Instant::now() + linger);
+        });
     });
 }
 

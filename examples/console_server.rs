@@ -55,30 +55,26 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use crossbeam_channel::Receiver;
 use mio::event::{Event, Source};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use mio::{Events, Interest, Poll, Registry, Token};
 use slab::Slab;
 use virt::connect::Connect;
-use virt_reactor::connection_events::{DomainEventSubscription, LifecycleKind};
 use virt_reactor::console::{ConsoleEnd, ConsoleEvent, ConsoleMux, ConsoleOptions};
 use virt_reactor::testbed::{self, GuestMode, Testbed};
-use virt_reactor::{Reactor, ReactorHandle};
+use virt_reactor::{LifecycleKind, Reactor, ReactorHandle, SubscriptionId};
 
-/// The reactor (libvirt's events) on our poll.
+/// The reactor (libvirt's events, and jobs from other threads: signals, the set-up
+/// workers) on our poll.
 const LIBVIRT: Token = Token(0);
-/// Other threads (signals, the set-up worker) wake the poll with this.
-const WAKE: Token = Token(1);
 /// The TCP listener.
-const TCP: Token = Token(2);
+const TCP: Token = Token(1);
 /// Console listeners and clients: `FIRST_SOURCE + slab key`.
-const FIRST_SOURCE: usize = 3;
+const FIRST_SOURCE: usize = 2;
 
 /// Bytes read from one client per readiness, so one chatty client cannot hold the loop.
 const READ_BUDGET: usize = 64 * 1024;
@@ -186,21 +182,26 @@ fn main() -> ExitCode {
     }
 }
 
-/// What other threads tell the loop thread.
-enum Note {
-    Ready(Session),
-    SetupFailed(String),
-    Quit(&'static str),
+/// The reactor's state: what reaches the loop thread through libvirt's events,
+/// `execute` jobs (signals) and `spawn_blocking` (the set-up, the shutdown).
+#[derive(Default)]
+struct Libvirt {
+    /// The set-up's outcome, once it is known.
+    setup: Option<Result<Session, String>>,
+    /// Names of domains that started (from the lifecycle subscription).
+    started: Vec<String>,
+    /// Why to quit, when asked to (a signal).
+    quit: Option<&'static str>,
+    /// How many guests the shutdown destroyed, once it has.
+    destroyed: Option<usize>,
 }
 
-/// The connection and what hangs off it; made by the set-up worker.
+/// The connection and what hangs off it; made by the set-up.
 struct Session {
     conn: Connect,
-    mux: ConsoleMux,
+    mux: ConsoleMux<Libvirt>,
     events: Receiver<ConsoleEvent>,
-    /// Names of domains that started (from the lifecycle subscription).
-    started: Receiver<String>,
-    subscription: Option<DomainEventSubscription>,
+    subscription: Option<SubscriptionId>,
     /// Guests this run boots, destroyed at exit.
     booted: Vec<String>,
 }
@@ -215,19 +216,17 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(256);
-    let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
     // libvirt's events are one more source on our poll.
-    let mut reactor = Reactor::register()?;
+    let mut reactor = Reactor::<Libvirt>::register()?;
     poll.registry()
         .register(&mut reactor, LIBVIRT, Interest::READABLE)?;
     let registry = poll.registry().try_clone()?;
     let reserve = Reserve::new()?;
-    let (notes_tx, notes) = crossbeam_channel::unbounded();
     {
-        let (notes_tx, waker) = (notes_tx.clone(), Arc::clone(&waker));
+        // The job wakes the reactor, so our poll.
+        let handle = reactor.handle();
         ctrlc::set_handler(move || {
-            let _ = notes_tx.send(Note::Quit("signal"));
-            let _ = waker.wake();
+            let _ = handle.execute(|_, libvirt| libvirt.quit = Some("signal"));
         })?;
     }
 
@@ -251,26 +250,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     println!("console_server: consoles in {}", dir.path.display());
 
     // Connecting and booting block on replies that, with the in-process driver,
-    // come through this very loop: a worker does them while this thread polls.
-    {
-        let setup = SetUp {
-            uri: args.uri.clone(),
-            domains: args.domains.clone(),
-            guests: args.guests,
-            testbed: args.testbed.clone(),
-            root: embed_root.as_ref().map(|r| r.0.clone()),
-            force: args.force,
-            handle: reactor.handle(),
-        };
-        let waker = Arc::clone(&waker);
-        thread::Builder::new()
-            .name("set-up".into())
-            .spawn(move || {
-                let note = setup.run().map_or_else(Note::SetupFailed, Note::Ready);
-                let _ = notes_tx.send(note);
-                let _ = waker.wake();
-            })?;
+    // come through this very loop: workers do them while this thread polls.
+    SetUp {
+        uri: args.uri.clone(),
+        domains: args.domains.clone(),
+        guests: args.guests,
+        testbed: args.testbed.clone(),
+        root: embed_root.as_ref().map(|r| r.0.clone()),
+        force: args.force,
     }
+    .start(&reactor.handle())?;
 
     let mut server = Server {
         registry,
@@ -292,6 +281,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         retry: BTreeSet::new(),
         restarted: BTreeSet::new(),
         next_peer: 1,
+        libvirt: Libvirt::default(),
         setup_finished: false,
         closing: false,
         scratch: vec![0; 16 * 1024],
@@ -313,7 +303,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         for event in events.iter() {
             match event.token() {
-                LIBVIRT | WAKE => {} // dispatched below on every iteration
+                LIBVIRT => {} // dispatched below on every iteration
                 TCP => server.tcp_ready = true,
                 Token(n) => server.source_ready(n - FIRST_SOURCE, event),
             }
@@ -322,12 +312,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         server.accept_ready();
         // Every iteration, not only when LIBVIRT fired: libvirt's timers make no fd
         // readable, the poll just times out for them.
-        match reactor.dispatch() {
+        match reactor.dispatch(&mut server.libvirt) {
             Ok(()) => {}
             Err(e @ virt_reactor::Error::CallbackPanicked { .. }) => log::error!("{e}"),
             Err(e) => break Err(format!("libvirt event loop: {e}")),
         }
-        if let Some(quit) = server.after_dispatch(&notes) {
+        if let Some(quit) = server.after_dispatch() {
             break quit;
         }
         if exit_at.is_some_and(|at| Instant::now() >= at) {
@@ -337,7 +327,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
 
     let shutting_down = Instant::now();
-    let finished = server.shut_down(&mut reactor, &notes);
+    let finished = server.shut_down(&mut reactor);
     // The in-process driver's last watches go once its guests are gone: seconds. A
     // daemon's streams end within what is left of its grace.
     let drain = match embed_root {
@@ -346,7 +336,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .saturating_sub(shutting_down.elapsed())
             .max(MIN_DRAIN),
     };
-    let report = reactor.shutdown(drain);
+    let report = reactor.shutdown(drain, &mut server.libvirt);
     match &report {
         Ok(report) => log::debug!("drained: {report:?}"),
         Err(e) => log::warn!("draining libvirt's loop: {e}"),
@@ -357,7 +347,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     outcome.and(finished).map_err(Into::into)
 }
 
-/// What the set-up worker needs.
+/// What the set-up needs.
 struct SetUp {
     uri: Option<String>,
     domains: Vec<String>,
@@ -365,13 +355,28 @@ struct SetUp {
     testbed: PathBuf,
     root: Option<PathBuf>,
     force: bool,
-    handle: ReactorHandle,
 }
 
 impl SetUp {
-    /// On a worker thread: connect, then boot testbed guests (embedded) or subscribe
-    /// to lifecycle events and attach to what runs (`--uri`).
-    fn run(self) -> Result<Session, String> {
+    /// Connects on a worker thread, then makes the consoles on the loop thread and
+    /// boots testbed guests (embedded) or subscribes to lifecycle events and
+    /// attaches to what runs (`--uri`). The outcome arrives in [`Libvirt::setup`].
+    fn start(self, handle: &ReactorHandle<Libvirt>) -> virt_reactor::Result<()> {
+        handle.spawn_blocking(
+            move || {
+                let connected = self.connect();
+                (self, connected)
+            },
+            |reactor, libvirt, (setup, connected)| {
+                let session = connected.and_then(|(uri, conn)| setup.consoles(reactor, uri, conn));
+                // `None`: a worker lists the running domains, and reports.
+                libvirt.setup = session.transpose();
+            },
+        )
+    }
+
+    /// On a worker thread: the connection, and its URI.
+    fn connect(&self) -> Result<(String, Connect), String> {
         let uri = match (&self.uri, &self.root) {
             (Some(uri), _) => uri.clone(),
             (None, Some(root)) => testbed::embed_root(root)
@@ -379,18 +384,28 @@ impl SetUp {
             (None, None) => unreachable!("no --uri means an embedded root"),
         };
         let conn = virt_reactor::connect(&uri).map_err(|e| format!("{uri}: {e}"))?;
+        Ok((uri, conn))
+    }
+
+    /// On the loop thread: the consoles; boots the testbed guests, or subscribes to
+    /// lifecycle events and attaches to the running domains from a worker (then the
+    /// result is `None`).
+    fn consoles(
+        self,
+        reactor: &mut Reactor<Libvirt>,
+        uri: String,
+        conn: Connect,
+    ) -> Result<Option<Session>, String> {
         let options = ConsoleOptions {
             force: self.force,
             ..ConsoleOptions::default()
         };
         let (mux, events) =
-            ConsoleMux::new(&conn, self.handle, options).map_err(|e| format!("consoles: {e}"))?;
-        let (started_tx, started) = crossbeam_channel::unbounded();
+            ConsoleMux::new(reactor, &conn, options).map_err(|e| format!("consoles: {e}"))?;
         let mut session = Session {
             conn,
             mux,
             events,
-            started,
             subscription: None,
             booted: Vec::new(),
         };
@@ -404,35 +419,49 @@ impl SetUp {
                     .map_err(|e| format!("{name}: {e}"))?;
                 session.booted.push(name);
             }
-            return Ok(session);
+            return Ok(Some(session));
         }
         // Subscribe first, then list: a domain starting in between is seen twice,
-        // and attaching twice is harmless.
-        let subscription = DomainEventSubscription::lifecycle(&session.conn, move |event| {
-            // On the loop thread, inside libvirt: only hand the name over.
-            if event.kind == LifecycleKind::Started {
-                let _ = started_tx.send(event.domain);
-            }
-        })
-        .map_err(|e| format!("lifecycle events: {e}"))?;
+        // and attaching twice is harmless. Subscribing is a call to the daemon, made
+        // here once at start.
+        let subscription = reactor
+            .subscribe_lifecycle(&session.conn, |libvirt: &mut Libvirt, event| {
+                if event.kind == LifecycleKind::Started {
+                    libvirt.started.push(event.domain.clone());
+                }
+            })
+            .map_err(|e| format!("lifecycle events: {e}"))?;
         session.subscription = Some(subscription);
-        let running = session
-            .conn
-            .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-            .map_err(|e| format!("{uri}: list domains: {e}"))?;
-        let mut attached = 0;
-        for domain in running {
-            let Ok(name) = domain.name() else { continue };
-            if self.domains.is_empty() || self.domains.contains(&name) {
-                session.mux.attach(&name).map_err(|e| e.to_string())?;
-                attached += 1;
-            }
-        }
-        if attached == 0 {
-            log::info!("no matching domain runs yet; waiting for one to start");
-        }
-        Ok(session)
+        let domains = self.domains;
+        reactor
+            .handle()
+            .spawn_blocking(
+                move || attach_running(&session, &uri, &domains).map(|()| session),
+                |_, libvirt, session| libvirt.setup = Some(session),
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(None)
     }
+}
+
+/// On a worker thread: attaches to the running `domains` (all if empty).
+fn attach_running(session: &Session, uri: &str, domains: &[String]) -> Result<(), String> {
+    let running = session
+        .conn
+        .list_all_domains(virt::sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        .map_err(|e| format!("{uri}: list domains: {e}"))?;
+    let mut attached = 0;
+    for domain in running {
+        let Ok(name) = domain.name() else { continue };
+        if domains.is_empty() || domains.contains(&name) {
+            session.mux.attach(&name).map_err(|e| e.to_string())?;
+            attached += 1;
+        }
+    }
+    if attached == 0 {
+        log::info!("no matching domain runs yet; waiting for one to start");
+    }
+    Ok(())
 }
 
 /// One console served on a socket.
@@ -576,7 +605,9 @@ struct Server {
     /// old console's end may only be seen after the start, so attach again then.
     restarted: BTreeSet<String>,
     next_peer: u64,
-    /// The set-up worker has reported (ready or failed).
+    /// The reactor's state.
+    libvirt: Libvirt,
+    /// The set-up has reported (ready or failed).
     setup_finished: bool,
     /// Shutting down: consoles that attach now are not served.
     closing: bool,
@@ -615,31 +646,30 @@ impl Server {
         self.session = Some(session);
     }
 
-    /// After libvirt's dispatch: notes from other threads, console events, started
-    /// domains, retried input, handshake deadlines. Returns how to quit, if so.
-    fn after_dispatch(&mut self, notes: &Receiver<Note>) -> Option<Result<(), String>> {
+    /// After libvirt's dispatch: the set-up's outcome, a signal, console events,
+    /// started domains, retried input, handshake deadlines. Returns how to quit, if
+    /// so.
+    fn after_dispatch(&mut self) -> Option<Result<(), String>> {
         let mut quit = None;
-        for note in notes.try_iter() {
-            match note {
-                Note::Ready(session) => self.ready(session),
-                Note::SetupFailed(e) => {
-                    self.setup_finished = true;
-                    quit = Some(Err(e));
-                }
-                Note::Quit(why) => {
-                    log::info!("{why}: shutting down");
-                    quit.get_or_insert(Ok(()));
-                }
+        match self.libvirt.setup.take() {
+            Some(Ok(session)) => self.ready(session),
+            Some(Err(e)) => {
+                self.setup_finished = true;
+                quit = Some(Err(e));
             }
+            None => {}
+        }
+        if let Some(why) = self.libvirt.quit.take() {
+            log::info!("{why}: shutting down");
+            quit.get_or_insert(Ok(()));
         }
         if let Some(lost) = self.console_events() {
             quit.get_or_insert(Err(lost));
         }
-        let started: Vec<String> = self
-            .session
-            .as_ref()
-            .map(|s| s.started.try_iter().collect())
-            .unwrap_or_default();
+        let started = match self.session {
+            Some(_) => std::mem::take(&mut self.libvirt.started),
+            None => Vec::new(),
+        };
         for name in started {
             if self.filter.as_ref().is_some_and(|f| !f.contains(&name)) {
                 continue;
@@ -1156,45 +1186,50 @@ impl Server {
     /// Clean shutdown: finish the consoles (their sockets go), wait for guests still
     /// booting, destroy the guests this run booted off the loop while the reactor
     /// keeps running.
-    fn shut_down(&mut self, reactor: &mut Reactor, notes: &Receiver<Note>) -> Result<(), String> {
+    fn shut_down(&mut self, reactor: &mut Reactor<Libvirt>) -> Result<(), String> {
         self.closing = true;
         if let Some(mut tcp) = self.tcp.take() {
             let _ = self.registry.deregister(&mut tcp.listener);
         }
         let mut result = Ok(());
-        // The set-up worker may still be connecting.
+        // The set-up may still be connecting.
         let deadline = Instant::now() + SHUTDOWN_WAIT;
         while !self.setup_finished {
-            match notes.recv_timeout(Duration::from_millis(20)) {
-                Ok(Note::Ready(session)) => self.ready(session),
-                Ok(Note::SetupFailed(e)) => {
+            if let Err(e) = reactor.run_once(Some(Duration::from_millis(20)), &mut self.libvirt) {
+                log::warn!("{e}");
+            }
+            match self.libvirt.setup.take() {
+                Some(Ok(session)) => self.ready(session),
+                Some(Err(e)) => {
                     self.setup_finished = true;
                     log::warn!("set-up failed during shutdown: {e}");
                 }
-                Ok(Note::Quit(_)) | Err(_) => {}
-            }
-            if let Err(e) = reactor.run_once(Some(Duration::ZERO)) {
-                log::warn!("{e}");
+                None => {}
             }
             if Instant::now() > deadline {
                 result = Err("timed out waiting for the set-up to finish".to_owned());
                 break;
             }
         }
-        // Deregistering from lifecycle events is a call to the daemon: it goes with
-        // the connection, off the loop, below.
+        // Deregistering from lifecycle events is a call to the daemon: the reactor
+        // makes it off the loop.
         let subscription = self.session.as_mut().and_then(|s| s.subscription.take());
+        if let Some(subscription) = subscription {
+            if let Err(e) = reactor.unsubscribe(subscription) {
+                log::warn!("lifecycle events: {e}");
+            }
+        }
         // Guests still booting come up with a console; wait for them so that they
         // are destroyed, not left running.
         let deadline = Instant::now() + SHUTDOWN_WAIT;
         while !self.pending_boots.is_empty() && Instant::now() < deadline {
-            if let Err(e) = reactor.run_once(Some(Duration::from_millis(50))) {
+            if let Err(e) = reactor.run_once(Some(Duration::from_millis(50)), &mut self.libvirt) {
                 log::warn!("{e}");
             }
             let _ = self.console_events();
         }
-        if let Some(session) = &self.session {
-            session.mux.detach_all(reactor);
+        if let Some(mux) = self.session.as_ref().map(|s| s.mux.clone()) {
+            mux.detach_all(reactor, &mut self.libvirt);
         }
         let _ = self.console_events();
         // Whatever is still served (nothing, normally) and any TCP client in its
@@ -1219,19 +1254,18 @@ impl Server {
             ..
         } = session;
         let grace = shutdown_grace(&booted);
-        let destroyed = reactor.run_blocking(
-            move || {
-                let destroyed = testbed::destroy(&conn, &booted);
-                drop((subscription, mux, conn));
-                destroyed
-            },
-            grace,
-            |_| {
-                for event in events.try_iter() {
-                    log::debug!("after detach: {event:?}");
-                }
-            },
-        );
+        // Off the loop thread: destroy waits on QEMU's monitor, which the loop serves.
+        let destroyed = reactor
+            .handle()
+            .spawn_blocking(
+                move || {
+                    let destroyed = testbed::destroy(&conn, &booted);
+                    drop((mux, conn));
+                    destroyed
+                },
+                |_, libvirt, destroyed| libvirt.destroyed = Some(destroyed),
+            )
+            .and_then(|()| self.run_until_destroyed(reactor, grace, &events));
         match destroyed {
             Ok(n) => {
                 if n > 0 {
@@ -1245,6 +1279,35 @@ impl Server {
             Err(e) => {
                 log::warn!("{e}");
                 result
+            }
+        }
+    }
+
+    /// Runs the loop until the shutdown's destroy work is done and the daemon has
+    /// answered every console's end, for `grace` at most.
+    fn run_until_destroyed(
+        &mut self,
+        reactor: &mut Reactor<Libvirt>,
+        grace: Duration,
+        events: &Receiver<ConsoleEvent>,
+    ) -> virt_reactor::Result<usize> {
+        let deadline = Instant::now() + grace;
+        let mut destroyed = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            reactor.run_once(
+                Some(left.min(Duration::from_millis(100))),
+                &mut self.libvirt,
+            )?;
+            for event in events.try_iter() {
+                log::debug!("after detach: {event:?}");
+            }
+            destroyed = destroyed.or(self.libvirt.destroyed.take());
+            if let (Some(destroyed), true) = (destroyed, reactor.is_empty()) {
+                return Ok(destroyed);
+            }
+            if left.is_zero() {
+                return Err(virt_reactor::Error::TimedOut);
             }
         }
     }

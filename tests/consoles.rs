@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use support::consoles::{
     banner, contains, descendants, echo_command, live_processes_mentioning, names, tail_text,
-    testbed, MuxProcess, MuxRig, Proc, Tap, Tapped, BOOT_TIMEOUT, ECHO_TIMEOUT, END_TIMEOUT,
+    testbed, MuxProcess, MuxRig, Proc, Tap, TapLog, Tapped, BOOT_TIMEOUT, ECHO_TIMEOUT,
+    END_TIMEOUT,
 };
 use support::daemon::PrivateDaemon;
 use virt::domain::Domain;
@@ -164,7 +165,7 @@ fn force_takes_a_console_over_and_an_open_without_it_is_busy() {
     let domain = other
         .lookup_domain_by_name(victim)
         .expect("look up the guest on the second connection");
-    match console::open_stream(&other, &domain, &ConsoleOptions::default()) {
+    match console::open_stream(&domain, &ConsoleOptions::default()) {
         Err(Error::ConsoleBusy { domain }) => assert_eq!(&domain, victim),
         Err(e) => panic!("an open without FORCE failed with {e:?}, not ConsoleBusy"),
         Ok(_) => panic!("an open without FORCE succeeded while the mux holds the console"),
@@ -179,7 +180,7 @@ fn force_takes_a_console_over_and_an_open_without_it_is_busy() {
         force: true,
         ..ConsoleOptions::default()
     };
-    let stream = console::open_stream(&other, &domain, &force).expect("open with FORCE");
+    let stream = console::open_stream(&domain, &force).expect("open with FORCE");
     wait_end(&mut tr, victim, 1);
     assert!(
         matches!(tr.ends(victim)[0], ConsoleEnd::TakenOver),
@@ -192,10 +193,13 @@ fn force_takes_a_console_over_and_an_open_without_it_is_busy() {
 
     // The new client really has the console: echo through its stream.
     let (tap_tx, taps) = crossbeam_channel::unbounded();
-    let token = rig
-        .handle
-        .insert(stream, Interest::READABLE, Tap::new(tap_tx))
-        .expect("hand the stream to the reactor")
+    let (inserted_tx, inserted) = crossbeam_channel::bounded(1);
+    rig.handle
+        .execute(move |reactor, _| {
+            let _ = inserted_tx.send(reactor.insert(stream, Interest::READABLE, Tap::new(tap_tx)));
+        })
+        .expect("hand the stream to the reactor");
+    let token = inserted
         .recv_timeout(ECHO_TIMEOUT)
         .expect("the reactor inserts the stream")
         .expect("insert the taken-over stream");
@@ -226,9 +230,9 @@ fn force_takes_a_console_over_and_an_open_without_it_is_busy() {
 
     // Once the other client lets go, the mux attaches again.
     rig.handle
-        .execute(move |reactor| {
+        .execute(move |reactor, state| {
             reactor
-                .abort(token)
+                .abort(token, state)
                 .expect("abort the other client's stream");
         })
         .expect("reach the reactor");
@@ -305,7 +309,7 @@ fn force_takes_a_console_over_and_an_open_without_it_is_busy() {
 fn writer_of(rig: &MuxRig, token: StreamToken) -> StreamWriter {
     let (tx, rx) = crossbeam_channel::bounded(1);
     rig.handle
-        .execute(move |reactor| {
+        .execute(move |reactor, _| {
             let _ = tx.send(reactor.writer(token, 4096));
         })
         .expect("reach the reactor");
@@ -401,7 +405,7 @@ fn reopen_attaches_again_when_a_persistent_guest_restarts() {
     let (release, held) = crossbeam_channel::bounded::<()>(0);
     let (entered_tx, entered) = crossbeam_channel::bounded::<()>(1);
     rig.handle
-        .execute(move |_| {
+        .execute(move |_, _| {
             let _ = entered_tx.send(());
             let _ = held.recv(); // until `release` is dropped
         })
@@ -460,12 +464,12 @@ enum Role {
     Dummy,
 }
 
-/// Runs the reactor on this thread, routing what the taps report by token through
-/// `roles`, until `done` holds; panics after `timeout`, or if an event reaches a
-/// stream it does not belong to.
+/// Runs the reactor on this thread, routing what the taps report (into `taps`, the
+/// reactor's state) by token through `roles`, until `done` holds; panics after
+/// `timeout`, or if an event reaches a stream it does not belong to.
 fn pump(
-    reactor: &mut Reactor,
-    taps: &Receiver<(StreamToken, Tapped)>,
+    reactor: &mut Reactor<TapLog>,
+    taps: &mut TapLog,
     consoles: &mut [RawConsole],
     roles: &HashMap<StreamToken, Role>,
     what: &str,
@@ -474,7 +478,7 @@ fn pump(
 ) {
     let deadline = Instant::now() + timeout;
     loop {
-        for (token, tapped) in taps.try_iter() {
+        for (token, tapped) in taps.drain(..) {
             let index = match roles.get(&token) {
                 Some(Role::Console(i)) => *i,
                 other => panic!("{tapped:?} for {token:?}, which is {other:?}, not a console"),
@@ -508,15 +512,15 @@ fn pump(
             );
         }
         reactor
-            .run_once(Some(Duration::from_millis(20)))
+            .run_once(Some(Duration::from_millis(20)), taps)
             .expect("a reactor iteration");
     }
 }
 
 /// An echo round on every console that has not ended; none of them may end.
 fn raw_echo_round(
-    reactor: &mut Reactor,
-    taps: &Receiver<(StreamToken, Tapped)>,
+    reactor: &mut Reactor<TapLog>,
+    taps: &mut TapLog,
     consoles: &mut [RawConsole],
     roles: &HashMap<StreamToken, Role>,
     round: usize,
@@ -553,18 +557,20 @@ fn raw_echo_round(
 /// Opens `n` volume download streams and inserts them with no interest: streams
 /// that just occupy slab slots.
 fn insert_dummies(
-    reactor: &mut Reactor,
+    reactor: &mut Reactor<TapLog>,
     conn: &virt::connect::Connect,
     vol: &StorageVol,
     n: usize,
 ) -> Vec<StreamToken> {
     (0..n)
         .map(|_| {
-            let stream = Stream::new(conn).expect("a stream");
-            vol.download(&stream.to_virt(), 0, 0, 0)
+            let mut stream = Stream::new(conn).expect("a stream");
+            stream
+                .with_virt(|virt_stream| vol.download(virt_stream, 0, 0, 0))
                 .expect("start a download");
+            let idle = handler_fn(|_: &mut TapLog, _, _| Flow::Continue);
             reactor
-                .insert(stream, Interest::NONE, handler_fn(|_, _| Flow::Continue))
+                .insert(stream, Interest::NONE, idle)
                 .expect("insert a dummy stream")
         })
         .collect()
@@ -585,7 +591,8 @@ fn consoles_in_growing_containers_keep_echoing_while_the_slab_reallocates() {
     let uri = daemon.uri("qemu");
     let conn = virt_reactor::connect(&uri).expect("connect");
     let guests = Guests::new();
-    let (tap_tx, taps) = crossbeam_channel::unbounded();
+    // The taps report into the reactor's state.
+    let mut taps = TapLog::new();
 
     let mut consoles: Vec<RawConsole> = Vec::with_capacity(1);
     let mut roles: HashMap<StreamToken, Role> = HashMap::new();
@@ -599,10 +606,10 @@ fn consoles_in_growing_containers_keep_echoing_while_the_slab_reallocates() {
                 sys::VIR_DOMAIN_START_PAUSED,
             )
             .unwrap_or_else(|e| panic!("create {name}: {e}"));
-        let stream = console::open_stream(&conn, &domain, &ConsoleOptions::default())
+        let stream = console::open_stream(&domain, &ConsoleOptions::default())
             .unwrap_or_else(|e| panic!("open {name}'s console: {e}"));
         let token = reactor
-            .insert(stream, Interest::READABLE, Tap::new(tap_tx.clone()))
+            .insert(stream, Interest::READABLE, Tap::in_state())
             .expect("insert a console");
         let writer = reactor.writer(token, 4096).expect("a writer");
         consoles.push(RawConsole {
@@ -620,7 +627,7 @@ fn consoles_in_growing_containers_keep_echoing_while_the_slab_reallocates() {
         }
         consoles[i].domain.resume().expect("resume");
         reactor
-            .run_once(Some(Duration::ZERO))
+            .run_once(Some(Duration::ZERO), &mut taps)
             .expect("a reactor iteration");
     }
     assert_ne!(
@@ -630,7 +637,7 @@ fn consoles_in_growing_containers_keep_echoing_while_the_slab_reallocates() {
     );
     pump(
         &mut reactor,
-        &taps,
+        &mut taps,
         &mut consoles,
         &roles,
         "8 banners",
@@ -640,7 +647,7 @@ fn consoles_in_growing_containers_keep_echoing_while_the_slab_reallocates() {
                 .all(|c| contains(&c.output, banner(&c.name).as_bytes()))
         },
     );
-    raw_echo_round(&mut reactor, &taps, &mut consoles, &roles, 1);
+    raw_echo_round(&mut reactor, &mut taps, &mut consoles, &roles, 1);
 
     // 120 streams more: the slab (8 slots so far) reallocates several times.
     let pool_dir = daemon.create_dir("pool").expect("a pool directory");
@@ -670,13 +677,13 @@ fn consoles_in_growing_containers_keep_echoing_while_the_slab_reallocates() {
         "precondition: the token map rehashed"
     );
     assert_eq!(reactor.len(), 128);
-    raw_echo_round(&mut reactor, &taps, &mut consoles, &roles, 2);
+    raw_echo_round(&mut reactor, &mut taps, &mut consoles, &roles, 2);
 
     // Remove every other dummy, then insert 120 more: vacated slots are reused
     // (with new generations) and the slab grows past 128 slots.
     let removed: Vec<StreamToken> = dummies.iter().step_by(2).copied().collect();
     for token in &removed {
-        reactor.abort(*token).expect("abort a dummy");
+        reactor.abort(*token, &mut taps).expect("abort a dummy");
         roles.remove(token);
         assert!(!reactor.contains(*token));
     }
@@ -685,7 +692,7 @@ fn consoles_in_growing_containers_keep_echoing_while_the_slab_reallocates() {
     while reactor.len() > 8 + 60 {
         assert!(Instant::now() < deadline, "the aborts were not answered");
         reactor
-            .run_once(Some(Duration::from_millis(100)))
+            .run_once(Some(Duration::from_millis(100)), &mut taps)
             .expect("run_once");
     }
     let more = insert_dummies(&mut reactor, &conn, &vol, 120);
@@ -704,13 +711,13 @@ fn consoles_in_growing_containers_keep_echoing_while_the_slab_reallocates() {
         );
     }
     assert_eq!(reactor.len(), 8 + 60 + 120);
-    raw_echo_round(&mut reactor, &taps, &mut consoles, &roles, 3);
+    raw_echo_round(&mut reactor, &mut taps, &mut consoles, &roles, 3);
 
     // One guest goes: its own console ends, the others keep echoing.
     consoles[3].domain.destroy().expect("destroy rx-4");
     pump(
         &mut reactor,
-        &taps,
+        &mut taps,
         &mut consoles,
         &roles,
         "rx-4's end",
@@ -721,7 +728,7 @@ fn consoles_in_growing_containers_keep_echoing_while_the_slab_reallocates() {
         consoles.iter().filter(|c| c.ended).count() == 1,
         "only rx-4 ended"
     );
-    raw_echo_round(&mut reactor, &taps, &mut consoles, &roles, 4);
+    raw_echo_round(&mut reactor, &mut taps, &mut consoles, &roles, 4);
 
     // Each console only ever printed its own lines.
     for console in &consoles {
@@ -741,7 +748,7 @@ fn consoles_in_growing_containers_keep_echoing_while_the_slab_reallocates() {
     drop(consoles);
     drop((vol, pool, conn));
     reactor
-        .shutdown(Duration::from_secs(10))
+        .shutdown(Duration::from_secs(10), &mut taps)
         .expect("the reactor shuts down and drains");
 }
 

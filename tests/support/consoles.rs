@@ -495,51 +495,89 @@ pub enum Tapped {
     Closed(String),
 }
 
-/// A handler that forwards everything its stream carries, with the stream's token,
-/// to a channel: the raw-console counterpart of the mux's handler.
-pub struct Tap {
-    tx: Sender<(StreamToken, Tapped)>,
+/// What [`Tap`]s saw, with their streams' tokens, in order: the state of a reactor
+/// whose taps report into it ([`Tap::in_state`]).
+pub type TapLog = Vec<(StreamToken, Tapped)>;
+
+/// Where a [`Tap`] reports.
+pub trait TapSink<S>: Send + 'static {
+    fn report(&mut self, state: &mut S, token: StreamToken, tapped: Tapped);
+}
+
+/// To a test thread, from a reactor running on another thread.
+impl<S> TapSink<S> for Sender<(StreamToken, Tapped)> {
+    fn report(&mut self, _state: &mut S, token: StreamToken, tapped: Tapped) {
+        let _ = self.send((token, tapped));
+    }
+}
+
+/// Into the reactor's state, a [`TapLog`].
+pub struct IntoState;
+
+impl TapSink<TapLog> for IntoState {
+    fn report(&mut self, state: &mut TapLog, token: StreamToken, tapped: Tapped) {
+        state.push((token, tapped));
+    }
+}
+
+/// A handler that reports everything its stream carries, with the stream's token,
+/// to a channel or into the reactor's state: the raw-console counterpart of the
+/// mux's handler.
+pub struct Tap<K = Sender<(StreamToken, Tapped)>> {
+    sink: K,
     buf: Vec<u8>,
     token: Option<StreamToken>,
 }
 
 impl Tap {
     pub fn new(tx: Sender<(StreamToken, Tapped)>) -> Tap {
+        Tap::with_sink(tx)
+    }
+
+    /// A tap that reports into its reactor's state, a [`TapLog`].
+    pub fn in_state() -> Tap<IntoState> {
+        Tap::with_sink(IntoState)
+    }
+}
+
+impl<K> Tap<K> {
+    fn with_sink(sink: K) -> Tap<K> {
         Tap {
-            tx,
+            sink,
             buf: vec![0; 4096],
             token: None,
         }
     }
 }
 
-impl<S> StreamHandler<S> for Tap {
-    fn ready(&mut self, _state: &mut S, cx: &mut StreamCtx<'_>, _readiness: Readiness) -> Flow {
+impl<S, K: TapSink<S>> StreamHandler<S> for Tap<K> {
+    fn ready(&mut self, state: &mut S, cx: &mut StreamCtx<'_>, _readiness: Readiness) -> Flow {
         let token = cx.token();
         self.token = Some(token);
         loop {
             match cx.read(&mut self.buf) {
                 Ok(0) => {
-                    let _ = self.tx.send((token, Tapped::End));
+                    self.sink.report(state, token, Tapped::End);
                     return Flow::Finish;
                 }
                 Ok(n) => {
-                    let _ = self
-                        .tx
-                        .send((token, Tapped::Output(self.buf[..n].to_vec())));
+                    let output = Tapped::Output(self.buf[..n].to_vec());
+                    self.sink.report(state, token, output);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Flow::Continue,
                 Err(e) => {
-                    let _ = self.tx.send((token, Tapped::Failed(e.to_string())));
+                    self.sink
+                        .report(state, token, Tapped::Failed(e.to_string()));
                     return Flow::Abort;
                 }
             }
         }
     }
 
-    fn closed(&mut self, _state: &mut S, end: StreamEnd) {
+    fn closed(&mut self, state: &mut S, end: StreamEnd) {
         if let Some(token) = self.token {
-            let _ = self.tx.send((token, Tapped::Closed(format!("{end:?}"))));
+            let closed = Tapped::Closed(format!("{end:?}"));
+            self.sink.report(state, token, closed);
         }
     }
 }
