@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use virt::connect::Connect;
 use virt_reactor::{
-    CloseReason, CloseWatch, DrainReport, LifecycleEvent, LifecycleKind, Reactor, ReactorHandle,
-    SubscriptionId,
+    CloseReason, DrainReport, LifecycleEvent, LifecycleKind, Reactor, ReactorHandle, SubscriptionId,
 };
 
 /// The scripted demo's domain, on `test:///default`.
@@ -207,8 +206,11 @@ fn watch(handle: &ReactorHandle<()>, uri: &str) -> Result<()> {
     .map_err(|e| format!("installing the Ctrl-C handler: {e}"))?;
 
     let conn = virt_reactor::connect(uri).context(format!("opening {uri}"))?;
-    let close_watch = CloseWatch::new(&conn, move |reason| {
-        let _ = tx.send(Stop::Closed(reason));
+    let closing = conn.clone();
+    let close_watch = on_loop(handle, move |reactor| {
+        reactor.subscribe_close(&closing, move |_, reason| {
+            let _ = tx.send(Stop::Closed(reason));
+        })
     })
     .context("watching the connection")?;
     let subscription = subscribe(handle, &conn, |_, event| println!("{event}"))?;
@@ -218,16 +220,13 @@ fn watch(handle: &ReactorHandle<()>, uri: &str) -> Result<()> {
         Ok(Stop::Interrupted) => {
             println!("interrupted, shutting down");
             unsubscribe(handle, subscription)?;
-            close_watch
-                .cancel()
-                .context("unregistering the close callback")?;
+            unsubscribe(handle, close_watch)?;
             drop(conn);
             Ok(())
         }
         Ok(Stop::Closed(reason)) => {
             // Deregistering may fail now that the daemon is gone; the loop's shutdown
             // logs it.
-            drop(close_watch);
             drop(conn);
             Err(format!("the connection to {uri} closed: {reason}"))
         }

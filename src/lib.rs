@@ -57,8 +57,8 @@
 //! 3. `engine`: the handle and timer tables behind libvirt's six event functions;
 //! 4. `event_loop`: the mio loop, [`Watch`] and [`Timer`], [`connect`];
 //! 5. `streams`: [`Stream`], the [`Reactor`] slab with its handlers, [`transfer`]s;
-//! 6. `features`: [`volume`] transfers, [`console`]s, the connection [`CloseWatch`],
-//!    and (feature `testbed`) the tiny test guests.
+//! 6. `features`: [`volume`] transfers, [`console`]s, and (feature `testbed`) the
+//!    tiny test guests.
 //!
 //! See `docs/architecture.md` for threads, locks and dispatch order, and
 //! `docs/contract.md` for each rule of libvirt's contract and the test that proves it.
@@ -83,7 +83,6 @@ pub use engine::LoopStats;
 pub use event_loop::connect::{connect, connect_with, KeepAlive};
 pub use event_loop::watch::{Timer, Watch};
 pub use event_loop::DrainReport;
-pub use features::events::CloseWatch;
 #[cfg(feature = "testbed")]
 pub use features::testbed;
 pub use features::{console, volume};

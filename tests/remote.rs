@@ -5,14 +5,14 @@
 
 mod support;
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use support::daemon::{DaemonConfig, PrivateDaemon};
 use support::loop_thread::{Delivered, LoopThread};
 use virt::connect::Connect;
-use virt_reactor::{CloseReason, CloseWatch, KeepAlive, LifecycleKind};
+use virt_reactor::{CloseReason, KeepAlive, LifecycleKind, SubscriptionId};
 
 /// How long one expected event may take; the first define also probes QEMU.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -46,8 +46,12 @@ fn connect(daemon: &PrivateDaemon) -> Connect {
         .unwrap_or_else(|e| panic!("open {uri}: {e}\n{}", daemon.log_tail(30)))
 }
 
-/// Connects with client keepalive on too, and a close watch reporting on a channel.
-fn connect_with_keepalive(daemon: &PrivateDaemon) -> (Connect, CloseWatch, Receiver<CloseReason>) {
+/// Connects with client keepalive on too, and a close subscription reporting on a
+/// channel.
+fn connect_with_keepalive(
+    daemon: &PrivateDaemon,
+    event_loop: &LoopThread,
+) -> (Connect, SubscriptionId, Receiver<CloseReason>) {
     let uri = daemon.uri("qemu");
     let keepalive = KeepAlive {
         interval: Duration::from_secs(KEEPALIVE_INTERVAL.into()),
@@ -55,11 +59,7 @@ fn connect_with_keepalive(daemon: &PrivateDaemon) -> (Connect, CloseWatch, Recei
     };
     let conn = virt_reactor::connect_with(&uri, Some(keepalive))
         .unwrap_or_else(|e| panic!("open {uri}: {e}\n{}", daemon.log_tail(30)));
-    let (tx, closed) = mpsc::channel();
-    let close_watch = CloseWatch::new(&conn, move |reason| {
-        let _ = tx.send(reason);
-    })
-    .expect("register the close callback");
+    let (close_watch, closed) = event_loop.closes(&conn);
     (conn, close_watch, closed)
 }
 
@@ -77,31 +77,6 @@ fn next_event(rx: &Receiver<Delivered>, daemon: &PrivateDaemon) -> Delivered {
             daemon.log_tail(30)
         )
     })
-}
-
-/// Waits until the loop has nothing of libvirt's left: once every connection is
-/// closed, it has let go of them.
-///
-/// On a remote connection the reactor's `unsubscribe` deregisters on a worker
-/// thread, and the reactor keeps a reference to the connection until a later
-/// iteration hears that it is done; `Reactor::shutdown` drains without listening
-/// for it, so it would time out with the connection's watch and keepalive timer
-/// still registered.
-fn wait_until_released(event_loop: &LoopThread, daemon: &PrivateDaemon) {
-    let deadline = Instant::now() + CLOSE_TIMEOUT;
-    loop {
-        let stats = event_loop.on_loop(|reactor| reactor.stats());
-        if stats.is_idle() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the loop still holds {stats:?} {CLOSE_TIMEOUT:?} after the connection was \
-             closed\n{}",
-            daemon.log_tail(30)
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
 }
 
 #[test]
@@ -137,7 +112,6 @@ fn domain_events_arrive_over_a_remote_connection() {
     event_loop.unsubscribe(subscription);
     drop(dom);
     drop(conn);
-    wait_until_released(&event_loop, &daemon);
     event_loop.finish();
 }
 
@@ -145,7 +119,7 @@ fn domain_events_arrive_over_a_remote_connection() {
 fn keepalive_holds_an_idle_connection_while_the_loop_runs() {
     let daemon = keepalive_daemon();
     let event_loop = LoopThread::start();
-    let (conn, close_watch, closed) = connect_with_keepalive(&daemon);
+    let (conn, close_watch, closed) = connect_with_keepalive(&daemon, &event_loop);
 
     thread::sleep(IDLE);
 
@@ -164,7 +138,7 @@ fn keepalive_holds_an_idle_connection_while_the_loop_runs() {
     conn.num_of_domains()
         .unwrap_or_else(|e| panic!("an RPC after {IDLE:?} idle: {e}\n{}", daemon.log_tail(30)));
 
-    close_watch.cancel().expect("unregister the close callback");
+    event_loop.unsubscribe(close_watch);
     drop(conn);
     event_loop.finish();
 }
@@ -173,7 +147,8 @@ fn keepalive_holds_an_idle_connection_while_the_loop_runs() {
 fn keepalive_drops_the_connection_while_the_loop_is_paused() {
     let daemon = keepalive_daemon();
     let event_loop = LoopThread::start();
-    let (conn, close_watch, closed) = connect_with_keepalive(&daemon);
+    // The close subscription ends when it fires.
+    let (conn, _, closed) = connect_with_keepalive(&daemon, &event_loop);
     // Some traffic through the loop first, so both sides' keepalive is armed.
     thread::sleep(Duration::from_secs(2));
     assert_eq!(
@@ -223,7 +198,6 @@ fn keepalive_drops_the_connection_while_the_loop_is_paused() {
         "the daemon dropped us for keepalive:\n{log}"
     );
 
-    drop(close_watch);
     drop(conn);
     event_loop.finish();
 }

@@ -126,7 +126,7 @@ fn frequency(period: Option<Duration>) -> i32 {
 /// Wraps a callback libvirt calls so that a panic inside it is caught and reported
 /// to the loop's runner, and the callback is dropped and never called again: its
 /// state may be half-updated.
-pub(crate) fn once_panicked<F, A>(f: F, call: impl Fn(&mut F, A)) -> impl FnMut(A)
+fn once_panicked<F, A>(f: F, call: impl Fn(&mut F, A)) -> impl FnMut(A)
 where
     F: Send,
 {

@@ -2,7 +2,6 @@
 //! close watch, and the test bed's tiny guests.
 
 pub mod console;
-pub(crate) mod events;
 #[cfg(feature = "testbed")]
 pub mod testbed;
 pub mod volume;

@@ -51,6 +51,9 @@ type BoxedHandler<S> = Box<dyn StreamHandler<S> + Send>;
 /// A domain lifecycle handler as the reactor keeps it.
 type LifecycleHandler<S> = Box<dyn FnMut(&mut S, &LifecycleEvent) + Send>;
 
+/// A connection close handler as the reactor keeps it.
+type CloseHandler<S> = Box<dyn FnOnce(&mut S, CloseReason) + Send>;
+
 /// Work for the loop thread: runs with the reactor and the application's state.
 pub(crate) type Job<S> = Box<dyn FnOnce(&mut Reactor<S>, &mut S) + Send>;
 
@@ -147,7 +150,8 @@ impl<S: 'static> fmt::Debug for ReactorHandle<S> {
     }
 }
 
-/// Names a domain lifecycle subscription of a [`Reactor`].
+/// Names a subscription of a [`Reactor`]: to domain lifecycle events, or to a
+/// connection's closing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SubscriptionId(u64);
 
@@ -171,7 +175,8 @@ struct Slot<S> {
 /// lane its streams send through, which also watches it for closure. In-process
 /// connections have no peer to lose.
 struct Connection {
-    streams: usize,
+    /// Streams and close subscriptions.
+    users: usize,
     lane: Option<Lane>,
 }
 
@@ -180,6 +185,12 @@ struct Ending<S> {
     handler: BoxedHandler<S>,
     abort: bool,
     failure: Option<Error>,
+}
+
+/// A subscription to a connection's closing.
+struct CloseSubscription<S> {
+    connection: usize,
+    handler: CloseHandler<S>,
 }
 
 struct Subscription<S> {
@@ -222,7 +233,7 @@ struct Slots {
 /// running it, after the rest of that iteration ran; the reactor stays usable. What
 /// panicked is never called again: a stream handler is dropped and its stream
 /// aborted (a panic in [`StreamHandler::closed`] only drops the handler), a lifecycle
-/// handler is disabled, a [`Watch`](crate::Watch) or [`Timer`](crate::Timer) closure
+/// handler is disabled (a close handler is called once anyway), a [`Watch`](crate::Watch) or [`Timer`](crate::Timer) closure
 /// is disabled, a job from [`ReactorHandle::execute`] is dropped, and blocking work
 /// that panicked never reaches its `then`.
 pub struct Reactor<S: 'static = ()> {
@@ -247,6 +258,7 @@ pub struct Reactor<S: 'static = ()> {
     /// lane waits for the old one.
     retired: FxHashMap<usize, Retired>,
     subscriptions: FxHashMap<u64, Subscription<S>>,
+    close_subscriptions: FxHashMap<u64, CloseSubscription<S>>,
     next_subscription: u64,
     lifecycle_slots: FxHashMap<usize, Slots>,
     /// Deregistrations running on worker threads, each holding its connection.
@@ -313,6 +325,7 @@ impl<S: 'static> Reactor<S> {
             ending: FxHashMap::default(),
             retired: FxHashMap::default(),
             subscriptions: FxHashMap::default(),
+            close_subscriptions: FxHashMap::default(),
             next_subscription: 0,
             lifecycle_slots: FxHashMap::default(),
             deregistering: 0,
@@ -371,7 +384,7 @@ impl<S: 'static> Reactor<S> {
             generation: self.generations[key],
         };
         let connection = stream.connection_key();
-        self.track_connection(connection, &stream)?;
+        self.track_connection(connection, stream.connection(), stream.is_remote())?;
         if let Some(own) = stream.lane() {
             // Inserted again: keep its lane, so its sends stay in order.
             own.retarget(Arc::clone(&self.inbox), token);
@@ -507,9 +520,41 @@ impl<S: 'static> Reactor<S> {
         }
     }
 
-    /// Ends a lifecycle subscription: its handler is dropped now, on this thread.
-    /// On a remote connection libvirt's deregistration (a call to the daemon) runs
-    /// on a worker thread, and a failure there is logged.
+    /// Calls `handler` once, on the loop thread with the application's state, when
+    /// libvirt closes `conn` for any reason but the program closing it: the socket
+    /// failed, the daemon went away or stopped answering keepalive messages.
+    ///
+    /// On a remote connection the close callback is registered and unregistered off
+    /// the loop, by the connection's sender thread, which also serves its streams
+    /// (libvirt keeps one close callback per connection). In-process drivers
+    /// (`test:///`, `qemu:///embed`) have no peer to lose: their handler is never
+    /// called.
+    ///
+    /// # Errors
+    ///
+    /// The connection's sender thread cannot be started.
+    #[doc(alias = "virConnectRegisterCloseCallback")]
+    pub fn subscribe_close<F>(&mut self, conn: &Connect, handler: F) -> Result<SubscriptionId>
+    where
+        F: FnOnce(&mut S, CloseReason) + Send + 'static,
+    {
+        let connection = connection_key(conn);
+        self.track_connection(connection, conn, is_remote(conn))?;
+        let id = self.next_subscription;
+        self.next_subscription += 1;
+        self.close_subscriptions.insert(
+            id,
+            CloseSubscription {
+                connection,
+                handler: Box::new(handler),
+            },
+        );
+        Ok(SubscriptionId(id))
+    }
+
+    /// Ends a subscription: its handler is dropped now, on this thread. On a remote
+    /// connection libvirt's deregistration (a call to the daemon) runs on a worker
+    /// thread, and a failure there is logged.
     ///
     /// # Errors
     ///
@@ -517,6 +562,10 @@ impl<S: 'static> Reactor<S> {
     /// in-process connection.
     #[doc(alias = "virConnectDomainEventDeregisterAny")]
     pub fn unsubscribe(&mut self, id: SubscriptionId) -> Result<()> {
+        if let Some(close) = self.close_subscriptions.remove(&id.0) {
+            self.untrack_connection(close.connection);
+            return Ok(());
+        }
         let subscription = self
             .subscriptions
             .remove(&id.0)
@@ -675,7 +724,12 @@ impl<S: 'static> Reactor<S> {
         for token in tokens {
             self.apply(token, Flow::Abort, state);
         }
-        let subscriptions: Vec<u64> = self.subscriptions.keys().copied().collect();
+        let subscriptions: Vec<u64> = self
+            .subscriptions
+            .keys()
+            .chain(self.close_subscriptions.keys())
+            .copied()
+            .collect();
         for id in subscriptions {
             if let Err(e) = self.unsubscribe(SubscriptionId(id)) {
                 log::warn!("shutdown: {e}");
@@ -1009,18 +1063,18 @@ impl<S: 'static> Reactor<S> {
         slot
     }
 
-    fn track_connection(&mut self, connection: usize, stream: &Stream) -> Result<()> {
+    fn track_connection(&mut self, connection: usize, conn: &Connect, remote: bool) -> Result<()> {
         if let Some(entry) = self.connections.get_mut(&connection) {
-            entry.streams += 1;
+            entry.users += 1;
             return Ok(());
         }
-        let lane = if stream.is_remote() {
+        let lane = if remote {
             self.retired.retain(|_, lane| lane.is_running());
             let predecessor = self.retired.remove(&connection);
             match predecessor.as_ref().and_then(Retired::revive) {
                 Some(lane) => Some(lane),
                 None => Some(Lane::spawn(
-                    stream.connection(),
+                    conn,
                     connection,
                     Arc::clone(&self.inbox),
                     predecessor,
@@ -1030,14 +1084,14 @@ impl<S: 'static> Reactor<S> {
             None
         };
         self.connections
-            .insert(connection, Connection { streams: 1, lane });
+            .insert(connection, Connection { users: 1, lane });
         Ok(())
     }
 
     fn untrack_connection(&mut self, connection: usize) {
         if let Some(entry) = self.connections.get_mut(&connection) {
-            entry.streams -= 1;
-            if entry.streams == 0 {
+            entry.users -= 1;
+            if entry.users == 0 {
                 if let Some(lane) = self.connections.remove(&connection).and_then(|c| c.lane) {
                     self.retired.insert(connection, lane.retire());
                 }
@@ -1069,7 +1123,7 @@ impl<S: 'static> Reactor<S> {
     }
 
     /// libvirt leaves a lost connection's streams stuck (no event, recv -2 forever),
-    /// so fail each of them here.
+    /// so fail each of them here; then tell the connection's close subscriptions.
     fn fail_connection(&mut self, connection: usize, reason: CloseReason, state: &mut S) {
         let tokens: Vec<StreamToken> = self
             .slots
@@ -1083,6 +1137,21 @@ impl<S: 'static> Reactor<S> {
         );
         for token in tokens {
             self.apply(token, Flow::Fail(Error::ConnectionClosed { reason }), state);
+        }
+        let watchers: Vec<u64> = self
+            .close_subscriptions
+            .iter()
+            .filter(|(_, c)| c.connection == connection)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in watchers {
+            let close = self.close_subscriptions.remove(&id).expect("listed above");
+            self.untrack_connection(connection);
+            let handler = close.handler;
+            let outcome = panic::catch_unwind(AssertUnwindSafe(|| handler(state, reason)));
+            if let Err(payload) = outcome {
+                self.note_panic(&format!("close handler {id}"), payload.as_ref());
+            }
         }
     }
 

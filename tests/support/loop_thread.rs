@@ -7,7 +7,9 @@ use std::thread::{self, JoinHandle, ThreadId};
 use std::time::Duration;
 
 use virt::connect::Connect;
-use virt_reactor::{DrainReport, LifecycleEvent, Reactor, ReactorHandle, SubscriptionId};
+use virt_reactor::{
+    CloseReason, DrainReport, LifecycleEvent, Reactor, ReactorHandle, SubscriptionId,
+};
 
 /// How long the loop may take to release everything libvirt registered.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,6 +91,20 @@ impl LoopThread {
             // The receiver may be gone when a test has seen what it needs.
             let _ = tx.send((event.clone(), thread::current().id()));
         });
+        (id, rx)
+    }
+
+    /// Subscribes to the closing of `conn`: the reason arrives on the receiver.
+    pub fn closes(&self, conn: &Connect) -> (SubscriptionId, Receiver<CloseReason>) {
+        let (tx, rx) = mpsc::channel();
+        let conn = conn.clone();
+        let id = self
+            .on_loop(move |reactor| {
+                reactor.subscribe_close(&conn, move |_, reason| {
+                    let _ = tx.send(reason);
+                })
+            })
+            .expect("subscribe to the connection's closing");
         (id, rx)
     }
 
