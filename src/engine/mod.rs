@@ -12,9 +12,8 @@ mod ids;
 mod timers;
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use mio::{Registry, Token, Waker};
@@ -24,6 +23,7 @@ pub(crate) use timers::DueTimer;
 
 use crate::sys::callback::{FreeCallback, HandleCallback, TimerCallback};
 use crate::sys::event_impl::EventImpl;
+use crate::sys::thread;
 use crate::vocab::error::Error;
 use crate::vocab::interest::{Interest, Readiness};
 use crate::vocab::sync::lock;
@@ -45,10 +45,8 @@ pub(crate) struct Engine {
     /// Set with `panic`, so that the loop looks at the slot only after a panic.
     panicked: AtomicBool,
     /// The thread running an iteration now: changes it makes itself need no wake-up.
-    loop_thread: Mutex<Option<ThreadId>>,
-    /// The process that made the engine: a forked child shares its epoll instance
-    /// and must not drive it.
-    pid: u32,
+    /// 0 when no thread is.
+    loop_thread: AtomicU64,
 }
 
 #[derive(Default)]
@@ -99,8 +97,7 @@ pub(crate) fn new(registry: Registry, waker: Waker) -> Box<Engine> {
         stop: AtomicBool::new(false),
         panic: Mutex::new(None),
         panicked: AtomicBool::new(false),
-        loop_thread: Mutex::new(None),
-        pid: std::process::id(),
+        loop_thread: AtomicU64::new(0),
     })
 }
 
@@ -229,7 +226,7 @@ impl Engine {
     /// Marks the calling thread as the loop thread for the duration of the guard.
     /// Marks the calling thread as the one running iterations, until the guard goes.
     pub(crate) fn enter_loop_thread(&'static self) -> LoopThreadGuard {
-        let previous = lock(&self.loop_thread).replace(thread::current().id());
+        let previous = self.loop_thread.swap(thread::current(), Ordering::AcqRel);
         LoopThreadGuard {
             engine: self,
             previous,
@@ -238,12 +235,7 @@ impl Engine {
 
     /// Whether the calling thread is running an iteration now.
     pub(crate) fn is_loop_thread(&self) -> bool {
-        *lock(&self.loop_thread) == Some(thread::current().id())
-    }
-
-    /// Whether this is a forked child of the process that made the engine.
-    pub(crate) fn is_forked_child(&self) -> bool {
-        std::process::id() != self.pid
+        self.loop_thread.load(Ordering::Acquire) == thread::current()
     }
 
     /// The poll timeout: 0 while free callbacks wait, else until the next timer
@@ -352,11 +344,13 @@ impl Engine {
 /// Restores the previous loop thread when an iteration ends.
 pub(crate) struct LoopThreadGuard {
     engine: &'static Engine,
-    previous: Option<ThreadId>,
+    previous: u64,
 }
 
 impl Drop for LoopThreadGuard {
     fn drop(&mut self) {
-        *lock(&self.engine.loop_thread) = self.previous;
+        self.engine
+            .loop_thread
+            .store(self.previous, Ordering::Release);
     }
 }

@@ -100,12 +100,12 @@ impl EventLoop {
     ///
     /// # Errors
     ///
-    /// As for [`run`](Self::run); a panic is reported after the iteration completes.
+    /// A poll failure; a callback's panic ([`Error::CallbackPanicked`]), reported
+    /// after the iteration completes; [`Error::WrongProcess`] after `fork`.
     pub(crate) fn run_once(&mut self, timeout: Option<Duration>) -> Result<()> {
-        if self.engine.is_forked_child() {
+        if event_impl::is_forked_child() {
             return Err(Error::WrongProcess);
         }
-        let _on_loop = self.engine.enter_loop_thread();
         let poll_timeout = self.engine.poll_timeout(timeout);
         let polled = self.poll.poll(&mut self.events, poll_timeout);
         self.engine.awake();

@@ -676,7 +676,9 @@ impl<S: 'static> Reactor<S> {
             timeout
         };
         let looped = self.driver.run_once(timeout);
-        self.handle_inbox(state);
+        if self.inbox.has_news() {
+            self.handle_inbox(state);
+        }
         self.serve_writers(state);
         drop(guard);
         looped?;
@@ -750,6 +752,7 @@ impl<S: 'static> Reactor<S> {
             }
             self.run_once(Some(left.min(Duration::from_millis(50))), state)?;
         }
+        let _on_loop = self.driver.enter_loop_thread();
         self.driver
             .drain(deadline.saturating_duration_since(Instant::now()))
     }

@@ -10,8 +10,8 @@
 use std::ffi::{c_int, c_void};
 use std::os::fd::RawFd;
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
 
 use virt::sys;
 
@@ -61,12 +61,18 @@ struct Registry {
     implementation: Mutex<Option<&'static dyn EventImpl>>,
     /// Calls of our `add_timeout`, to see whether libvirt uses our functions.
     timeouts_added: AtomicU64,
+    /// Set in a child forked after registration, which shares the parent's epoll
+    /// instance (`pthread_atfork` gives its handler no context pointer either).
+    forked: AtomicBool,
+    watching_forks: Once,
 }
 
 static REGISTRY: Registry = Registry {
     registered: Mutex::new(Registered::Nothing),
     implementation: Mutex::new(None),
     timeouts_added: AtomicU64::new(0),
+    forked: AtomicBool::new(false),
+    watching_forks: Once::new(),
 };
 
 /// What this process registered.
@@ -128,6 +134,13 @@ pub(crate) fn register<T: EventImpl + 'static>(implementation: Box<T>) -> Result
             }
             return Err(Error::ForeignImplRegistered);
         }
+        REGISTRY.watching_forks.call_once(|| {
+            // SAFETY: a plain function with no preconditions, valid for the life of
+            // the process.
+            if unsafe { libc::pthread_atfork(None, None, Some(in_forked_child)) } != 0 {
+                log::warn!("pthread_atfork failed: use after fork will not be detected");
+            }
+        });
         kept = Some(leaked);
         Ok(())
     })?;
@@ -157,6 +170,15 @@ fn claim(what: Registered, register: impl FnOnce() -> Result<()>) -> Result<()> 
     register()?;
     *registered = what;
     Ok(())
+}
+
+/// Whether this is a child forked after registration.
+pub(crate) fn is_forked_child() -> bool {
+    REGISTRY.forked.load(Ordering::Relaxed)
+}
+
+extern "C" fn in_forked_child() {
+    REGISTRY.forked.store(true, Ordering::Relaxed);
 }
 
 unsafe extern "C" fn noop_timer(_timer: c_int, _opaque: *mut c_void) {}

@@ -15,6 +15,7 @@
 //! - [`file`]: `lseek` with `SEEK_DATA`/`SEEK_HOLE` for sparse files;
 //! - [`panic`]: catching panics so none unwinds into C;
 //! - [`epoll`]: level-triggered registrations in mio's epoll instance.
+//! - [`thread`]: the calling thread's identity, for the loop-thread checks.
 #![allow(unsafe_code)]
 
 pub(crate) mod callback;
@@ -27,3 +28,4 @@ pub(crate) mod flags;
 pub(crate) mod opaque;
 pub(crate) mod panic;
 pub(crate) mod stream;
+pub(crate) mod thread;
