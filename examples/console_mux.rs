@@ -19,11 +19,13 @@ use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
+#[path = "common/consoles.rs"]
+mod common;
+
 use clap::Parser;
-use crossbeam_channel::Receiver;
-use virt::connect::Connect;
+use common::{Destroyed, SetUp};
 use virt_reactor::console::{ConsoleEnd, ConsoleEvent, ConsoleMux, ConsoleOptions};
-use virt_reactor::testbed::{self, GuestMode, Testbed, BANNER};
+use virt_reactor::testbed::BANNER;
 use virt_reactor::{Reactor, ReactorHandle};
 
 const ESCAPE: char = '\u{1d}'; // Ctrl-]
@@ -70,13 +72,7 @@ fn seconds(text: &str) -> Result<f64, String> {
     }
 }
 
-/// The connection, the consoles, their events, and the guests this run booted.
-struct Session {
-    conn: Connect,
-    mux: ConsoleMux<Loop>,
-    events: Receiver<ConsoleEvent>,
-    booted: Vec<String>,
-}
+type Session = common::Session<Loop>;
 
 /// The reactor's state: what the set-up, the stdin thread, signals and the shutdown
 /// tell the loop (through `execute` jobs and `spawn_blocking`, on the loop thread).
@@ -89,6 +85,12 @@ struct Loop {
     quit_at: Option<Instant>,
     /// How many guests the shutdown destroyed, once it has.
     destroyed: Option<usize>,
+}
+
+impl Destroyed for Loop {
+    fn destroyed(&mut self) -> &mut Option<usize> {
+        &mut self.destroyed
+    }
 }
 
 fn main() -> ExitCode {
@@ -124,15 +126,32 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Opening the connection and booting guests block on replies that, with the
     // in-process driver, come through the loop: so they run on worker threads
     // while this thread runs the loop. The outcome arrives in `state.setup`.
+    let domains = args.domains.clone();
     SetUp {
         uri: args.uri.clone(),
-        domains: args.domains.clone(),
+        root: embed_root.clone(),
         guests: args.guests,
         testbed: args.testbed.clone(),
-        root: embed_root.clone(),
-        force: args.force,
+        options: ConsoleOptions {
+            force: args.force,
+            reopen: true,
+            ..ConsoleOptions::default()
+        },
     }
-    .start(&handle)?;
+    .start(&handle, move |reactor, state, ready| match ready {
+        // A daemon's domains are checked and attached on another worker, which
+        // reports.
+        Ok((session, uri)) if session.booted.is_empty() => {
+            let attaching = reactor.handle().spawn_blocking(
+                move || attach_running(&session, &uri, domains).map(|()| session),
+                |_, state, session| state.setup = Some(session),
+            );
+            if let Err(e) = attaching {
+                state.setup = Some(Err(e.to_string()));
+            }
+        }
+        ready => state.setup = Some(ready.map(|(session, _)| session)),
+    })?;
 
     let mut session: Option<Session> = None;
     let mut waiting_for: BTreeMap<String, bool> = BTreeMap::new(); // name -> banner seen
@@ -238,31 +257,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let shutting_down = Instant::now();
     let mut destroyed = Ok(0);
-    if let Some(Session {
-        conn,
-        mux,
-        events,
-        booted,
-    }) = session
-    {
-        mux.detach_all(&mut reactor, &mut state);
-        // Off the loop thread: destroy waits on QEMU's monitor, which the loop serves.
-        destroyed = handle
-            .spawn_blocking(
-                move || {
-                    let destroyed = testbed::destroy(&conn, &booted);
-                    drop((mux, conn));
-                    destroyed
-                },
-                |_, state, destroyed| state.destroyed = Some(destroyed),
-            )
-            .and_then(|()| {
-                run_until_destroyed(&mut reactor, &mut state, grace, || {
-                    for event in events.try_iter() {
-                        let _ = out.event(&event);
-                    }
-                })
-            });
+    if let Some(session) = session {
+        session.mux.detach_all(&mut reactor, &mut state);
+        destroyed = session.end(&mut reactor, &mut state, grace, |event| {
+            let _ = out.event(event);
+        });
         out.flush_all();
         if let Ok(n @ 1..) = destroyed {
             out.note(&format!("destroyed {n} guest(s)"));
@@ -286,117 +285,6 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     destroyed.map_err(unanswered)?;
     drained.map_err(unanswered)?;
     Ok(())
-}
-
-/// Runs the loop until the shutdown's destroy work is done and libvirt has
-/// answered every console's end, calling `between` after each iteration, for
-/// `grace` at most.
-fn run_until_destroyed(
-    reactor: &mut Reactor<Loop>,
-    state: &mut Loop,
-    grace: Duration,
-    mut between: impl FnMut(),
-) -> virt_reactor::Result<usize> {
-    let deadline = Instant::now() + grace;
-    let mut destroyed = None;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        reactor.run_once(Some(left.min(Duration::from_millis(100))), state)?;
-        between();
-        destroyed = destroyed.or(state.destroyed.take());
-        if let (Some(destroyed), true) = (destroyed, reactor.is_empty()) {
-            return Ok(destroyed);
-        }
-        if left.is_zero() {
-            return Err(virt_reactor::Error::TimedOut);
-        }
-    }
-}
-
-/// What the set-up needs.
-struct SetUp {
-    uri: Option<String>,
-    domains: Vec<String>,
-    guests: usize,
-    testbed: PathBuf,
-    root: Option<PathBuf>,
-    force: bool,
-}
-
-impl SetUp {
-    /// Connects on a worker thread, then makes the consoles on the loop thread and
-    /// boots the testbed guests or attaches to running domains. The outcome arrives
-    /// in [`Loop::setup`].
-    fn start(self, handle: &ReactorHandle<Loop>) -> virt_reactor::Result<()> {
-        handle.spawn_blocking(
-            move || {
-                let connected = self.connect();
-                (self, connected)
-            },
-            |reactor, state, (setup, connected)| {
-                let session = connected.and_then(|(uri, conn)| setup.consoles(reactor, uri, conn));
-                // `None`: the domains are checked on another worker, which reports.
-                state.setup = session.transpose();
-            },
-        )
-    }
-
-    /// On a worker thread: the connection, and its URI.
-    fn connect(&self) -> Result<(String, Connect), String> {
-        let uri = match (&self.uri, &self.root) {
-            (Some(uri), _) => uri.clone(),
-            (None, Some(root)) => {
-                testbed::embed_root(root).map_err(|e| format!("embedded driver: {e}"))?
-            }
-            (None, None) => unreachable!("no uri means an embedded root"),
-        };
-        let conn = virt_reactor::connect(&uri).map_err(|e| format!("{uri}: {e}"))?;
-        Ok((uri, conn))
-    }
-
-    /// On the loop thread: the consoles; boots the testbed guests, or checks and
-    /// attaches to the running domains on a worker (then the result is `None`).
-    fn consoles(
-        self,
-        reactor: &mut Reactor<Loop>,
-        uri: String,
-        conn: Connect,
-    ) -> Result<Option<Session>, String> {
-        let options = ConsoleOptions {
-            force: self.force,
-            reopen: true,
-            ..ConsoleOptions::default()
-        };
-        let (mux, events) =
-            ConsoleMux::new(reactor, &conn, options).map_err(|e| format!("consoles: {e}"))?;
-        let mut session = Session {
-            conn,
-            mux,
-            events,
-            booted: Vec::new(),
-        };
-        if self.root.is_some() {
-            let testbed = Testbed::open(&self.testbed).map_err(|e| e.to_string())?;
-            for i in 1..=self.guests {
-                let name = format!("tb-{i}");
-                session
-                    .mux
-                    .boot(&name, &testbed.guest_xml(&name, GuestMode::Plain))
-                    .map_err(|e| e.to_string())?;
-                session.booted.push(name);
-            }
-            return Ok(Some(session));
-        }
-        let domains = self.domains;
-        reactor
-            .handle()
-            .spawn_blocking(
-                move || attach_running(&session, &uri, domains).map(|()| session),
-                |_, state, session| state.setup = Some(session),
-            )
-            .map_err(|e| e.to_string())?;
-        Ok(None)
-    }
 }
 
 /// On a worker thread: attaches to the running `domains` (or all), after checking

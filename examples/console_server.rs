@@ -57,16 +57,17 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+#[path = "common/consoles.rs"]
+mod common;
+
 use clap::Parser;
-use crossbeam_channel::Receiver;
+use common::{Destroyed, SetUp};
 use mio::event::{Event, Source};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token};
 use slab::Slab;
-use virt::connect::Connect;
-use virt_reactor::console::{ConsoleEnd, ConsoleEvent, ConsoleMux, ConsoleOptions};
-use virt_reactor::testbed::{self, GuestMode, Testbed};
-use virt_reactor::{LifecycleKind, Reactor, ReactorHandle, SubscriptionId};
+use virt_reactor::console::{ConsoleEnd, ConsoleEvent, ConsoleOptions};
+use virt_reactor::{LifecycleKind, Reactor, SubscriptionId};
 
 /// The reactor (libvirt's events, and jobs from other threads: signals, the set-up
 /// workers) on our poll.
@@ -194,17 +195,17 @@ struct Libvirt {
     quit: Option<&'static str>,
     /// How many guests the shutdown destroyed, once it has.
     destroyed: Option<usize>,
+    /// Lifecycle events of a daemon's domains (`--uri`).
+    subscription: Option<SubscriptionId>,
 }
 
-/// The connection and what hangs off it; made by the set-up.
-struct Session {
-    conn: Connect,
-    mux: ConsoleMux<Libvirt>,
-    events: Receiver<ConsoleEvent>,
-    subscription: Option<SubscriptionId>,
-    /// Guests this run boots, destroyed at exit.
-    booted: Vec<String>,
+impl Destroyed for Libvirt {
+    fn destroyed(&mut self) -> &mut Option<usize> {
+        &mut self.destroyed
+    }
 }
+
+type Session = common::Session<Libvirt>;
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Refuse what we will not do before touching anything.
@@ -251,15 +252,25 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     // Connecting and booting block on replies that, with the in-process driver,
     // come through this very loop: workers do them while this thread polls.
+    let (embedded, domains) = (args.uri.is_none(), args.domains.clone());
     SetUp {
         uri: args.uri.clone(),
-        domains: args.domains.clone(),
+        root: embed_root.as_ref().map(|r| r.0.clone()),
         guests: args.guests,
         testbed: args.testbed.clone(),
-        root: embed_root.as_ref().map(|r| r.0.clone()),
-        force: args.force,
+        options: ConsoleOptions {
+            force: args.force,
+            ..ConsoleOptions::default()
+        },
     }
-    .start(&reactor.handle())?;
+    .start(&reactor.handle(), move |reactor, libvirt, ready| {
+        libvirt.setup = match ready {
+            Ok((session, uri)) if !embedded => {
+                watch_running(reactor, libvirt, session, uri, domains).transpose()
+            }
+            ready => Some(ready.map(|(session, _)| session)),
+        }
+    })?;
 
     let mut server = Server {
         registry,
@@ -347,101 +358,33 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     outcome.and(finished).map_err(Into::into)
 }
 
-/// What the set-up needs.
-struct SetUp {
-    uri: Option<String>,
+/// On the loop thread, for a daemon's domains: subscribes to lifecycle events, then
+/// attaches to the running domains from a worker, which reports (the result is
+/// `None` then). Subscribe first, then list: a domain starting in between is seen
+/// twice, and attaching twice is harmless.
+fn watch_running(
+    reactor: &mut Reactor<Libvirt>,
+    libvirt: &mut Libvirt,
+    session: Session,
+    uri: String,
     domains: Vec<String>,
-    guests: usize,
-    testbed: PathBuf,
-    root: Option<PathBuf>,
-    force: bool,
-}
-
-impl SetUp {
-    /// Connects on a worker thread, then makes the consoles on the loop thread and
-    /// boots testbed guests (embedded) or subscribes to lifecycle events and
-    /// attaches to what runs (`--uri`). The outcome arrives in [`Libvirt::setup`].
-    fn start(self, handle: &ReactorHandle<Libvirt>) -> virt_reactor::Result<()> {
-        handle.spawn_blocking(
-            move || {
-                let connected = self.connect();
-                (self, connected)
-            },
-            |reactor, libvirt, (setup, connected)| {
-                let session = connected.and_then(|(uri, conn)| setup.consoles(reactor, uri, conn));
-                // `None`: a worker lists the running domains, and reports.
-                libvirt.setup = session.transpose();
-            },
-        )
-    }
-
-    /// On a worker thread: the connection, and its URI.
-    fn connect(&self) -> Result<(String, Connect), String> {
-        let uri = match (&self.uri, &self.root) {
-            (Some(uri), _) => uri.clone(),
-            (None, Some(root)) => testbed::embed_root(root)
-                .map_err(|e| format!("embedded driver in {}: {e}", root.display()))?,
-            (None, None) => unreachable!("no --uri means an embedded root"),
-        };
-        let conn = virt_reactor::connect(&uri).map_err(|e| format!("{uri}: {e}"))?;
-        Ok((uri, conn))
-    }
-
-    /// On the loop thread: the consoles; boots the testbed guests, or subscribes to
-    /// lifecycle events and attaches to the running domains from a worker (then the
-    /// result is `None`).
-    fn consoles(
-        self,
-        reactor: &mut Reactor<Libvirt>,
-        uri: String,
-        conn: Connect,
-    ) -> Result<Option<Session>, String> {
-        let options = ConsoleOptions {
-            force: self.force,
-            ..ConsoleOptions::default()
-        };
-        let (mux, events) =
-            ConsoleMux::new(reactor, &conn, options).map_err(|e| format!("consoles: {e}"))?;
-        let mut session = Session {
-            conn,
-            mux,
-            events,
-            subscription: None,
-            booted: Vec::new(),
-        };
-        if self.uri.is_none() {
-            let testbed = Testbed::open(&self.testbed).map_err(|e| e.to_string())?;
-            for i in 1..=self.guests {
-                let name = format!("tb-{i}");
-                session
-                    .mux
-                    .boot(&name, &testbed.guest_xml(&name, GuestMode::Plain))
-                    .map_err(|e| format!("{name}: {e}"))?;
-                session.booted.push(name);
+) -> Result<Option<Session>, String> {
+    let subscription = reactor
+        .subscribe_lifecycle(&session.conn, |libvirt: &mut Libvirt, event| {
+            if event.kind == LifecycleKind::Started {
+                libvirt.started.push(event.domain.clone());
             }
-            return Ok(Some(session));
-        }
-        // Subscribe first, then list: a domain starting in between is seen twice,
-        // and attaching twice is harmless. Subscribing is a call to the daemon, made
-        // here once at start.
-        let subscription = reactor
-            .subscribe_lifecycle(&session.conn, |libvirt: &mut Libvirt, event| {
-                if event.kind == LifecycleKind::Started {
-                    libvirt.started.push(event.domain.clone());
-                }
-            })
-            .map_err(|e| format!("lifecycle events: {e}"))?;
-        session.subscription = Some(subscription);
-        let domains = self.domains;
-        reactor
-            .handle()
-            .spawn_blocking(
-                move || attach_running(&session, &uri, &domains).map(|()| session),
-                |_, libvirt, session| libvirt.setup = Some(session),
-            )
-            .map_err(|e| e.to_string())?;
-        Ok(None)
-    }
+        })
+        .map_err(|e| format!("lifecycle events: {e}"))?;
+    libvirt.subscription = Some(subscription);
+    reactor
+        .handle()
+        .spawn_blocking(
+            move || attach_running(&session, &uri, &domains).map(|()| session),
+            |_, libvirt, session| libvirt.setup = Some(session),
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(None)
 }
 
 /// On a worker thread: attaches to the running `domains` (all if empty).
@@ -1213,7 +1156,7 @@ impl Server {
         }
         // Deregistering from lifecycle events is a call to the daemon: the reactor
         // makes it off the loop.
-        let subscription = self.session.as_mut().and_then(|s| s.subscription.take());
+        let subscription = self.libvirt.subscription.take();
         if let Some(subscription) = subscription {
             if let Err(e) = reactor.unsubscribe(subscription) {
                 log::warn!("lifecycle events: {e}");
@@ -1246,26 +1189,10 @@ impl Server {
         let Some(session) = self.session.take() else {
             return result;
         };
-        let Session {
-            conn,
-            mux,
-            events,
-            booted,
-            ..
-        } = session;
-        let grace = shutdown_grace(&booted);
-        // Off the loop thread: destroy waits on QEMU's monitor, which the loop serves.
-        let destroyed = reactor
-            .handle()
-            .spawn_blocking(
-                move || {
-                    let destroyed = testbed::destroy(&conn, &booted);
-                    drop((mux, conn));
-                    destroyed
-                },
-                |_, libvirt, destroyed| libvirt.destroyed = Some(destroyed),
-            )
-            .and_then(|()| self.run_until_destroyed(reactor, grace, &events));
+        let grace = shutdown_grace(&session.booted);
+        let destroyed = session.end(reactor, &mut self.libvirt, grace, |event| {
+            log::debug!("after detach: {event:?}");
+        });
         match destroyed {
             Ok(n) => {
                 if n > 0 {
@@ -1279,35 +1206,6 @@ impl Server {
             Err(e) => {
                 log::warn!("{e}");
                 result
-            }
-        }
-    }
-
-    /// Runs the loop until the shutdown's destroy work is done and the daemon has
-    /// answered every console's end, for `grace` at most.
-    fn run_until_destroyed(
-        &mut self,
-        reactor: &mut Reactor<Libvirt>,
-        grace: Duration,
-        events: &Receiver<ConsoleEvent>,
-    ) -> virt_reactor::Result<usize> {
-        let deadline = Instant::now() + grace;
-        let mut destroyed = None;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            reactor.run_once(
-                Some(left.min(Duration::from_millis(100))),
-                &mut self.libvirt,
-            )?;
-            for event in events.try_iter() {
-                log::debug!("after detach: {event:?}");
-            }
-            destroyed = destroyed.or(self.libvirt.destroyed.take());
-            if let (Some(destroyed), true) = (destroyed, reactor.is_empty()) {
-                return Ok(destroyed);
-            }
-            if left.is_zero() {
-                return Err(virt_reactor::Error::TimedOut);
             }
         }
     }
