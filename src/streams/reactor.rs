@@ -492,8 +492,7 @@ impl<S: 'static> Reactor<S> {
             });
         };
         slots.claimed |= 1 << slot;
-        let id = self.next_subscription;
-        self.next_subscription += 1;
+        let id = self.subscription_id();
         let inbox = Arc::clone(&self.inbox);
         let registered = sys_connection::register_lifecycle(
             conn,
@@ -540,8 +539,7 @@ impl<S: 'static> Reactor<S> {
     {
         let connection = connection_key(conn);
         self.track_connection(connection, conn, is_remote(conn))?;
-        let id = self.next_subscription;
-        self.next_subscription += 1;
+        let id = self.subscription_id();
         self.close_subscriptions.insert(
             id,
             CloseSubscription {
@@ -607,6 +605,12 @@ impl<S: 'static> Reactor<S> {
                 self.deregistering -= 1;
                 Error::Io(e)
             })
+    }
+
+    /// A new subscription's id, for either kind.
+    fn subscription_id(&mut self) -> u64 {
+        self.next_subscription += 1;
+        self.next_subscription
     }
 
     fn release_slot(&mut self, key: usize, slot: usize) {
