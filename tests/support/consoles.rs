@@ -27,6 +27,7 @@ use virt_reactor::{
 };
 
 use super::daemon::PrivateDaemon;
+use super::lock;
 
 /// Create → banner, for all guests of a test together. The research note measured
 /// 2.3–2.5 s per guest on an idle host and ~2.5 CPU-s per TCG boot; 8 guests on 2
@@ -791,10 +792,7 @@ impl MuxProcess {
                         break;
                     }
                     let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    stderr
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push_str(&text);
+                    lock(&stderr).push_str(&text);
                 }
                 done.store(true, Ordering::Release);
             });
@@ -909,10 +907,7 @@ impl MuxProcess {
     }
 
     pub fn stderr(&self) -> String {
-        self.stderr
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.stderr).clone()
     }
 
     pub fn describe(&self) -> String {

@@ -8,3 +8,5 @@ pub mod daemon;
 pub mod loop_thread;
 pub mod pool;
 pub mod raw;
+
+pub use raw::lock;
