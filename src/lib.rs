@@ -85,6 +85,8 @@ pub use event_loop::watch::{Timer, Watch};
 pub use event_loop::DrainReport;
 #[cfg(feature = "testbed")]
 pub use features::testbed;
+#[cfg(feature = "tokio")]
+pub use features::tokio;
 pub use features::{console, volume};
 pub use streams::handler::{handler_fn, Flow, StreamCtx, StreamEnd, StreamHandler};
 pub use streams::reactor::{Reactor, ReactorHandle, SubscriptionId, DEFAULT_OUTBOX_CAPACITY};

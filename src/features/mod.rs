@@ -4,4 +4,6 @@
 pub mod console;
 #[cfg(feature = "testbed")]
 pub mod testbed;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod volume;

@@ -702,6 +702,20 @@ impl<S: 'static> Reactor<S> {
         self.run_once(Some(Duration::ZERO), state)
     }
 
+    /// Consumes a pending [`ReactorHandle::stop`], for drivers other than
+    /// [`run`](Self::run).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn take_stop_request(&self) -> bool {
+        self.driver.take_stop_request()
+    }
+
+    /// The fd that becomes readable when the loop has work: what an async runtime
+    /// waits on.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn poll_fd(&self) -> std::io::Result<std::os::fd::RawFd> {
+        self.driver.embeddable()
+    }
+
     /// How long an embedding poll may sleep before [`dispatch`](Self::dispatch) must
     /// run again: `Some(ZERO)` when work is pending, the time to the next timer, or
     /// `None` when nothing is scheduled. Call it right before that poll sleeps.

@@ -6,6 +6,7 @@
 //!
 //! - [`event_impl`]: the six functions registered with `virEventRegisterImpl`, and
 //!   the crate's only static (libvirt's event API passes no context pointer);
+//! - [`async_fd`] (feature `tokio`): the loop's epoll fd registered with tokio;
 //! - [`callback`]: libvirt's `(callback, opaque)` pairs, made callable and `Send`;
 //! - [`closure`]: Rust closures as callbacks on libvirt's loop (`virEventAddHandle` and
 //!   `virEventAddTimeout`), freed by their own free callback;
@@ -18,6 +19,8 @@
 //! - [`thread`]: the calling thread's identity, for the loop-thread checks.
 #![allow(unsafe_code)]
 
+#[cfg(feature = "tokio")]
+pub(crate) mod async_fd;
 pub(crate) mod callback;
 pub(crate) mod closure;
 pub(crate) mod connection;

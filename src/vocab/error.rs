@@ -127,6 +127,65 @@ impl Error {
     }
 }
 
+/// A copy, for an end that several waiters hear (an async stream's reader and
+/// writer); an `Io` error is copied as its kind and message.
+impl Clone for Error {
+    fn clone(&self) -> Self {
+        match self {
+            Error::Libvirt(e) => Error::Libvirt(e.clone()),
+            Error::Io(e) => Error::Io(io::Error::new(e.kind(), e.to_string())),
+            Error::AlreadyRegistered => Error::AlreadyRegistered,
+            Error::NotRegistered => Error::NotRegistered,
+            Error::ForeignImplRegistered => Error::ForeignImplRegistered,
+            Error::CallbackPanicked { origin, message } => Error::CallbackPanicked {
+                origin: origin.clone(),
+                message: message.clone(),
+            },
+            Error::DrainTimedOut {
+                handles,
+                timers,
+                pending_frees,
+            } => Error::DrainTimedOut {
+                handles: *handles,
+                timers: *timers,
+                pending_frees: *pending_frees,
+            },
+            Error::SubscriptionLimit { limit } => Error::SubscriptionLimit { limit: *limit },
+            Error::WrongProcess => Error::WrongProcess,
+            Error::InvalidToken => Error::InvalidToken,
+            Error::ReactorGone => Error::ReactorGone,
+            Error::StreamClosed => Error::StreamClosed,
+            Error::Aborted => Error::Aborted,
+            Error::TimedOut => Error::TimedOut,
+            Error::OnLoopThread => Error::OnLoopThread,
+            Error::ConsoleBusy { domain } => Error::ConsoleBusy {
+                domain: domain.clone(),
+            },
+            Error::NotAttached { domain } => Error::NotAttached {
+                domain: domain.clone(),
+            },
+            Error::VolumeTooSmall { needed, capacity } => Error::VolumeTooSmall {
+                needed: *needed,
+                capacity: *capacity,
+            },
+            Error::OutOfRange {
+                offset,
+                length,
+                size,
+            } => Error::OutOfRange {
+                offset: *offset,
+                length: *length,
+                size: *size,
+            },
+            Error::DestinationExists { path, kind } => Error::DestinationExists {
+                path: path.clone(),
+                kind,
+            },
+            Error::ConnectionClosed { reason } => Error::ConnectionClosed { reason: *reason },
+        }
+    }
+}
+
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

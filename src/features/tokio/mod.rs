@@ -1,0 +1,374 @@
+//! libvirt from a tokio runtime (feature `tokio`): the same event loop, driven by a
+//! task, and streams that are `AsyncRead` and `AsyncWrite`.
+//!
+//! [`register`] installs the loop and returns a [`Handle`] (cheap to clone, `Send`)
+//! and the [`Driver`], a future to spawn once: it waits on the loop's epoll fd with
+//! `AsyncFd` and on the next libvirt timer, and dispatches after every wake-up.
+//! libvirt's own fds stay level-triggered inside the loop; the driver clears the
+//! edge-triggered `AsyncFd` readiness only once the loop has nothing left to
+//! dispatch. libvirt's callbacks, and every handler of the reactor, run inside the
+//! driver, one at a time.
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! use tokio::io::AsyncReadExt;
+//!
+//! # async fn example() -> virt_reactor::Result<()> {
+//! let (handle, driver) = virt_reactor::tokio::register()?;
+//! let driver = tokio::spawn(driver.run());
+//! // Blocking calls (connect, lookups, creating domains) go to tokio's blocking pool.
+//! let conn = handle.blocking(|| virt_reactor::connect("test:///default")).await??;
+//! let domain = handle
+//!     .blocking(move || conn.lookup_domain_by_name("test"))
+//!     .await??;
+//! let mut console = handle.open_console(domain, Default::default()).await?;
+//! let mut buf = [0u8; 4096];
+//! let n = console.read(&mut buf).await?;
+//! println!("{}", String::from_utf8_lossy(&buf[..n]));
+//! drop(console); // an unfinished stream is aborted
+//! handle.stop();
+//! driver.await.expect("driver task")?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Which calls block
+//!
+//! Opening a connection, lookups, creating or destroying a domain, opening a console
+//! and attaching a volume to a stream wait for the daemon (or, with an in-process
+//! driver such as `qemu:///embed`, for replies that come through this very loop):
+//! run them with [`Handle::blocking`], on tokio's blocking pool. The stream calls do
+//! not block: reads and writes go through buffers the driver fills and drains.
+
+mod stream;
+
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, oneshot};
+
+pub use stream::AsyncStream;
+
+use crate::features::console::{self, ConsoleOptions};
+use crate::features::volume::{self, VolumeRange};
+use crate::streams::reactor::{Reactor, ReactorHandle, SubscriptionId};
+use crate::streams::stream::Stream;
+use crate::streams::transfer::TransferStats;
+use crate::sys::async_fd;
+use crate::vocab::error::{Error, Result};
+use crate::vocab::events::{CloseReason, LifecycleEvent};
+
+/// How long [`Driver::run`] gives libvirt at the end to remove what it registered.
+const SHUTDOWN: Duration = Duration::from_secs(5);
+
+/// Registers the loop with libvirt (once per process, before any connection) and
+/// returns the handle and the driver to spawn.
+///
+/// # Errors
+///
+/// As [`Reactor::register`]; `Error::Io` when the loop's fd cannot be registered
+/// with the runtime (call it inside one).
+pub fn register() -> Result<(Handle, Driver)> {
+    let reactor = Reactor::<()>::register()?;
+    let fd = async_fd::register(reactor.poll_fd()?)?;
+    let handle = Handle {
+        reactor: reactor.handle(),
+    };
+    Ok((handle, Driver { reactor, fd }))
+}
+
+/// The task that runs libvirt's loop: spawn [`run`](Self::run) once.
+#[must_use = "the loop runs only while the driver's future is polled"]
+pub struct Driver {
+    reactor: Reactor<()>,
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl Driver {
+    /// Runs the loop until [`Handle::stop`], then aborts the streams left and lets
+    /// libvirt remove what it registered (close connections first), for a few
+    /// seconds at most.
+    ///
+    /// # Errors
+    ///
+    /// A panic in a callback ([`Error::CallbackPanicked`], the loop stops then), a
+    /// poll failure, or the drain's error.
+    pub async fn run(mut self) -> Result<crate::DrainReport> {
+        loop {
+            let guard = match self.reactor.next_timeout() {
+                Some(timeout) if timeout.is_zero() => {
+                    tokio::task::yield_now().await;
+                    None
+                }
+                Some(timeout) => tokio::select! {
+                    ready = self.fd.readable() => Some(ready?),
+                    () = tokio::time::sleep(timeout) => None,
+                },
+                None => Some(self.fd.readable().await?),
+            };
+            self.reactor.dispatch(&mut ())?;
+            if self.reactor.take_stop_request() {
+                break;
+            }
+            // The epoll fd stays readable while the loop has work: clear the edge
+            // only when the next dispatch may wait.
+            if let Some(mut guard) = guard {
+                if self.reactor.next_timeout() != Some(Duration::ZERO) {
+                    guard.clear_ready();
+                }
+            }
+        }
+        let Driver { mut reactor, fd } = self;
+        drop(fd);
+        // The shutdown runs iterations of its own until libvirt is done: on the
+        // blocking pool, not on a runtime thread.
+        tokio::task::spawn_blocking(move || reactor.shutdown(SHUTDOWN, &mut ()))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))?
+    }
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("reactor", &self.reactor)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The async side of the loop: opens streams, runs blocking calls, subscribes to
+/// events, stops the driver. Cheap to clone; `Send`.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    reactor: ReactorHandle<()>,
+}
+
+impl Handle {
+    /// Runs `work` on tokio's blocking pool: for libvirt calls that wait.
+    ///
+    /// # Errors
+    ///
+    /// `Error::Io` if the work panicked or the runtime is shutting down.
+    pub async fn blocking<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))
+    }
+
+    /// Runs `f` with the reactor on the driver, and returns what it returned.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ReactorGone`] once the driver has ended.
+    pub async fn with_reactor<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Reactor<()>) -> T + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        self.reactor.execute(move |reactor, ()| {
+            let _ = tx.send(f(reactor));
+        })?;
+        rx.await.map_err(|_| Error::ReactorGone)
+    }
+
+    /// Hands `stream` (attached already, e.g. by a volume download or a console) to
+    /// the driver as an [`AsyncStream`]; `sparse` streams read with holes kept
+    /// (see [`AsyncStream::read_sparse`]).
+    ///
+    /// # Errors
+    ///
+    /// libvirt's error if the stream's callback cannot be registered;
+    /// [`Error::ReactorGone`].
+    pub async fn stream(&self, stream: Stream, sparse: bool) -> Result<AsyncStream> {
+        let handle = self.reactor.clone();
+        self.with_reactor(move |reactor| AsyncStream::insert(reactor, handle, stream, sparse))
+            .await?
+    }
+
+    /// Opens `domain`'s console (on the blocking pool) as an [`AsyncStream`].
+    ///
+    /// # Errors
+    ///
+    /// As [`console::open_stream`]; [`Error::ReactorGone`].
+    pub async fn open_console(
+        &self,
+        domain: virt::domain::Domain,
+        options: ConsoleOptions,
+    ) -> Result<AsyncStream> {
+        let stream = self
+            .blocking(move || console::open_stream(&domain, &options))
+            .await??;
+        self.stream(stream, false).await
+    }
+
+    /// Downloads `vol` into `path` (see [`volume::download`]), calling `progress`
+    /// on the driver after each step; resolves with the totals once libvirt
+    /// confirmed the transfer and the file is in place.
+    ///
+    /// Dropping the future does not stop the transfer: it runs to its end inside
+    /// the driver (and a failed or aborted one leaves no file behind).
+    ///
+    /// # Errors
+    ///
+    /// As [`volume::download`], and the transfer's error.
+    pub async fn download(
+        &self,
+        vol: virt::storage_vol::StorageVol,
+        path: std::path::PathBuf,
+        range: VolumeRange,
+        progress: impl FnMut(TransferStats) + Send + 'static,
+    ) -> Result<TransferStats> {
+        self.transfer(
+            move |reactor, progress, end| {
+                volume::download(reactor, &vol, &path, range, progress, end)
+            },
+            progress,
+        )
+        .await
+    }
+
+    /// Uploads the file at `path` into `vol` (see [`volume::upload`]), as
+    /// [`download`](Self::download).
+    ///
+    /// # Errors
+    ///
+    /// As [`volume::upload`], and the transfer's error.
+    pub async fn upload(
+        &self,
+        vol: virt::storage_vol::StorageVol,
+        path: std::path::PathBuf,
+        range: VolumeRange,
+        progress: impl FnMut(TransferStats) + Send + 'static,
+    ) -> Result<TransferStats> {
+        self.transfer(
+            move |reactor, progress, end| {
+                volume::upload(reactor, &vol, &path, range, progress, end)
+            },
+            progress,
+        )
+        .await
+    }
+
+    /// Starts a volume transfer inside the driver (its first calls to libvirt
+    /// included, which the volume functions make) and waits for its end.
+    async fn transfer<F, P>(&self, start: F, mut progress: P) -> Result<TransferStats>
+    where
+        F: FnOnce(
+                &mut Reactor<()>,
+                Box<dyn FnMut(&mut (), TransferStats) + Send>,
+                Box<dyn FnOnce(&mut (), Result<TransferStats>) + Send>,
+            ) -> Result<crate::StreamToken>
+            + Send
+            + 'static,
+        P: FnMut(TransferStats) + Send + 'static,
+    {
+        let (end_tx, end) = oneshot::channel();
+        let started = self
+            .with_reactor(move |reactor| {
+                start(
+                    reactor,
+                    Box::new(move |(), stats| progress(stats)),
+                    Box::new(move |(), result| {
+                        let _ = end_tx.send(result);
+                    }),
+                )
+            })
+            .await?;
+        started?;
+        end.await.map_err(|_| Error::ReactorGone)?
+    }
+
+    /// Domain lifecycle events of every domain on `conn`, as a `futures` stream;
+    /// dropping it unsubscribes. On a remote connection subscribing is a call to
+    /// the daemon, made inside the driver.
+    ///
+    /// # Errors
+    ///
+    /// As [`Reactor::subscribe_lifecycle`]; [`Error::ReactorGone`].
+    pub async fn lifecycle_events(
+        &self,
+        conn: &virt::connect::Connect,
+    ) -> Result<Events<LifecycleEvent>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let conn = conn.clone();
+        let id = self
+            .with_reactor(move |reactor| {
+                reactor.subscribe_lifecycle(&conn, move |(), event| {
+                    let _ = tx.send(event.clone());
+                })
+            })
+            .await??;
+        Ok(Events::new(rx, id, self.reactor.clone()))
+    }
+
+    /// The closing of `conn` (socket error, daemon gone, keepalive timeout) as a
+    /// `futures` stream of at most one reason; dropping it unsubscribes.
+    ///
+    /// # Errors
+    ///
+    /// As [`Reactor::subscribe_close`]; [`Error::ReactorGone`].
+    pub async fn close_events(&self, conn: &virt::connect::Connect) -> Result<Events<CloseReason>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let conn = conn.clone();
+        let id = self
+            .with_reactor(move |reactor| {
+                reactor.subscribe_close(&conn, move |(), reason| {
+                    let _ = tx.send(reason);
+                })
+            })
+            .await??;
+        Ok(Events::new(rx, id, self.reactor.clone()))
+    }
+
+    /// Makes [`Driver::run`] finish after its current iteration.
+    pub fn stop(&self) {
+        self.reactor.stop();
+    }
+}
+
+/// Events of a subscription, as a `futures_core::Stream`; unsubscribed when dropped.
+#[derive(Debug)]
+pub struct Events<T> {
+    rx: mpsc::UnboundedReceiver<T>,
+    id: SubscriptionId,
+    reactor: ReactorHandle<()>,
+}
+
+impl<T> Events<T> {
+    fn new(rx: mpsc::UnboundedReceiver<T>, id: SubscriptionId, reactor: ReactorHandle<()>) -> Self {
+        Events { rx, id, reactor }
+    }
+
+    /// The next event; `None` once the subscription can bring no more.
+    pub async fn next(&mut self) -> Option<T> {
+        self.rx.recv().await
+    }
+}
+
+impl<T> futures_core::Stream for Events<T> {
+    type Item = T;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl<T> Drop for Events<T> {
+    fn drop(&mut self) {
+        let id = self.id;
+        // A close subscription that fired is gone already: nothing to say then.
+        let _ = self.reactor.execute(move |reactor, ()| {
+            let _ = reactor.unsubscribe(id);
+        });
+    }
+}
