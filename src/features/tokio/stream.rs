@@ -459,6 +459,18 @@ impl Bridge {
     }
 }
 
+/// A handler dropped without hearing its end (the driver ended, or the handler
+/// panicked) still ends its stream for the async side: nobody waits forever.
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let mut inner = lock(&self.shared.inner);
+        if inner.end.is_none() {
+            inner.end = Some(Err(Error::ReactorGone));
+            inner.wake_all();
+        }
+    }
+}
+
 impl StreamHandler<()> for Bridge {
     fn ready(&mut self, (): &mut (), cx: &mut StreamCtx<'_>, readiness: Readiness) -> Flow {
         let mut flow = Ok(Flow::Continue);
