@@ -1,43 +1,256 @@
 //! The loop driven by a tokio runtime: volume transfers and raw streams as
-//! `AsyncRead`/`AsyncWrite`, against a private libvirtd.
+//! `AsyncRead`/`AsyncWrite`, against a private libvirtd with a real `dir` pool.
 //!
-//! Each test registers the loop itself, so run them one process each (cargo-nextest).
+//! Each test registers the process-wide event loop itself, so run them one process
+//! each (cargo-nextest). The same binary also drives the loop from a thread of its
+//! own, without tokio ([`the_loop_runs_on_its_own_thread_in_the_same_binary`]).
+//!
+//! The main tests run on both a `current_thread` runtime and a `multi_thread` one
+//! with two workers ([`on_both_runtimes`]).
 
 mod support;
 
-use std::time::Duration;
+use std::io::{self, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use support::daemon::PrivateDaemon;
-use support::pool::{self, DirPool, MIB};
+use support::pool::{
+    self, allocated, data_extents, file_is, pattern, same_content, sparse_file, DirPool, KIB, MIB,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use virt_reactor::volume::VolumeRange;
-use virt_reactor::Stream;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::{sleep, timeout};
+use virt::connect::Connect;
+use virt::storage_vol::StorageVol;
+use virt_reactor::tokio::{AsyncStream, Handle};
+use virt_reactor::transfer::TransferStats;
+use virt_reactor::volume::{self, VolumeRange};
+use virt_reactor::{DrainReport, Error, Reactor, Received, Stream};
+
+/// How many transfers run at once in the concurrency tests.
+const CONCURRENT: usize = 64;
+/// Deadline of one batch of transfers, or of one long transfer.
+const BATCH_LIMIT: Duration = Duration::from_secs(60);
+/// How long the driver may take to stop and drain at the end of a test.
+const DRIVER_LIMIT: Duration = Duration::from_secs(10);
+/// The issue's bound: after `kill -9`, every pending read and write has failed
+/// within this time.
+const FAIL_WITHIN: Duration = Duration::from_secs(2);
+/// How long fd count and slab size may take to come back after drops.
+const SETTLE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Generates a `current_thread` and a `multi_thread` (2 workers) test running `body`.
+macro_rules! on_both_runtimes {
+    ($(#[$doc:meta])* $body:ident => $current:ident, $multi:ident) => {
+        $(#[$doc])*
+        #[tokio::test(flavor = "current_thread")]
+        async fn $current() {
+            $body().await;
+        }
+
+        $(#[$doc])*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $multi() {
+            $body().await;
+        }
+    };
+}
+
+/// A test's world: the driver running as a task, a private daemon with a `dir`
+/// pool, a connection opened after the registration, and a directory for files.
+struct Bed {
+    handle: Handle,
+    driver: JoinHandle<virt_reactor::Result<DrainReport>>,
+    pool: DirPool,
+    conn: Connect,
+    out: PathBuf,
+    daemon: PrivateDaemon,
+}
+
+impl Bed {
+    /// Registers the loop (once per process), spawns its driver, starts a daemon
+    /// and a pool named `pool`.
+    async fn start(pool: &str) -> Bed {
+        virt::error::clear_error_callback();
+        let (handle, driver) = virt_reactor::tokio::register().expect("register the loop");
+        let driver = tokio::spawn(driver.run());
+        let daemon = PrivateDaemon::start().expect("start a private libvirtd");
+        let conn = {
+            let uri = daemon.uri("qemu");
+            handle
+                .blocking(move || virt_reactor::connect(&uri))
+                .await
+                .expect("blocking pool")
+                .unwrap_or_else(|e| panic!("connect: {e}\n{}", daemon.log_tail(30)))
+        };
+        let pool = DirPool::create(&daemon, &conn, pool);
+        let out = daemon.root().join("out");
+        std::fs::create_dir(&out).expect("create the output directory");
+        Bed {
+            handle,
+            driver,
+            pool,
+            conn,
+            out,
+            daemon,
+        }
+    }
+
+    /// `out/name`.
+    fn out(&self, name: &str) -> PathBuf {
+        self.out.join(name)
+    }
+
+    /// Streams in the reactor right now.
+    async fn streams(&self) -> usize {
+        reactor_len(&self.handle).await
+    }
+
+    /// Closes the connection (drop every `StorageVol` and stream first), stops the
+    /// driver and checks that it drained: libvirt removed all it had registered.
+    async fn finish(self) {
+        let Bed {
+            handle,
+            driver,
+            pool,
+            conn,
+            daemon,
+            ..
+        } = self;
+        drop(pool);
+        drop(conn);
+        handle.stop();
+        timeout(DRIVER_LIMIT, driver)
+            .await
+            .expect("the driver ends")
+            .expect("driver task")
+            .expect("the driver stops and drains cleanly");
+        drop(daemon);
+    }
+}
+
+async fn reactor_len(handle: &Handle) -> usize {
+    handle
+        .with_reactor(|reactor| reactor.len())
+        .await
+        .expect("the driver runs")
+}
+
+/// Volume sizes between 2 and 4 MiB, none a multiple of libvirt's 256 KiB packets.
+fn size_of(i: usize) -> usize {
+    (2 * MIB + (i as u64) * 32 * KIB + 4099 * i as u64 % 4096 + 1) as usize
+}
+
+/// A new stream on `conn` attached by `attach` (on the blocking pool), handed to
+/// the driver as an `AsyncStream`.
+async fn open_stream(
+    handle: &Handle,
+    conn: &Connect,
+    sparse: bool,
+    attach: impl FnOnce(&virt::stream::Stream) -> Result<(), virt::error::Error> + Send + 'static,
+) -> AsyncStream {
+    let conn = conn.clone();
+    let stream = handle
+        .blocking(move || {
+            let mut stream = Stream::new(&conn)?;
+            stream.with_virt(attach)?;
+            Ok::<_, Error>(stream)
+        })
+        .await
+        .expect("blocking pool")
+        .expect("open and attach a stream");
+    handle
+        .stream(stream, sparse)
+        .await
+        .expect("hand the stream to the driver")
+}
+
+/// An `AsyncStream` downloading `length` bytes of `vol` from its start.
+async fn download_stream(
+    handle: &Handle,
+    conn: &Connect,
+    vol: &StorageVol,
+    length: u64,
+    sparse: bool,
+) -> AsyncStream {
+    let vol = vol.clone();
+    let flags = if sparse {
+        virt::sys::VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM
+    } else {
+        0
+    };
+    open_stream(handle, conn, sparse, move |s| {
+        vol.download(s, 0, length, flags)
+    })
+    .await
+}
+
+/// An `AsyncStream` uploading `length` bytes into `vol` from its start.
+async fn upload_stream(
+    handle: &Handle,
+    conn: &Connect,
+    vol: &StorageVol,
+    length: u64,
+    sparse: bool,
+) -> AsyncStream {
+    let vol = vol.clone();
+    let flags = if sparse {
+        virt::sys::VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM
+    } else {
+        0
+    };
+    open_stream(handle, conn, false, move |s| {
+        vol.upload(s, 0, length, flags)
+    })
+    .await
+}
+
+/// Waits for every task of `set` within `limit`, re-raising a task's panic.
+async fn join_all<T: 'static>(set: &mut JoinSet<T>, limit: Duration, what: &str) -> Vec<T> {
+    let all = async {
+        let mut results = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok(result) => results.push(result),
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => panic!("{what}: task failed: {e}"),
+            }
+        }
+        results
+    };
+    timeout(limit, all)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not done within {limit:?}"))
+}
+
+/// The latest progress a transfer reported, and a callback that records it.
+fn progress_probe() -> (Arc<AtomicU64>, impl FnMut(TransferStats) + Send + 'static) {
+    let position = Arc::new(AtomicU64::new(0));
+    let probe = Arc::clone(&position);
+    (position, move |stats: TransferStats| {
+        probe.store(stats.position(), Ordering::Relaxed);
+    })
+}
+
+// ---------------------------------------------------------------------------------
+// Smoke test
+// ---------------------------------------------------------------------------------
 
 /// A volume read through an `AsyncStream` arrives byte for byte, and writing one
 /// through another lands byte for byte.
 #[tokio::test(flavor = "current_thread")]
 async fn a_volume_round_trips_through_async_streams() {
-    let (handle, driver) = virt_reactor::tokio::register().expect("register");
-    let driver = tokio::spawn(driver.run());
-    let daemon = PrivateDaemon::start().expect("daemon");
-    let conn = {
-        let uri = daemon.uri("qemu");
-        handle
-            .blocking(move || virt_reactor::connect(&uri))
-            .await
-            .expect("blocking pool")
-            .expect("connect")
-    };
-    let dir = DirPool::create(&daemon, &conn, "tokio");
-    let data = pool::pattern(7, (3 * MIB + 123) as usize);
-    let source = dir.volume_with("source", &data);
-    let target = dir.create_volume("target", data.len() as u64);
+    let bed = Bed::start("tokio").await;
+    let data = pattern(7, (3 * MIB + 123) as usize);
+    let source = bed.pool.volume_with("source", &data);
+    let target = bed.pool.create_volume("target", data.len() as u64);
 
-    let mut download = Stream::new(&conn).expect("stream");
-    download
-        .with_virt(|s| source.download(s, 0, data.len() as u64, 0))
-        .expect("download");
-    let mut download = handle.stream(download, false).await.expect("async stream");
+    let mut download =
+        download_stream(&bed.handle, &bed.conn, &source, data.len() as u64, false).await;
     let mut got = Vec::new();
     download
         .read_to_end(&mut got)
@@ -50,22 +263,19 @@ async fn a_volume_round_trips_through_async_streams() {
         data.len()
     );
 
-    let mut upload = Stream::new(&conn).expect("stream");
-    upload
-        .with_virt(|s| target.upload(s, 0, data.len() as u64, 0))
-        .expect("upload");
-    let mut upload = handle.stream(upload, false).await.expect("async stream");
+    let mut upload = upload_stream(&bed.handle, &bed.conn, &target, data.len() as u64, false).await;
     upload.write_all(&data).await.expect("write");
     upload.shutdown().await.expect("finish");
     assert!(
-        pool::file_is(&dir.path_of("target"), &data),
+        file_is(&bed.pool.path_of("target"), &data),
         "uploaded bytes differ"
     );
 
-    let stats = handle
+    let stats = bed
+        .handle
         .download(
             source.clone(),
-            daemon.root().join("copy"),
+            bed.out("copy"),
             VolumeRange::default(),
             |_| {},
         )
@@ -73,11 +283,873 @@ async fn a_volume_round_trips_through_async_streams() {
         .expect("download helper");
     assert_eq!(stats.data_bytes, data.len() as u64);
 
-    drop((download, upload, source, target, dir, conn));
-    handle.stop();
-    tokio::time::timeout(Duration::from_secs(10), driver)
+    drop((download, upload, source, target));
+    bed.finish().await;
+}
+
+// ---------------------------------------------------------------------------------
+// 1. 64 concurrent downloads and uploads
+// ---------------------------------------------------------------------------------
+
+/// [`CONCURRENT`] downloads at once, each of a different size: half through
+/// `Handle::download` into files, half read from raw `AsyncStream`s, all in one
+/// `JoinSet`. The raw streams are all open (in the reactor) before any is read, so
+/// at least half run at once whatever the scheduling. Each arrives byte for byte;
+/// the helper's progress ends at the volume's size.
+async fn concurrent_downloads_arrive_intact() {
+    let bed = Bed::start("downloads").await;
+    let mut set = JoinSet::new();
+    let mut raw = Vec::new();
+    for i in 0..CONCURRENT {
+        let data = pattern(1000 + i as u64, size_of(i));
+        let vol = bed.pool.volume_with(&format!("vol{i}"), &data);
+        if i % 2 == 0 {
+            let handle = bed.handle.clone();
+            let file = bed.out(&format!("file{i}"));
+            set.spawn(async move {
+                let (position, progress) = progress_probe();
+                let stats = handle
+                    .download(vol, file.clone(), VolumeRange::default(), progress)
+                    .await
+                    .unwrap_or_else(|e| panic!("download {i}: {e}"));
+                assert_eq!(stats.data_bytes, data.len() as u64, "download {i}: bytes");
+                assert_eq!((stats.holes, stats.hole_bytes), (0, 0), "download {i}");
+                assert_eq!(
+                    position.load(Ordering::Relaxed),
+                    data.len() as u64,
+                    "download {i}: last progress"
+                );
+                assert!(file_is(&file, &data), "download {i}: file content differs");
+                assert!(pool::parts_of(&file).is_empty(), "download {i}: .part left");
+            });
+        } else {
+            let stream =
+                download_stream(&bed.handle, &bed.conn, &vol, data.len() as u64, false).await;
+            raw.push((i, stream, data, vol));
+        }
+    }
+    // Unread, a raw stream stops at the driver's buffer limit: it cannot end yet.
+    let running = bed.streams().await;
+    assert!(
+        running >= raw.len(),
+        "the {} raw streams are all in the reactor at once (saw {running})",
+        raw.len()
+    );
+    for (i, mut stream, data, vol) in raw {
+        set.spawn(async move {
+            let mut got = Vec::with_capacity(data.len());
+            stream
+                .read_to_end(&mut got)
+                .await
+                .unwrap_or_else(|e| panic!("raw download {i}: {e}"));
+            assert_eq!(got.len(), data.len(), "raw download {i}: length");
+            assert!(got == data, "raw download {i}: content differs");
+            drop(vol);
+        });
+    }
+    join_all(&mut set, BATCH_LIMIT, "concurrent downloads").await;
+    assert_eq!(bed.streams().await, 0, "every stream has left the reactor");
+    bed.finish().await;
+}
+
+on_both_runtimes! {
+    concurrent_downloads_arrive_intact =>
+        sixty_four_concurrent_async_downloads_arrive_intact,
+        sixty_four_concurrent_async_downloads_arrive_intact_multi_thread
+}
+
+/// [`CONCURRENT`] uploads at once: half through `Handle::upload` from files, half
+/// written into raw `AsyncStream`s (`write_all` then `shutdown`), all in one
+/// `JoinSet`; the raw streams are all open before any is written. Every volume ends
+/// up holding exactly its bytes.
+async fn concurrent_uploads_arrive_intact() {
+    let bed = Bed::start("uploads").await;
+    let mut set = JoinSet::new();
+    let mut expected = Vec::new();
+    let mut raw = Vec::new();
+    for i in 0..CONCURRENT {
+        let data = pattern(2000 + i as u64, size_of(i));
+        let vol = bed
+            .pool
+            .create_volume(&format!("vol{i}"), data.len() as u64);
+        if i % 2 == 0 {
+            let file = bed.out(&format!("file{i}"));
+            std::fs::write(&file, &data).expect("write a source file");
+            let handle = bed.handle.clone();
+            let length = data.len() as u64;
+            set.spawn(async move {
+                let (position, progress) = progress_probe();
+                let stats = handle
+                    .upload(vol, file, VolumeRange::default(), progress)
+                    .await
+                    .unwrap_or_else(|e| panic!("upload {i}: {e}"));
+                assert_eq!(stats.data_bytes, length, "upload {i}: bytes");
+                assert_eq!(position.load(Ordering::Relaxed), length, "upload {i}");
+            });
+        } else {
+            let stream =
+                upload_stream(&bed.handle, &bed.conn, &vol, data.len() as u64, false).await;
+            raw.push((i, stream, data.clone(), vol));
+        }
+        expected.push(data);
+    }
+    // Not written to, a raw stream cannot end yet.
+    let running = bed.streams().await;
+    assert!(
+        running >= raw.len(),
+        "the {} raw streams are all in the reactor at once (saw {running})",
+        raw.len()
+    );
+    for (i, mut stream, data, vol) in raw {
+        set.spawn(async move {
+            stream
+                .write_all(&data)
+                .await
+                .unwrap_or_else(|e| panic!("raw upload {i}: write: {e}"));
+            stream
+                .shutdown()
+                .await
+                .unwrap_or_else(|e| panic!("raw upload {i}: finish: {e}"));
+            drop(vol);
+        });
+    }
+    join_all(&mut set, BATCH_LIMIT, "concurrent uploads").await;
+    for (i, data) in expected.iter().enumerate() {
+        assert!(
+            file_is(&bed.pool.path_of(&format!("vol{i}")), data),
+            "upload {i}: the volume's content differs"
+        );
+    }
+    assert_eq!(bed.streams().await, 0, "every stream has left the reactor");
+    bed.finish().await;
+}
+
+on_both_runtimes! {
+    concurrent_uploads_arrive_intact =>
+        sixty_four_concurrent_async_uploads_arrive_intact,
+        sixty_four_concurrent_async_uploads_arrive_intact_multi_thread
+}
+
+// ---------------------------------------------------------------------------------
+// 2. A sparse round trip keeps its holes
+// ---------------------------------------------------------------------------------
+
+/// The sparse source: 64 MiB with data at both ends and in the middle, so that each
+/// hole is bounded by data and the length is carried by data.
+const SPARSE_LEN: u64 = 64 * MIB;
+
+fn sparse_layout() -> [(u64, u64); 3] {
+    [
+        (0, MIB),
+        (20 * MIB, 2 * MIB + 12 * KIB),
+        (SPARSE_LEN - MIB, MIB),
+    ]
+}
+
+/// Writes the sparse source file at `path`: its data extents, data bytes, hole bytes.
+fn sparse_source(path: &Path) -> (Vec<(u64, u64)>, u64, u64) {
+    let layout = sparse_layout();
+    let contents: Vec<Vec<u8>> = layout
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, len))| pattern(3000 + i as u64, len as usize))
+        .collect();
+    let extents: Vec<(u64, &[u8])> = layout
+        .iter()
+        .zip(&contents)
+        .map(|(&(offset, _), data)| (offset, data.as_slice()))
+        .collect();
+    sparse_file(path, SPARSE_LEN, &extents);
+    assert_eq!(
+        data_extents(path),
+        layout.to_vec(),
+        "the test filesystem keeps holes (precondition)"
+    );
+    let data_len: u64 = layout.iter().map(|&(_, len)| len).sum();
+    (layout.to_vec(), data_len, SPARSE_LEN - data_len)
+}
+
+/// Checks that `copy` is `source` byte for byte, with holes where `layout` has
+/// none of its data, occupying about its data.
+fn assert_sparse_copy(what: &str, copy: &Path, source: &Path, layout: &[(u64, u64)], data: u64) {
+    assert_eq!(
+        std::fs::metadata(copy).expect("stat the copy").len(),
+        SPARSE_LEN,
+        "{what}: length"
+    );
+    assert_eq!(data_extents(copy), layout, "{what}: holes stayed holes");
+    let used = allocated(copy);
+    assert!(
+        (data..=data + MIB).contains(&used),
+        "{what}: occupies about its data ({data} bytes), not {SPARSE_LEN}: {used} bytes"
+    );
+    assert!(same_content(copy, source), "{what}: content differs");
+}
+
+/// Sparse round trips through the async path, both ways:
+/// - raw streams: the source's extents written with `write_all` and its holes with
+///   `write_hole` into a sparse upload; read back with `read_sparse` from a sparse
+///   download into a file written with seeks;
+/// - the helpers: `Handle::upload` and `Handle::download` with `sparse: true`.
+///
+/// Each volume and each copy has the source's data extents and holes, and the same
+/// bytes; exactly two holes travel each way.
+async fn sparse_round_trip_keeps_its_holes() {
+    let bed = Bed::start("sparse").await;
+    let source = bed.out("source.img");
+    let (layout, data_len, hole_len) = sparse_source(&source);
+
+    // Raw streams: upload with write_hole.
+    let raw_vol = bed.pool.create_volume("raw.img", SPARSE_LEN);
+    let mut upload = upload_stream(&bed.handle, &bed.conn, &raw_vol, SPARSE_LEN, true).await;
+    let mut at = 0;
+    let mut holes_sent = 0;
+    for &(offset, len) in &layout {
+        if offset > at {
+            upload.write_hole(offset - at).await.expect("write a hole");
+            holes_sent += 1;
+        }
+        let bytes = pool::read_range(&source, offset, len);
+        upload.write_all(&bytes).await.expect("write data");
+        at = offset + len;
+    }
+    assert_eq!(at, SPARSE_LEN, "the layout ends with data");
+    upload.shutdown().await.expect("finish the sparse upload");
+    drop(upload);
+    assert_eq!(holes_sent, 2);
+    let raw_file = bed.pool.path_of("raw.img");
+    assert_eq!(
+        data_extents(&raw_file),
+        layout,
+        "raw upload: the volume got data where it belongs and holes elsewhere"
+    );
+    assert!(
+        allocated(&raw_file) <= data_len + MIB,
+        "raw upload: the volume stays sparse ({} bytes allocated)",
+        allocated(&raw_file)
+    );
+
+    // Raw streams: download with read_sparse, into a file written with seeks.
+    let mut download = download_stream(&bed.handle, &bed.conn, &raw_vol, SPARSE_LEN, true).await;
+    let copy = bed.out("raw-copy.img");
+    let mut file = std::fs::File::create(&copy).expect("create the copy");
+    let mut buf = vec![0; 256 * KIB as usize];
+    let (mut data_got, mut holes_got, mut hole_bytes_got) = (0, 0, 0);
+    loop {
+        match download.read_sparse(&mut buf).await.expect("read_sparse") {
+            Received::Data(0) => break,
+            Received::Data(n) => {
+                file.write_all(&buf[..n]).expect("write to the copy");
+                data_got += n as u64;
+            }
+            Received::Hole(length) => {
+                file.seek(SeekFrom::Current(length as i64))
+                    .expect("seek over a hole");
+                holes_got += 1;
+                hole_bytes_got += length;
+            }
+        }
+    }
+    let end = file.stream_position().expect("position");
+    file.set_len(end).expect("set the copy's length");
+    drop(file);
+    drop(download);
+    assert_eq!(
+        (data_got, holes_got, hole_bytes_got),
+        (data_len, 2, hole_len),
+        "raw download: data bytes, holes, hole bytes"
+    );
+    assert_sparse_copy("raw download", &copy, &source, &layout, data_len);
+
+    // The helpers.
+    let sparse = VolumeRange {
+        sparse: true,
+        ..VolumeRange::default()
+    };
+    let helper_vol = bed.pool.create_volume("helper.img", SPARSE_LEN);
+    let stats = bed
+        .handle
+        .upload(helper_vol.clone(), source.clone(), sparse, |_| {})
         .await
-        .expect("the driver ends")
-        .expect("driver task")
-        .expect("driver");
+        .expect("sparse upload helper");
+    assert_eq!(
+        (stats.data_bytes, stats.holes, stats.hole_bytes),
+        (data_len, 2, hole_len),
+        "upload helper: data bytes, holes, hole bytes"
+    );
+    let helper_file = bed.pool.path_of("helper.img");
+    assert_eq!(data_extents(&helper_file), layout, "upload helper: holes");
+    let helper_copy = bed.out("helper-copy.img");
+    let stats = bed
+        .handle
+        .download(helper_vol.clone(), helper_copy.clone(), sparse, |_| {})
+        .await
+        .expect("sparse download helper");
+    assert_eq!(
+        (stats.data_bytes, stats.holes, stats.hole_bytes),
+        (data_len, 2, hole_len),
+        "download helper: data bytes, holes, hole bytes"
+    );
+    assert_sparse_copy("download helper", &helper_copy, &source, &layout, data_len);
+
+    drop((raw_vol, helper_vol));
+    bed.finish().await;
+}
+
+on_both_runtimes! {
+    sparse_round_trip_keeps_its_holes =>
+        a_sparse_async_round_trip_keeps_its_holes,
+        a_sparse_async_round_trip_keeps_its_holes_multi_thread
+}
+
+// ---------------------------------------------------------------------------------
+// 3. kill -9 of the daemon
+// ---------------------------------------------------------------------------------
+
+/// Big enough that no transfer is near its end when the daemon dies (sparse
+/// volumes: no disk space; the daemon reads zeros).
+const BIG: u64 = 256 * MIB;
+/// Each transfer has moved at least this much before the kill.
+const PROGRESS: u64 = 4 * MIB;
+
+/// What ended one transfer of the kill test.
+#[derive(Debug)]
+enum Ended {
+    /// A read or write failed with this.
+    Io(io::Error),
+    /// A helper's future resolved with this.
+    Helper(virt_reactor::Result<TransferStats>),
+}
+
+/// `kill -9` of the daemon while raw streams are reading and writing (each task
+/// loops on `read` or `write` until one fails, so a read or write is pending or
+/// about to be at the kill) and while helper downloads and uploads run: every read,
+/// write and helper fails with `Error::ConnectionClosed` within 2 s of the kill,
+/// the connection's close stream says so, and nothing hangs: the streams leave the
+/// reactor and the driver still drains cleanly.
+async fn killing_the_daemon_fails_pending_reads_and_writes() {
+    const READERS: usize = 4;
+    const WRITERS: usize = 4;
+    const HELPERS: usize = 2;
+    let mut bed = Bed::start("loss").await;
+    let mut closes = bed
+        .handle
+        .close_events(&bed.conn)
+        .await
+        .expect("subscribe to the connection's close");
+    let tasks = READERS + WRITERS + 2 * HELPERS;
+    let progress: Arc<Vec<AtomicU64>> = Arc::new((0..tasks).map(|_| AtomicU64::new(0)).collect());
+    let mut set = JoinSet::new();
+    let mut vols = Vec::new();
+    let chunk = Arc::new(pattern(5, 256 * KIB as usize));
+    // The helpers' uploads read 8 MiB of data, then a hole (zeros) to the end.
+    let source = bed.out("source");
+    sparse_file(&source, BIG, &[(0, &pattern(6, 8 * MIB as usize))]);
+    for i in 0..tasks {
+        let vol = bed.pool.create_volume(&format!("big{i}"), BIG);
+        let progress = Arc::clone(&progress);
+        let handle = bed.handle.clone();
+        if i < READERS {
+            let mut stream = download_stream(&bed.handle, &bed.conn, &vol, BIG, false).await;
+            set.spawn(async move {
+                let mut buf = vec![0; 64 * KIB as usize];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) => panic!("reader {i}: the stream ended"),
+                        Ok(n) => progress[i].fetch_add(n as u64, Ordering::Relaxed),
+                        Err(e) => return (i, Ended::Io(e)),
+                    };
+                }
+            });
+        } else if i < READERS + WRITERS {
+            let mut stream = upload_stream(&bed.handle, &bed.conn, &vol, BIG, false).await;
+            let chunk = Arc::clone(&chunk);
+            set.spawn(async move {
+                loop {
+                    match stream.write(&chunk).await {
+                        Ok(0) => panic!("writer {i}: wrote nothing"),
+                        Ok(n) => progress[i].fetch_add(n as u64, Ordering::Relaxed),
+                        Err(e) => return (i, Ended::Io(e)),
+                    };
+                }
+            });
+        } else if i < READERS + WRITERS + HELPERS {
+            let file = bed.out(&format!("big{i}"));
+            let vol = vol.clone();
+            set.spawn(async move {
+                let probe = Arc::clone(&progress);
+                let result = handle
+                    .download(vol, file, VolumeRange::default(), move |stats| {
+                        probe[i].store(stats.position(), Ordering::Relaxed);
+                    })
+                    .await;
+                (i, Ended::Helper(result))
+            });
+        } else {
+            let file = source.clone();
+            let vol = vol.clone();
+            set.spawn(async move {
+                let probe = Arc::clone(&progress);
+                let result = handle
+                    .upload(vol, file, VolumeRange::default(), move |stats| {
+                        probe[i].store(stats.position(), Ordering::Relaxed);
+                    })
+                    .await;
+                (i, Ended::Helper(result))
+            });
+        }
+        vols.push(vol);
+    }
+
+    let deadline = Instant::now() + BATCH_LIMIT;
+    while !progress
+        .iter()
+        .all(|moved| moved.load(Ordering::Relaxed) >= PROGRESS)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not every transfer moved {PROGRESS} bytes within {BATCH_LIMIT:?}: {progress:?}"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+    for (i, moved) in progress.iter().enumerate() {
+        let moved = moved.load(Ordering::Relaxed);
+        assert!(
+            moved < BIG / 2,
+            "transfer {i} is mid-flight at the kill (precondition): {moved} bytes moved"
+        );
+    }
+    assert_eq!(
+        bed.streams().await,
+        tasks,
+        "every transfer runs at the kill"
+    );
+
+    bed.daemon.kill();
+    let killed_at = Instant::now();
+    let ended = timeout(FAIL_WITHIN, async {
+        let mut ended = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok(result) => ended.push((result, killed_at.elapsed())),
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
+        }
+        ended
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "{} of {tasks} transfers still pending {FAIL_WITHIN:?} after the kill",
+            set.len()
+        )
+    });
+    assert_eq!(ended.len(), tasks);
+    for ((i, end), after) in ended {
+        eprintln!("transfer {i} ended {after:?} after the kill: {end:?}");
+        let error = match end {
+            Ended::Io(e) => Error::from(e),
+            Ended::Helper(Ok(stats)) => panic!("helper {i} completed after the kill: {stats:?}"),
+            Ended::Helper(Err(e)) => e,
+        };
+        assert!(
+            matches!(error, Error::ConnectionClosed { .. }),
+            "transfer {i}: expected ConnectionClosed, got {error:?} ({error})"
+        );
+    }
+    let reason = timeout(FAIL_WITHIN, closes.next())
+        .await
+        .expect("the close stream hears of the kill");
+    assert!(reason.is_some(), "the close stream reports a reason");
+
+    // Nothing is left in the reactor; the driver drains once the connection is gone.
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    while bed.streams().await != 0 {
+        assert!(Instant::now() < deadline, "streams left after the kill");
+        sleep(Duration::from_millis(20)).await;
+    }
+    drop((vols, closes));
+    bed.finish().await;
+}
+
+on_both_runtimes! {
+    killing_the_daemon_fails_pending_reads_and_writes =>
+        kill_of_the_daemon_fails_every_pending_read_and_write_within_2s,
+        kill_of_the_daemon_fails_every_pending_read_and_write_within_2s_multi_thread
+}
+
+// ---------------------------------------------------------------------------------
+// 4. Futures dropped mid-transfer
+// ---------------------------------------------------------------------------------
+
+/// How many file descriptors this process has open, and what they are.
+fn open_fds() -> Vec<String> {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .map(|entry| {
+            let path = entry.expect("an fd entry").path();
+            let target = std::fs::read_link(&path)
+                .map(|t| t.display().to_string())
+                .unwrap_or_else(|_| "?".to_owned());
+            format!("{} -> {target}", path.display())
+        })
+        .collect()
+}
+
+/// Streams and futures dropped mid-transfer, in every way a task can drop them:
+/// - `AsyncStream`s dropped after partial reads, and unread;
+/// - read futures dropped while pending (`select!` with a 1 ms sleep, and
+///   `now_or_never`), then their streams;
+/// - `write_all` futures of uploads dropped mid-way, then their streams;
+/// - a `shutdown()` future dropped, then its stream;
+/// - a `Handle::download` and a `Handle::upload` future dropped mid-way, and a
+///   `Handle::download` dropped after one poll (their transfers run to their end in
+///   the driver, as documented: the files appear); one never polled starts nothing.
+///
+/// Afterwards the process's fd count and the reactor's slab size return to what
+/// they were before the first stream (within a bounded settle loop).
+async fn dropped_futures_free_everything() {
+    const LEN: usize = 8 * MIB as usize;
+    let bed = Bed::start("drops").await;
+    let data = pattern(40, LEN);
+    let vols: Vec<StorageVol> = (0..6)
+        .map(|i| bed.pool.volume_with(&format!("src{i}"), &data))
+        .collect();
+    let targets: Vec<StorageVol> = (0..6)
+        .map(|i| bed.pool.create_volume(&format!("dst{i}"), LEN as u64))
+        .collect();
+    let upload_source = bed.out("upload-source");
+    std::fs::write(&upload_source, &data).expect("write the upload's source");
+    let helper_file = bed.out("helper-download");
+
+    let fds_before = open_fds();
+    assert_eq!(bed.streams().await, 0, "no stream before (precondition)");
+    let len = LEN as u64;
+    let (handle, conn) = (&bed.handle, &bed.conn);
+
+    // Streams dropped after partial reads, and one never read.
+    for vol in &vols[..2] {
+        let mut stream = download_stream(handle, conn, vol, len, false).await;
+        let mut some = vec![0; 100 * KIB as usize];
+        stream.read_exact(&mut some).await.expect("read a bit");
+        assert!(some == data[..some.len()], "the first bytes");
+        drop(stream);
+    }
+    drop(download_stream(handle, conn, &vols[2], len, false).await);
+
+    // Pending read futures dropped, then their streams.
+    for vol in &vols[3..5] {
+        let mut stream = download_stream(handle, conn, vol, len, false).await;
+        let mut buf = vec![0; 64 * KIB as usize];
+        // Polled once and dropped, whether or not bytes had arrived.
+        if let Some(read) = stream.read(&mut buf).now_or_never() {
+            read.expect("read");
+        }
+        for _ in 0..5 {
+            tokio::select! {
+                read = stream.read(&mut buf) => { read.expect("read"); }
+                () = sleep(Duration::from_millis(1)) => {}
+            }
+        }
+        drop(stream);
+    }
+
+    // write_all futures dropped mid-way, then their streams; a dropped shutdown.
+    for (i, vol) in targets[..3].iter().enumerate() {
+        let mut stream = upload_stream(handle, conn, vol, len, false).await;
+        tokio::select! {
+            written = stream.write_all(&data) => {
+                written.expect("write");
+                if i == 2 {
+                    // A shutdown future dropped too, before or after it is under way.
+                    let _ = stream.shutdown().now_or_never();
+                }
+            }
+            () = sleep(Duration::from_millis(5)) => {}
+        }
+        drop(stream);
+    }
+    let mut stream = upload_stream(handle, conn, &targets[3], len, false).await;
+    stream
+        .write_all(&data[..MIB as usize])
+        .await
+        .expect("write");
+    assert!(
+        stream.shutdown().now_or_never().is_none(),
+        "a shutdown with 1 MiB of 8 left is pending"
+    );
+    drop(stream);
+
+    // Helper futures dropped mid-way (and one never polled).
+    tokio::select! {
+        done = handle.download(vols[5].clone(), helper_file.clone(), VolumeRange::default(), |_| {}) => {
+            done.expect("download helper");
+        }
+        () = sleep(Duration::from_millis(5)) => {}
+    }
+    tokio::select! {
+        done = handle.upload(targets[4].clone(), upload_source.clone(), VolumeRange::default(), |_| {}) => {
+            done.expect("upload helper");
+        }
+        () = sleep(Duration::from_millis(5)) => {}
+    }
+    let polled_once = bed.out("polled-once");
+    assert!(
+        handle
+            .download(
+                vols[1].clone(),
+                polled_once.clone(),
+                VolumeRange::default(),
+                |_| {}
+            )
+            .now_or_never()
+            .is_none(),
+        "a download helper is pending after one poll"
+    );
+    drop(handle.download(
+        vols[0].clone(),
+        bed.out("never"),
+        VolumeRange::default(),
+        |_| {},
+    ));
+
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    loop {
+        let (fds, streams) = (open_fds(), bed.streams().await);
+        if fds.len() == fds_before.len() && streams == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not back to the start within {SETTLE_LIMIT:?}: {streams} stream(s) in the \
+             reactor, {} fds (before: {})\nnow: {fds:#?}\nbefore: {fds_before:#?}",
+            fds.len(),
+            fds_before.len()
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        file_is(&helper_file, &data),
+        "a dropped Handle::download still runs to its end"
+    );
+    assert!(
+        file_is(&bed.pool.path_of("dst4"), &data),
+        "a dropped Handle::upload still runs to its end"
+    );
+    assert!(
+        file_is(&polled_once, &data),
+        "a Handle::download dropped after one poll still runs to its end"
+    );
+    assert!(
+        !bed.out("never").exists(),
+        "a helper future never polled starts nothing"
+    );
+
+    drop((vols, targets));
+    bed.finish().await;
+}
+
+on_both_runtimes! {
+    dropped_futures_free_everything =>
+        futures_dropped_mid_transfer_return_fds_and_slab_to_the_start,
+        futures_dropped_mid_transfer_return_fds_and_slab_to_the_start_multi_thread
+}
+
+// ---------------------------------------------------------------------------------
+// 7. Cancellation: dropping a read or write future loses no byte
+// ---------------------------------------------------------------------------------
+
+/// A download read through futures that are dropped over and over (`select!` of
+/// each `read` with a 1 ms sleep or with `yield_now`, and `now_or_never`), with
+/// buffer sizes
+/// that cut libvirt's packets anywhere: the bytes assembled from the reads that
+/// completed are exactly the volume's.
+async fn dropped_read_futures_lose_no_byte() {
+    let bed = Bed::start("cancel-read").await;
+    let data = pattern(50, (16 * MIB + 777) as usize);
+    let vol = bed.pool.volume_with("vol", &data);
+    let mut stream = download_stream(&bed.handle, &bed.conn, &vol, data.len() as u64, false).await;
+    let (got, dropped) = timeout(BATCH_LIMIT, async {
+        let mut got = Vec::with_capacity(data.len());
+        let mut dropped = 0u64;
+        let mut buf = vec![0; 70_000];
+        for i in 1usize.. {
+            let size = 1 + (i * 7919) % buf.len();
+            let read = match i % 3 {
+                0 => match stream.read(&mut buf[..size]).now_or_never() {
+                    Some(read) => read,
+                    None => {
+                        dropped += 1;
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                },
+                1 => tokio::select! {
+                    read = stream.read(&mut buf[..size]) => read,
+                    () = tokio::task::yield_now() => {
+                        dropped += 1;
+                        continue;
+                    }
+                },
+                _ => tokio::select! {
+                    read = stream.read(&mut buf[..size]) => read,
+                    () = sleep(Duration::from_millis(1)) => {
+                        dropped += 1;
+                        continue;
+                    }
+                },
+            };
+            match read.expect("read") {
+                0 => break,
+                n => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        (got, dropped)
+    })
+    .await
+    .expect("the download ends");
+    eprintln!("{dropped} read futures dropped");
+    assert!(dropped > 0, "some read futures were dropped (precondition)");
+    assert_eq!(got.len(), data.len(), "bytes assembled");
+    assert!(got == data, "the bytes assembled differ");
+    drop((stream, vol));
+    bed.finish().await;
+}
+
+on_both_runtimes! {
+    dropped_read_futures_lose_no_byte =>
+        dropped_read_futures_lose_no_byte_current_thread,
+        dropped_read_futures_lose_no_byte_multi_thread
+}
+
+/// An upload written through futures that are dropped over and over: each `write`
+/// is raced against a 1 ms sleep or `yield_now`, or polled once; what a dropped
+/// write did not
+/// report taken is written again. The volume holds exactly the bytes.
+async fn dropped_write_futures_lose_no_byte() {
+    let bed = Bed::start("cancel-write").await;
+    let data = pattern(60, (16 * MIB + 333) as usize);
+    let vol = bed.pool.create_volume("vol", data.len() as u64);
+    let mut stream = upload_stream(&bed.handle, &bed.conn, &vol, data.len() as u64, false).await;
+    let dropped = timeout(BATCH_LIMIT, async {
+        let mut sent = 0;
+        let mut dropped = 0u64;
+        let mut i = 0usize;
+        while sent < data.len() {
+            i += 1;
+            let end = data
+                .len()
+                .min(sent + 1 + (i * 104_729) % (300 * KIB as usize));
+            let write = match i % 3 {
+                0 => match stream.write(&data[sent..end]).now_or_never() {
+                    Some(write) => write,
+                    None => {
+                        dropped += 1;
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                },
+                1 => tokio::select! {
+                    write = stream.write(&data[sent..end]) => write,
+                    () = tokio::task::yield_now() => {
+                        dropped += 1;
+                        continue;
+                    }
+                },
+                _ => tokio::select! {
+                    write = stream.write(&data[sent..end]) => write,
+                    () = sleep(Duration::from_millis(1)) => {
+                        dropped += 1;
+                        continue;
+                    }
+                },
+            };
+            sent += write.expect("write");
+        }
+        stream.shutdown().await.expect("finish");
+        dropped
+    })
+    .await
+    .expect("the upload ends");
+    eprintln!("{dropped} write futures dropped");
+    assert!(
+        dropped > 0,
+        "some write futures were dropped (precondition)"
+    );
+    assert!(
+        file_is(&bed.pool.path_of("vol"), &data),
+        "the volume's bytes differ"
+    );
+    drop((stream, vol));
+    bed.finish().await;
+}
+
+on_both_runtimes! {
+    dropped_write_futures_lose_no_byte =>
+        dropped_write_futures_lose_no_byte_current_thread,
+        dropped_write_futures_lose_no_byte_multi_thread
+}
+
+// ---------------------------------------------------------------------------------
+// 5. The loop on its own thread, in the same binary
+// ---------------------------------------------------------------------------------
+
+/// The same binary drives the loop from a plain thread, without tokio: registration
+/// is once per process, and nextest gives this test a process of its own.
+/// `Reactor::register` + `run` on a std thread; a `volume::download` started
+/// through the reactor's handle arrives byte for byte, its end is told on the loop
+/// thread, and the loop stops and drains.
+#[test]
+fn the_loop_runs_on_its_own_thread_in_the_same_binary() {
+    virt::error::clear_error_callback();
+    let mut reactor = Reactor::<()>::register().expect("register the loop");
+    let handle = reactor.handle();
+    let thread = std::thread::spawn(move || {
+        let loop_thread = std::thread::current().id();
+        reactor.run(&mut ())?;
+        reactor
+            .shutdown(support::pool::DRAIN_TIMEOUT, &mut ())
+            .map(|report| (report, loop_thread))
+    });
+    let daemon = PrivateDaemon::start().expect("start a private libvirtd");
+    let conn = support::pool::connect(&daemon);
+    let pool = DirPool::create(&daemon, &conn, "thread");
+    let data = pattern(80, (3 * MIB + 99) as usize);
+    let vol = pool.volume_with("vol", &data);
+    let file = daemon.root().join("copy");
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = file.clone();
+    let download_vol = vol.clone();
+    handle
+        .execute(move |reactor, ()| {
+            let ended = tx.clone();
+            let started = volume::download(
+                reactor,
+                &download_vol,
+                &target,
+                VolumeRange::default(),
+                |(), _| {},
+                move |(), result| {
+                    let _ = ended.send((result, std::thread::current().id()));
+                },
+            );
+            if let Err(e) = started {
+                let _ = tx.send((Err(e), std::thread::current().id()));
+            }
+        })
+        .expect("the loop is there");
+    let (result, ended_on) = rx.recv_timeout(BATCH_LIMIT).expect("the download ends");
+    let stats = result.expect("the download succeeds");
+    assert_eq!(stats.data_bytes, data.len() as u64);
+    assert!(file_is(&file, &data), "downloaded bytes differ");
+
+    drop((vol, pool, conn));
+    handle.stop();
+    let (_, loop_thread) = thread
+        .join()
+        .expect("the loop thread")
+        .expect("the loop runs and drains cleanly");
+    assert_eq!(ended_on, loop_thread, "the end is told on the loop thread");
+    drop(daemon);
 }
