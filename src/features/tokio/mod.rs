@@ -7,7 +7,10 @@
 //! libvirt's own fds stay level-triggered inside the loop; the driver clears the
 //! edge-triggered `AsyncFd` readiness only once the loop has nothing left to
 //! dispatch. libvirt's callbacks, and every handler of the reactor, run inside the
-//! driver, one at a time.
+//! driver, one at a time. On a `current_thread` runtime that is one thread. On a
+//! `multi_thread` runtime different workers may poll the driver over time, never two
+//! at once; to keep libvirt on one thread there, run the driver on a thread with a
+//! `current_thread` runtime of its own and use the [`Handle`] from any runtime.
 //!
 //! # Quick start
 //!
