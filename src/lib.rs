@@ -47,6 +47,15 @@
 //! }
 //! ```
 //!
+//! ## Async (tokio)
+//!
+//! With the feature `tokio`, `virt_reactor::tokio::register()` drives the same loop
+//! from a tokio runtime (`current_thread` or `multi_thread`): a `Driver` future to
+//! spawn, a `Handle` for blocking calls on the blocking pool, and streams, consoles
+//! and volume transfers as `AsyncRead`/`AsyncWrite` and futures. That module's
+//! documentation opens with an async quick start; `examples/tokio_consoles.rs` and
+//! `examples/tokio_vol.rs` show it at work.
+//!
 //! ## Layers
 //!
 //! Each layer uses only the ones before it (`tests/layers.rs` checks this):
@@ -69,6 +78,8 @@
 //!   under the same reactor, for benchmarks that compare the two loops.
 //! - `testbed` (off): `virt_reactor::testbed`, the tiny TCG guests the tests and
 //!   examples boot.
+//! - `tokio` (off): `virt_reactor::tokio`, the loop driven from a tokio runtime,
+//!   streams as `AsyncRead`/`AsyncWrite`.
 
 #![doc(test(attr(deny(warnings))))]
 

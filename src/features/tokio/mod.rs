@@ -17,23 +17,24 @@
 //! ```no_run
 //! use tokio::io::AsyncReadExt;
 //!
-//! # async fn example() -> virt_reactor::Result<()> {
-//! let (handle, driver) = virt_reactor::tokio::register()?;
-//! let driver = tokio::spawn(driver.run());
-//! // Blocking calls (connect, lookups, creating domains) go to tokio's blocking pool.
-//! let conn = handle.blocking(|| virt_reactor::connect("test:///default")).await??;
-//! let domain = handle
-//!     .blocking(move || conn.lookup_domain_by_name("test"))
-//!     .await??;
-//! let mut console = handle.open_console(domain, Default::default()).await?;
-//! let mut buf = [0u8; 4096];
-//! let n = console.read(&mut buf).await?;
-//! println!("{}", String::from_utf8_lossy(&buf[..n]));
-//! drop(console); // an unfinished stream is aborted
-//! handle.stop();
-//! driver.await.expect("driver task")?;
-//! # Ok(())
-//! # }
+//! #[tokio::main(flavor = "current_thread")]
+//! async fn main() -> virt_reactor::Result<()> {
+//!     let (handle, driver) = virt_reactor::tokio::register()?;
+//!     let driver = tokio::spawn(driver.run());
+//!     // Blocking calls (connect, lookups, creating domains) go to tokio's blocking pool.
+//!     let conn = handle.blocking(|| virt_reactor::connect("test:///default")).await??;
+//!     let domain = handle
+//!         .blocking(move || conn.lookup_domain_by_name("test"))
+//!         .await??;
+//!     let mut console = handle.open_console(domain, Default::default()).await?;
+//!     let mut buf = [0u8; 4096];
+//!     let n = console.read(&mut buf).await?;
+//!     println!("{}", String::from_utf8_lossy(&buf[..n]));
+//!     drop(console); // an unfinished stream is aborted
+//!     handle.stop();
+//!     driver.await.expect("driver task")?;
+//!     Ok(())
+//! }
 //! ```
 //!
 //! # Which calls block
