@@ -120,7 +120,6 @@ async fn run(args: Args) -> Result<(), BoxError> {
     let mut session = Session {
         handle: handle.clone(),
         conn: None,
-        console_conns: Vec::new(),
         booted: Vec::new(),
     };
     let result = session.run(&args, root.clone(), input_tx, input).await;
@@ -142,8 +141,6 @@ async fn run(args: Args) -> Result<(), BoxError> {
 struct Session {
     handle: Handle,
     conn: Option<Connect>,
-    /// With --uri: the consoles' own connections.
-    console_conns: Vec<Connect>,
     booted: Vec<String>,
 }
 
@@ -200,20 +197,8 @@ impl Session {
             }
         } else {
             let domains = running(&self.handle, &conn, &uri, args.domains.clone()).await?;
-            // Each console on a connection of its own: a daemon that stops reading
-            // a connection (one flooded console) stalls only that console.
-            for (name, _) in domains {
-                let (uri, owned) = (uri.clone(), name.clone());
-                let (own, domain) = self
-                    .handle
-                    .blocking(move || -> Result<_, BoxError> {
-                        let conn = virt_reactor::connect(&uri)?;
-                        let domain = conn.lookup_domain_by_name(&owned)?;
-                        Ok((conn, domain))
-                    })
-                    .await?
-                    .map_err(|e| format!("{name}: {e}"))?;
-                self.console_conns.push(own);
+            // `open_console` gives each remote console a connection of its own.
+            for (name, domain) in domains {
                 let console = self
                     .handle
                     .open_console(domain, options.clone())
@@ -328,7 +313,6 @@ impl Session {
     /// Destroys the guests this run booted and closes the connection, on the
     /// blocking pool: both wait for replies that come through the driver.
     async fn end(&mut self) -> Result<(), BoxError> {
-        let console_conns = std::mem::take(&mut self.console_conns);
         let (Some(conn), booted) = (self.conn.take(), std::mem::take(&mut self.booted)) else {
             return Ok(());
         };
@@ -336,7 +320,7 @@ impl Session {
             .handle
             .blocking(move || {
                 let n = testbed::destroy(&conn, &booted);
-                drop((conn, console_conns));
+                drop(conn);
                 n
             })
             .await?;

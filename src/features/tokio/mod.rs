@@ -55,6 +55,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use stream::AsyncStream;
 
+use crate::event_loop::connect::{connect, is_remote};
 use crate::features::console::{self, ConsoleOptions};
 use crate::features::volume::{self, VolumeRange};
 use crate::streams::reactor::{Reactor, ReactorHandle, SubscriptionId};
@@ -196,7 +197,8 @@ impl Handle {
             .await?
     }
 
-    /// Opens `domain`'s console (on the blocking pool) as an [`AsyncStream`].
+    /// Opens `domain`'s console (on the blocking pool) as an [`AsyncStream`]; a
+    /// remote console on a connection of its own, as [`console::ConsoleMux`] does.
     ///
     /// # Errors
     ///
@@ -207,7 +209,19 @@ impl Handle {
         options: ConsoleOptions,
     ) -> Result<AsyncStream> {
         let stream = self
-            .blocking(move || console::open_stream(&domain, &options))
+            .blocking(move || {
+                // A remote console gets a connection of its own: the daemon stops
+                // reading a client whose streams hold its request quota, so one
+                // flooded console would stall every other one on a shared
+                // connection (docs/architecture.md, "Never waiting on the network").
+                let conn = domain.connect()?;
+                if !is_remote(&conn) {
+                    return console::open_stream(&domain, &options);
+                }
+                let own = connect(&conn.uri()?)?;
+                let domain = own.lookup_domain_by_name(&domain.name()?)?;
+                console::open_stream(&domain, &options)
+            })
             .await??;
         self.stream(stream, false).await
     }
