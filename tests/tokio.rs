@@ -169,6 +169,45 @@ async fn open_stream(
         .expect("hand the stream to the driver")
 }
 
+/// Which way a volume stream goes.
+#[derive(Clone, Copy)]
+enum Way {
+    Download,
+    Upload,
+}
+
+/// An `AsyncStream` moving `length` bytes of `vol` from its start, `way`.
+async fn volume_stream(
+    handle: &Handle,
+    conn: &Connect,
+    vol: &StorageVol,
+    way: Way,
+    length: u64,
+    sparse: bool,
+) -> AsyncStream {
+    let vol = vol.clone();
+    let reads_holes = sparse && matches!(way, Way::Download);
+    open_stream(handle, conn, reads_holes, move |s| match way {
+        Way::Download => {
+            let flags = if sparse {
+                virt::sys::VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM
+            } else {
+                0
+            };
+            vol.download(s, 0, length, flags)
+        }
+        Way::Upload => {
+            let flags = if sparse {
+                virt::sys::VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM
+            } else {
+                0
+            };
+            vol.upload(s, 0, length, flags)
+        }
+    })
+    .await
+}
+
 /// An `AsyncStream` downloading `length` bytes of `vol` from its start.
 async fn download_stream(
     handle: &Handle,
@@ -177,16 +216,7 @@ async fn download_stream(
     length: u64,
     sparse: bool,
 ) -> AsyncStream {
-    let vol = vol.clone();
-    let flags = if sparse {
-        virt::sys::VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM
-    } else {
-        0
-    };
-    open_stream(handle, conn, sparse, move |s| {
-        vol.download(s, 0, length, flags)
-    })
-    .await
+    volume_stream(handle, conn, vol, Way::Download, length, sparse).await
 }
 
 /// An `AsyncStream` uploading `length` bytes into `vol` from its start.
@@ -197,16 +227,7 @@ async fn upload_stream(
     length: u64,
     sparse: bool,
 ) -> AsyncStream {
-    let vol = vol.clone();
-    let flags = if sparse {
-        virt::sys::VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM
-    } else {
-        0
-    };
-    open_stream(handle, conn, false, move |s| {
-        vol.upload(s, 0, length, flags)
-    })
-    .await
+    volume_stream(handle, conn, vol, Way::Upload, length, sparse).await
 }
 
 /// Waits for every task of `set` within `limit`, re-raising a task's panic.
@@ -959,6 +980,29 @@ on_both_runtimes! {
 // 7. Cancellation: dropping a read or write future loses no byte
 // ---------------------------------------------------------------------------------
 
+/// Polls `op` in one of three ways that may drop it before it completes, chosen by
+/// `i`: once (`now_or_never`), against `yield_now`, or against a 1 ms sleep. `None`
+/// when it was dropped.
+async fn race<T>(i: usize, op: impl std::future::Future<Output = T>) -> Option<T> {
+    match i % 3 {
+        0 => {
+            let done = op.now_or_never();
+            if done.is_none() {
+                tokio::task::yield_now().await;
+            }
+            done
+        }
+        1 => tokio::select! {
+            done = op => Some(done),
+            () = tokio::task::yield_now() => None,
+        },
+        _ => tokio::select! {
+            done = op => Some(done),
+            () = sleep(Duration::from_millis(1)) => None,
+        },
+    }
+}
+
 /// A download read through futures that are dropped over and over (`select!` of
 /// each `read` with a 1 ms sleep or with `yield_now`, and `now_or_never`), with
 /// buffer sizes
@@ -975,29 +1019,9 @@ async fn dropped_read_futures_lose_no_byte() {
         let mut buf = vec![0; 70_000];
         for i in 1usize.. {
             let size = 1 + (i * 7919) % buf.len();
-            let read = match i % 3 {
-                0 => match stream.read(&mut buf[..size]).now_or_never() {
-                    Some(read) => read,
-                    None => {
-                        dropped += 1;
-                        tokio::task::yield_now().await;
-                        continue;
-                    }
-                },
-                1 => tokio::select! {
-                    read = stream.read(&mut buf[..size]) => read,
-                    () = tokio::task::yield_now() => {
-                        dropped += 1;
-                        continue;
-                    }
-                },
-                _ => tokio::select! {
-                    read = stream.read(&mut buf[..size]) => read,
-                    () = sleep(Duration::from_millis(1)) => {
-                        dropped += 1;
-                        continue;
-                    }
-                },
+            let Some(read) = race(i, stream.read(&mut buf[..size])).await else {
+                dropped += 1;
+                continue;
             };
             match read.expect("read") {
                 0 => break,
@@ -1040,29 +1064,9 @@ async fn dropped_write_futures_lose_no_byte() {
             let end = data
                 .len()
                 .min(sent + 1 + (i * 104_729) % (300 * KIB as usize));
-            let write = match i % 3 {
-                0 => match stream.write(&data[sent..end]).now_or_never() {
-                    Some(write) => write,
-                    None => {
-                        dropped += 1;
-                        tokio::task::yield_now().await;
-                        continue;
-                    }
-                },
-                1 => tokio::select! {
-                    write = stream.write(&data[sent..end]) => write,
-                    () = tokio::task::yield_now() => {
-                        dropped += 1;
-                        continue;
-                    }
-                },
-                _ => tokio::select! {
-                    write = stream.write(&data[sent..end]) => write,
-                    () = sleep(Duration::from_millis(1)) => {
-                        dropped += 1;
-                        continue;
-                    }
-                },
+            let Some(write) = race(i, stream.write(&data[sent..end])).await else {
+                dropped += 1;
+                continue;
             };
             sent += write.expect("write");
         }
