@@ -238,12 +238,7 @@ impl Session {
                 Some(name) = ready_rx.recv() => waiting.retain(|n| *n != name),
                 Some(Input::Interrupt) = input.recv() => return Err("interrupted".into()),
                 Some(ended) = tasks.join_next() => {
-                    let (name, ended) = ended?;
-                    note(&format!("{name}: {}", describe(&ended)));
-                    if let Err(e) = ended {
-                        failed.push(format!("{name}: {e}"));
-                    }
-                    inputs.remove(&name);
+                    let name = console_ended(ended?, &mut inputs, &mut failed);
                     waiting.retain(|n| *n != name);
                 }
                 else => break,
@@ -277,12 +272,7 @@ impl Session {
                     Input::Interrupt => break,
                 },
                 Some(ended) = tasks.join_next() => {
-                    let (name, ended) = ended?;
-                    note(&format!("{name}: {}", describe(&ended)));
-                    if let Err(e) = ended {
-                        failed.push(format!("{name}: {e}"));
-                    }
-                    inputs.remove(&name);
+                    console_ended(ended?, &mut inputs, &mut failed);
                     if inputs.is_empty() {
                         break;
                     }
@@ -450,6 +440,21 @@ fn describe(ended: &virt_reactor::Result<Ended>) -> String {
         Ok(Ended::Finished) => "console finished".to_owned(),
         Err(e) => format!("console failed: {e}"),
     }
+}
+
+/// Tells how console `name` ended, records a failure in `failed`, and routes no
+/// more input to it; returns its name.
+fn console_ended(
+    (name, ended): (String, virt_reactor::Result<Ended>),
+    inputs: &mut BTreeMap<String, mpsc::UnboundedSender<String>>,
+    failed: &mut Vec<String>,
+) -> String {
+    note(&format!("{name}: {}", describe(&ended)));
+    if let Err(e) = ended {
+        failed.push(format!("{name}: {e}"));
+    }
+    inputs.remove(&name);
+    name
 }
 
 fn flush(prefix: &str, partial: &mut String) {

@@ -19,25 +19,26 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, ValueEnum};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use clap::Parser;
+use indicatif::{MultiProgress, ProgressBar};
 use tokio::task::JoinSet;
 use virt::storage_pool::StoragePool;
 use virt_reactor::tokio::Handle;
 use virt_reactor::transfer::TransferStats;
 use virt_reactor::volume::VolumeRange;
 
+#[path = "common/volumes.rs"]
+mod volumes;
+
+use volumes::{bar, Direction, Location};
+
 #[derive(Parser)]
 #[command(about = "Download or upload many libvirt storage volumes at once, from tokio")]
 struct Args {
     /// download (volumes -> DIR/VOL) or upload (FILE -> the volume of its name)
     direction: Direction,
-    /// libvirt connection URI
-    #[arg(long)]
-    uri: String,
-    /// storage pool holding the volumes
-    #[arg(long)]
-    pool: String,
+    #[command(flatten)]
+    at: Location,
     /// download: the directory the files go to
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -50,12 +51,6 @@ struct Args {
     /// download: the volumes; upload: the files
     #[arg(required = true, value_name = "VOL|FILE")]
     items: Vec<String>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Direction {
-    Download,
-    Upload,
 }
 
 /// One transfer: the volume, the file, and which way.
@@ -165,7 +160,7 @@ async fn transfer_all(
     jobs: Vec<Job>,
     range: VolumeRange,
 ) -> virt_reactor::Result<u8> {
-    let (uri, pool) = (args.uri.clone(), args.pool.clone());
+    let (uri, pool) = (args.at.uri.clone(), args.at.pool.clone());
     let pool: StoragePool = handle
         .blocking(move || {
             let conn = virt_reactor::connect(&uri)?;
@@ -269,16 +264,4 @@ async fn transfer(
         true => handle.download(vol, file, range, progress).await,
         false => handle.upload(vol, file, range, progress).await,
     }
-}
-
-/// A bar named `name`, as its prefix: a name inside the template would be parsed.
-fn bar(name: &str) -> ProgressBar {
-    let style = ProgressStyle::with_template(
-        "{prefix:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
-    )
-    .expect("valid template")
-    .progress_chars("=> ");
-    ProgressBar::new(0)
-        .with_style(style)
-        .with_prefix(name.to_owned())
 }

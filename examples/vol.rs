@@ -25,23 +25,24 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, ValueEnum};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use clap::Parser;
+use indicatif::{MultiProgress, ProgressBar};
 use virt_reactor::transfer::TransferStats;
 use virt_reactor::volume::{self, VolumeRange};
 use virt_reactor::Reactor;
+
+#[path = "common/volumes.rs"]
+mod volumes;
+
+use volumes::{bar, Direction, Location};
 
 #[derive(Parser)]
 #[command(about = "Upload or download many libvirt storage volumes at once, on one thread")]
 struct Args {
     /// download (volume -> file) or upload (file -> volume)
     direction: Direction,
-    /// libvirt connection URI
-    #[arg(long)]
-    uri: String,
-    /// storage pool holding the volumes
-    #[arg(long)]
-    pool: String,
+    #[command(flatten)]
+    at: Location,
     /// keep holes as holes, both ways
     #[arg(long)]
     sparse: bool,
@@ -58,12 +59,6 @@ struct Args {
     /// VOL FILE pairs
     #[arg(required = true, num_args = 2.., value_name = "VOL FILE")]
     pairs: Vec<String>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Direction {
-    Download,
-    Upload,
 }
 
 /// How one transfer ended.
@@ -166,8 +161,8 @@ fn destination_key(file: &Path) -> (PathBuf, Option<(u64, u64)>) {
 /// Returns the exit code: 0, [`SOME_FAILED`] or [`PARTLY_WRITTEN`].
 fn run(args: &Args) -> virt_reactor::Result<u8> {
     let mut reactor = Reactor::register()?;
-    let conn = virt_reactor::connect(&args.uri)?;
-    let pool = conn.lookup_storage_pool_by_name(&args.pool)?;
+    let conn = virt_reactor::connect(&args.at.uri)?;
+    let pool = conn.lookup_storage_pool_by_name(&args.at.pool)?;
     let range = VolumeRange {
         offset: args.offset,
         length: args.length,
@@ -324,16 +319,4 @@ fn on_end(
             },
         });
     }
-}
-
-/// A bar named `name`, as its prefix: a name inside the template would be parsed.
-fn bar(name: &str) -> ProgressBar {
-    let style = ProgressStyle::with_template(
-        "{prefix:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
-    )
-    .expect("valid template")
-    .progress_chars("=> ");
-    ProgressBar::new(0)
-        .with_style(style)
-        .with_prefix(name.to_owned())
 }

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use support::daemon::PrivateDaemon;
 use support::pool::{
-    self, allocated, data_extents, file_is, pattern, same_content, sparse_file, DirPool, KIB, MIB,
+    self, allocated, assert_sparse_stats, data_extents, file_is, pattern, same_content,
+    sparse_file, sparse_source, DirPool, KIB, MIB,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::{JoinHandle, JoinSet};
@@ -43,21 +44,45 @@ const FAIL_WITHIN: Duration = Duration::from_secs(2);
 /// How long fd count and slab size may take to come back after drops.
 const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
-/// Generates a `current_thread` and a `multi_thread` (2 workers) test running `body`.
+/// Generates, for each `body("pool") => current, multi;`, a `current_thread` and a
+/// `multi_thread` (2 workers) test that run `body` on a [`Bed`] with a pool named
+/// `pool`, then finish the bed.
 macro_rules! on_both_runtimes {
-    ($(#[$doc:meta])* $body:ident => $current:ident, $multi:ident) => {
-        $(#[$doc])*
+    ($($body:ident($pool:literal) => $current:ident, $multi:ident;)*) => {$(
         #[tokio::test(flavor = "current_thread")]
         async fn $current() {
-            $body().await;
+            Bed::run($pool, async |bed| $body(bed).await).await;
         }
 
-        $(#[$doc])*
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $multi() {
-            $body().await;
+            Bed::run($pool, async |bed| $body(bed).await).await;
         }
-    };
+    )*};
+}
+
+on_both_runtimes! {
+    concurrent_downloads_arrive_intact("downloads") =>
+        sixty_four_concurrent_async_downloads_arrive_intact,
+        sixty_four_concurrent_async_downloads_arrive_intact_multi_thread;
+    concurrent_uploads_arrive_intact("uploads") =>
+        sixty_four_concurrent_async_uploads_arrive_intact,
+        sixty_four_concurrent_async_uploads_arrive_intact_multi_thread;
+    sparse_round_trip_keeps_its_holes("sparse") =>
+        a_sparse_async_round_trip_keeps_its_holes,
+        a_sparse_async_round_trip_keeps_its_holes_multi_thread;
+    killing_the_daemon_fails_pending_reads_and_writes("loss") =>
+        kill_of_the_daemon_fails_every_pending_read_and_write_within_2s,
+        kill_of_the_daemon_fails_every_pending_read_and_write_within_2s_multi_thread;
+    dropped_futures_free_everything("drops") =>
+        futures_dropped_mid_transfer_return_fds_and_slab_to_the_start,
+        futures_dropped_mid_transfer_return_fds_and_slab_to_the_start_multi_thread;
+    dropped_read_futures_lose_no_byte("cancel-read") =>
+        dropped_read_futures_lose_no_byte_current_thread,
+        dropped_read_futures_lose_no_byte_multi_thread;
+    dropped_write_futures_lose_no_byte("cancel-write") =>
+        dropped_write_futures_lose_no_byte_current_thread,
+        dropped_write_futures_lose_no_byte_multi_thread;
 }
 
 /// A test's world: the driver running as a task, a private daemon with a `dir`
@@ -100,6 +125,14 @@ impl Bed {
         }
     }
 
+    /// Runs `body` on a new bed with a pool named `pool`, then finishes the bed
+    /// (what `body` held is dropped by then).
+    async fn run(pool: &str, body: impl AsyncFnOnce(&mut Bed)) {
+        let mut bed = Bed::start(pool).await;
+        body(&mut bed).await;
+        bed.finish().await;
+    }
+
     /// `out/name`.
     fn out(&self, name: &str) -> PathBuf {
         self.out.join(name)
@@ -108,6 +141,15 @@ impl Bed {
     /// Streams in the reactor right now.
     async fn streams(&self) -> usize {
         reactor_len(&self.handle).await
+    }
+
+    /// Checks that the `raw` streams just opened are all in the reactor at once.
+    async fn assert_at_once(&self, raw: usize) {
+        let running = self.streams().await;
+        assert!(
+            running >= raw,
+            "the {raw} raw streams are all in the reactor at once (saw {running})"
+        );
     }
 
     /// Closes the connection (drop every `StorageVol` and stream first), stops the
@@ -176,58 +218,54 @@ enum Way {
     Upload,
 }
 
-/// An `AsyncStream` moving `length` bytes of `vol` from its start, `way`.
-async fn volume_stream(
+impl Bed {
+    /// An `AsyncStream` moving `length` bytes of `vol` from its start, `way`.
+    async fn volume_stream(
+        &self,
+        vol: &StorageVol,
+        way: Way,
+        length: u64,
+        sparse: bool,
+    ) -> AsyncStream {
+        let vol = vol.clone();
+        let reads_holes = sparse && matches!(way, Way::Download);
+        open_stream(&self.handle, &self.conn, reads_holes, move |s| match way {
+            Way::Download => {
+                let flags = if sparse {
+                    virt::sys::VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM
+                } else {
+                    0
+                };
+                vol.download(s, 0, length, flags)
+            }
+            Way::Upload => {
+                let flags = if sparse {
+                    virt::sys::VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM
+                } else {
+                    0
+                };
+                vol.upload(s, 0, length, flags)
+            }
+        })
+        .await
+    }
+}
+
+/// `Handle::download` of `vol` into `file`, or `Handle::upload` of `file` into
+/// `vol`, as `way` says.
+async fn transfer(
     handle: &Handle,
-    conn: &Connect,
-    vol: &StorageVol,
     way: Way,
-    length: u64,
-    sparse: bool,
-) -> AsyncStream {
-    let vol = vol.clone();
-    let reads_holes = sparse && matches!(way, Way::Download);
-    open_stream(handle, conn, reads_holes, move |s| match way {
-        Way::Download => {
-            let flags = if sparse {
-                virt::sys::VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM
-            } else {
-                0
-            };
-            vol.download(s, 0, length, flags)
-        }
-        Way::Upload => {
-            let flags = if sparse {
-                virt::sys::VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM
-            } else {
-                0
-            };
-            vol.upload(s, 0, length, flags)
-        }
-    })
-    .await
-}
-
-/// An `AsyncStream` downloading `length` bytes of `vol` from its start.
-async fn download_stream(
-    handle: &Handle,
-    conn: &Connect,
     vol: &StorageVol,
-    length: u64,
-    sparse: bool,
-) -> AsyncStream {
-    volume_stream(handle, conn, vol, Way::Download, length, sparse).await
-}
-
-/// An `AsyncStream` uploading `length` bytes into `vol` from its start.
-async fn upload_stream(
-    handle: &Handle,
-    conn: &Connect,
-    vol: &StorageVol,
-    length: u64,
-    sparse: bool,
-) -> AsyncStream {
-    volume_stream(handle, conn, vol, Way::Upload, length, sparse).await
+    file: &Path,
+    range: VolumeRange,
+    progress: impl FnMut(TransferStats) + Send + 'static,
+) -> virt_reactor::Result<TransferStats> {
+    let (vol, file) = (vol.clone(), file.to_owned());
+    match way {
+        Way::Download => handle.download(vol, file, range, progress).await,
+        Way::Upload => handle.upload(vol, file, range, progress).await,
+    }
 }
 
 /// Waits for every task of `set` within `limit`, re-raising a task's panic.
@@ -270,8 +308,9 @@ async fn a_volume_round_trips_through_async_streams() {
     let source = bed.pool.volume_with("source", &data);
     let target = bed.pool.create_volume("target", data.len() as u64);
 
-    let mut download =
-        download_stream(&bed.handle, &bed.conn, &source, data.len() as u64, false).await;
+    let mut download = bed
+        .volume_stream(&source, Way::Download, data.len() as u64, false)
+        .await;
     let mut got = Vec::new();
     download
         .read_to_end(&mut got)
@@ -284,7 +323,9 @@ async fn a_volume_round_trips_through_async_streams() {
         data.len()
     );
 
-    let mut upload = upload_stream(&bed.handle, &bed.conn, &target, data.len() as u64, false).await;
+    let mut upload = bed
+        .volume_stream(&target, Way::Upload, data.len() as u64, false)
+        .await;
     upload.write_all(&data).await.expect("write");
     upload.shutdown().await.expect("finish");
     assert!(
@@ -317,8 +358,7 @@ async fn a_volume_round_trips_through_async_streams() {
 /// `JoinSet`. The raw streams are all open (in the reactor) before any is read, so
 /// at least half run at once whatever the scheduling. Each arrives byte for byte;
 /// the helper's progress ends at the volume's size.
-async fn concurrent_downloads_arrive_intact() {
-    let bed = Bed::start("downloads").await;
+async fn concurrent_downloads_arrive_intact(bed: &Bed) {
     let mut set = JoinSet::new();
     let mut raw = Vec::new();
     for i in 0..CONCURRENT {
@@ -344,18 +384,14 @@ async fn concurrent_downloads_arrive_intact() {
                 assert!(pool::parts_of(&file).is_empty(), "download {i}: .part left");
             });
         } else {
-            let stream =
-                download_stream(&bed.handle, &bed.conn, &vol, data.len() as u64, false).await;
+            let stream = bed
+                .volume_stream(&vol, Way::Download, data.len() as u64, false)
+                .await;
             raw.push((i, stream, data, vol));
         }
     }
     // Unread, a raw stream stops at the driver's buffer limit: it cannot end yet.
-    let running = bed.streams().await;
-    assert!(
-        running >= raw.len(),
-        "the {} raw streams are all in the reactor at once (saw {running})",
-        raw.len()
-    );
+    bed.assert_at_once(raw.len()).await;
     for (i, mut stream, data, vol) in raw {
         set.spawn(async move {
             let mut got = Vec::with_capacity(data.len());
@@ -370,21 +406,13 @@ async fn concurrent_downloads_arrive_intact() {
     }
     join_all(&mut set, BATCH_LIMIT, "concurrent downloads").await;
     assert_eq!(bed.streams().await, 0, "every stream has left the reactor");
-    bed.finish().await;
-}
-
-on_both_runtimes! {
-    concurrent_downloads_arrive_intact =>
-        sixty_four_concurrent_async_downloads_arrive_intact,
-        sixty_four_concurrent_async_downloads_arrive_intact_multi_thread
 }
 
 /// [`CONCURRENT`] uploads at once: half through `Handle::upload` from files, half
 /// written into raw `AsyncStream`s (`write_all` then `shutdown`), all in one
 /// `JoinSet`; the raw streams are all open before any is written. Every volume ends
 /// up holding exactly its bytes.
-async fn concurrent_uploads_arrive_intact() {
-    let bed = Bed::start("uploads").await;
+async fn concurrent_uploads_arrive_intact(bed: &Bed) {
     let mut set = JoinSet::new();
     let mut expected = Vec::new();
     let mut raw = Vec::new();
@@ -408,19 +436,15 @@ async fn concurrent_uploads_arrive_intact() {
                 assert_eq!(position.load(Ordering::Relaxed), length, "upload {i}");
             });
         } else {
-            let stream =
-                upload_stream(&bed.handle, &bed.conn, &vol, data.len() as u64, false).await;
+            let stream = bed
+                .volume_stream(&vol, Way::Upload, data.len() as u64, false)
+                .await;
             raw.push((i, stream, data.clone(), vol));
         }
         expected.push(data);
     }
     // Not written to, a raw stream cannot end yet.
-    let running = bed.streams().await;
-    assert!(
-        running >= raw.len(),
-        "the {} raw streams are all in the reactor at once (saw {running})",
-        raw.len()
-    );
+    bed.assert_at_once(raw.len()).await;
     for (i, mut stream, data, vol) in raw {
         set.spawn(async move {
             stream
@@ -442,13 +466,6 @@ async fn concurrent_uploads_arrive_intact() {
         );
     }
     assert_eq!(bed.streams().await, 0, "every stream has left the reactor");
-    bed.finish().await;
-}
-
-on_both_runtimes! {
-    concurrent_uploads_arrive_intact =>
-        sixty_four_concurrent_async_uploads_arrive_intact,
-        sixty_four_concurrent_async_uploads_arrive_intact_multi_thread
 }
 
 // ---------------------------------------------------------------------------------
@@ -465,29 +482,6 @@ fn sparse_layout() -> [(u64, u64); 3] {
         (20 * MIB, 2 * MIB + 12 * KIB),
         (SPARSE_LEN - MIB, MIB),
     ]
-}
-
-/// Writes the sparse source file at `path`: its data extents, data bytes, hole bytes.
-fn sparse_source(path: &Path) -> (Vec<(u64, u64)>, u64, u64) {
-    let layout = sparse_layout();
-    let contents: Vec<Vec<u8>> = layout
-        .iter()
-        .enumerate()
-        .map(|(i, &(_, len))| pattern(3000 + i as u64, len as usize))
-        .collect();
-    let extents: Vec<(u64, &[u8])> = layout
-        .iter()
-        .zip(&contents)
-        .map(|(&(offset, _), data)| (offset, data.as_slice()))
-        .collect();
-    sparse_file(path, SPARSE_LEN, &extents);
-    assert_eq!(
-        data_extents(path),
-        layout.to_vec(),
-        "the test filesystem keeps holes (precondition)"
-    );
-    let data_len: u64 = layout.iter().map(|&(_, len)| len).sum();
-    (layout.to_vec(), data_len, SPARSE_LEN - data_len)
 }
 
 /// Checks that `copy` is `source` byte for byte, with holes where `layout` has
@@ -515,14 +509,16 @@ fn assert_sparse_copy(what: &str, copy: &Path, source: &Path, layout: &[(u64, u6
 ///
 /// Each volume and each copy has the source's data extents and holes, and the same
 /// bytes; exactly two holes travel each way.
-async fn sparse_round_trip_keeps_its_holes() {
-    let bed = Bed::start("sparse").await;
+async fn sparse_round_trip_keeps_its_holes(bed: &Bed) {
     let source = bed.out("source.img");
-    let (layout, data_len, hole_len) = sparse_source(&source);
+    let layout = sparse_layout();
+    let (data_len, hole_len) = sparse_source(&source, SPARSE_LEN, &layout);
 
     // Raw streams: upload with write_hole.
     let raw_vol = bed.pool.create_volume("raw.img", SPARSE_LEN);
-    let mut upload = upload_stream(&bed.handle, &bed.conn, &raw_vol, SPARSE_LEN, true).await;
+    let mut upload = bed
+        .volume_stream(&raw_vol, Way::Upload, SPARSE_LEN, true)
+        .await;
     let mut at = 0;
     let mut holes_sent = 0;
     for &(offset, len) in &layout {
@@ -551,7 +547,9 @@ async fn sparse_round_trip_keeps_its_holes() {
     );
 
     // Raw streams: download with read_sparse, into a file written with seeks.
-    let mut download = download_stream(&bed.handle, &bed.conn, &raw_vol, SPARSE_LEN, true).await;
+    let mut download = bed
+        .volume_stream(&raw_vol, Way::Download, SPARSE_LEN, true)
+        .await;
     let copy = bed.out("raw-copy.img");
     let mut file = std::fs::File::create(&copy).expect("create the copy");
     let mut buf = vec![0; 256 * KIB as usize];
@@ -588,39 +586,25 @@ async fn sparse_round_trip_keeps_its_holes() {
         ..VolumeRange::default()
     };
     let helper_vol = bed.pool.create_volume("helper.img", SPARSE_LEN);
-    let stats = bed
-        .handle
-        .upload(helper_vol.clone(), source.clone(), sparse, |_| {})
-        .await
-        .expect("sparse upload helper");
-    assert_eq!(
-        (stats.data_bytes, stats.holes, stats.hole_bytes),
-        (data_len, 2, hole_len),
-        "upload helper: data bytes, holes, hole bytes"
-    );
-    let helper_file = bed.pool.path_of("helper.img");
-    assert_eq!(data_extents(&helper_file), layout, "upload helper: holes");
     let helper_copy = bed.out("helper-copy.img");
-    let stats = bed
-        .handle
-        .download(helper_vol.clone(), helper_copy.clone(), sparse, |_| {})
-        .await
-        .expect("sparse download helper");
-    assert_eq!(
-        (stats.data_bytes, stats.holes, stats.hole_bytes),
-        (data_len, 2, hole_len),
-        "download helper: data bytes, holes, hole bytes"
-    );
-    assert_sparse_copy("download helper", &helper_copy, &source, &layout, data_len);
-
-    drop((raw_vol, helper_vol));
-    bed.finish().await;
-}
-
-on_both_runtimes! {
-    sparse_round_trip_keeps_its_holes =>
-        a_sparse_async_round_trip_keeps_its_holes,
-        a_sparse_async_round_trip_keeps_its_holes_multi_thread
+    // The upload of the source, then the download of what it wrote.
+    for way in [Way::Upload, Way::Download] {
+        let (what, file) = match way {
+            Way::Upload => ("upload helper", &source),
+            Way::Download => ("download helper", &helper_copy),
+        };
+        let stats = transfer(&bed.handle, way, &helper_vol, file, sparse, |_| {})
+            .await
+            .unwrap_or_else(|e| panic!("sparse {what}: {e:?}"));
+        assert_sparse_stats(what, &stats, data_len, hole_len);
+        match way {
+            Way::Upload => {
+                let helper_file = bed.pool.path_of("helper.img");
+                assert_eq!(data_extents(&helper_file), layout, "upload helper: holes");
+            }
+            Way::Download => assert_sparse_copy(what, file, &source, &layout, data_len),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -648,11 +632,10 @@ enum Ended {
 /// write and helper fails with `Error::ConnectionClosed` within 2 s of the kill,
 /// the connection's close stream says so, and nothing hangs: the streams leave the
 /// reactor and the driver still drains cleanly.
-async fn killing_the_daemon_fails_pending_reads_and_writes() {
+async fn killing_the_daemon_fails_pending_reads_and_writes(bed: &mut Bed) {
     const READERS: usize = 4;
     const WRITERS: usize = 4;
     const HELPERS: usize = 2;
-    let mut bed = Bed::start("loss").await;
     let mut closes = bed
         .handle
         .close_events(&bed.conn)
@@ -671,7 +654,7 @@ async fn killing_the_daemon_fails_pending_reads_and_writes() {
         let progress = Arc::clone(&progress);
         let handle = bed.handle.clone();
         if i < READERS {
-            let mut stream = download_stream(&bed.handle, &bed.conn, &vol, BIG, false).await;
+            let mut stream = bed.volume_stream(&vol, Way::Download, BIG, false).await;
             set.spawn(async move {
                 let mut buf = vec![0; 64 * KIB as usize];
                 loop {
@@ -683,7 +666,7 @@ async fn killing_the_daemon_fails_pending_reads_and_writes() {
                 }
             });
         } else if i < READERS + WRITERS {
-            let mut stream = upload_stream(&bed.handle, &bed.conn, &vol, BIG, false).await;
+            let mut stream = bed.volume_stream(&vol, Way::Upload, BIG, false).await;
             let chunk = Arc::clone(&chunk);
             set.spawn(async move {
                 loop {
@@ -694,28 +677,25 @@ async fn killing_the_daemon_fails_pending_reads_and_writes() {
                     };
                 }
             });
-        } else if i < READERS + WRITERS + HELPERS {
-            let file = bed.out(&format!("big{i}"));
-            let vol = vol.clone();
-            set.spawn(async move {
-                let probe = Arc::clone(&progress);
-                let result = handle
-                    .download(vol, file, VolumeRange::default(), move |stats| {
-                        probe[i].store(stats.position(), Ordering::Relaxed);
-                    })
-                    .await;
-                (i, Ended::Helper(result))
-            });
         } else {
-            let file = source.clone();
+            let (way, file) = match i < READERS + WRITERS + HELPERS {
+                true => (Way::Download, bed.out(&format!("big{i}"))),
+                false => (Way::Upload, source.clone()),
+            };
             let vol = vol.clone();
             set.spawn(async move {
                 let probe = Arc::clone(&progress);
-                let result = handle
-                    .upload(vol, file, VolumeRange::default(), move |stats| {
+                let result = transfer(
+                    &handle,
+                    way,
+                    &vol,
+                    &file,
+                    VolumeRange::default(),
+                    move |stats| {
                         probe[i].store(stats.position(), Ordering::Relaxed);
-                    })
-                    .await;
+                    },
+                )
+                .await;
                 (i, Ended::Helper(result))
             });
         }
@@ -789,14 +769,6 @@ async fn killing_the_daemon_fails_pending_reads_and_writes() {
         assert!(Instant::now() < deadline, "streams left after the kill");
         sleep(Duration::from_millis(20)).await;
     }
-    drop((vols, closes));
-    bed.finish().await;
-}
-
-on_both_runtimes! {
-    killing_the_daemon_fails_pending_reads_and_writes =>
-        kill_of_the_daemon_fails_every_pending_read_and_write_within_2s,
-        kill_of_the_daemon_fails_every_pending_read_and_write_within_2s_multi_thread
 }
 
 // ---------------------------------------------------------------------------------
@@ -829,9 +801,8 @@ fn open_fds() -> Vec<String> {
 ///
 /// Afterwards the process's fd count and the reactor's slab size return to what
 /// they were before the first stream (within a bounded settle loop).
-async fn dropped_futures_free_everything() {
+async fn dropped_futures_free_everything(bed: &Bed) {
     const LEN: usize = 8 * MIB as usize;
-    let bed = Bed::start("drops").await;
     let data = pattern(40, LEN);
     let vols: Vec<StorageVol> = (0..6)
         .map(|i| bed.pool.volume_with(&format!("src{i}"), &data))
@@ -846,21 +817,21 @@ async fn dropped_futures_free_everything() {
     let fds_before = open_fds();
     assert_eq!(bed.streams().await, 0, "no stream before (precondition)");
     let len = LEN as u64;
-    let (handle, conn) = (&bed.handle, &bed.conn);
+    let handle = &bed.handle;
 
     // Streams dropped after partial reads, and one never read.
     for vol in &vols[..2] {
-        let mut stream = download_stream(handle, conn, vol, len, false).await;
+        let mut stream = bed.volume_stream(vol, Way::Download, len, false).await;
         let mut some = vec![0; 100 * KIB as usize];
         stream.read_exact(&mut some).await.expect("read a bit");
         assert!(some == data[..some.len()], "the first bytes");
         drop(stream);
     }
-    drop(download_stream(handle, conn, &vols[2], len, false).await);
+    drop(bed.volume_stream(&vols[2], Way::Download, len, false).await);
 
     // Pending read futures dropped, then their streams.
     for vol in &vols[3..5] {
-        let mut stream = download_stream(handle, conn, vol, len, false).await;
+        let mut stream = bed.volume_stream(vol, Way::Download, len, false).await;
         let mut buf = vec![0; 64 * KIB as usize];
         // Polled once and dropped, whether or not bytes had arrived.
         if let Some(read) = stream.read(&mut buf).now_or_never() {
@@ -877,7 +848,7 @@ async fn dropped_futures_free_everything() {
 
     // write_all futures dropped mid-way, then their streams; a dropped shutdown.
     for (i, vol) in targets[..3].iter().enumerate() {
-        let mut stream = upload_stream(handle, conn, vol, len, false).await;
+        let mut stream = bed.volume_stream(vol, Way::Upload, len, false).await;
         tokio::select! {
             written = stream.write_all(&data) => {
                 written.expect("write");
@@ -890,7 +861,9 @@ async fn dropped_futures_free_everything() {
         }
         drop(stream);
     }
-    let mut stream = upload_stream(handle, conn, &targets[3], len, false).await;
+    let mut stream = bed
+        .volume_stream(&targets[3], Way::Upload, len, false)
+        .await;
     stream
         .write_all(&data[..MIB as usize])
         .await
@@ -965,15 +938,6 @@ async fn dropped_futures_free_everything() {
         !bed.out("never").exists(),
         "a helper future never polled starts nothing"
     );
-
-    drop((vols, targets));
-    bed.finish().await;
-}
-
-on_both_runtimes! {
-    dropped_futures_free_everything =>
-        futures_dropped_mid_transfer_return_fds_and_slab_to_the_start,
-        futures_dropped_mid_transfer_return_fds_and_slab_to_the_start_multi_thread
 }
 
 // ---------------------------------------------------------------------------------
@@ -1008,11 +972,12 @@ async fn race<T>(i: usize, op: impl std::future::Future<Output = T>) -> Option<T
 /// buffer sizes
 /// that cut libvirt's packets anywhere: the bytes assembled from the reads that
 /// completed are exactly the volume's.
-async fn dropped_read_futures_lose_no_byte() {
-    let bed = Bed::start("cancel-read").await;
+async fn dropped_read_futures_lose_no_byte(bed: &Bed) {
     let data = pattern(50, (16 * MIB + 777) as usize);
     let vol = bed.pool.volume_with("vol", &data);
-    let mut stream = download_stream(&bed.handle, &bed.conn, &vol, data.len() as u64, false).await;
+    let mut stream = bed
+        .volume_stream(&vol, Way::Download, data.len() as u64, false)
+        .await;
     let (got, dropped) = timeout(BATCH_LIMIT, async {
         let mut got = Vec::with_capacity(data.len());
         let mut dropped = 0u64;
@@ -1036,25 +1001,18 @@ async fn dropped_read_futures_lose_no_byte() {
     assert!(dropped > 0, "some read futures were dropped (precondition)");
     assert_eq!(got.len(), data.len(), "bytes assembled");
     assert!(got == data, "the bytes assembled differ");
-    drop((stream, vol));
-    bed.finish().await;
-}
-
-on_both_runtimes! {
-    dropped_read_futures_lose_no_byte =>
-        dropped_read_futures_lose_no_byte_current_thread,
-        dropped_read_futures_lose_no_byte_multi_thread
 }
 
 /// An upload written through futures that are dropped over and over: each `write`
 /// is raced against a 1 ms sleep or `yield_now`, or polled once; what a dropped
 /// write did not
 /// report taken is written again. The volume holds exactly the bytes.
-async fn dropped_write_futures_lose_no_byte() {
-    let bed = Bed::start("cancel-write").await;
+async fn dropped_write_futures_lose_no_byte(bed: &Bed) {
     let data = pattern(60, (16 * MIB + 333) as usize);
     let vol = bed.pool.create_volume("vol", data.len() as u64);
-    let mut stream = upload_stream(&bed.handle, &bed.conn, &vol, data.len() as u64, false).await;
+    let mut stream = bed
+        .volume_stream(&vol, Way::Upload, data.len() as u64, false)
+        .await;
     let dropped = timeout(BATCH_LIMIT, async {
         let mut sent = 0;
         let mut dropped = 0u64;
@@ -1084,14 +1042,6 @@ async fn dropped_write_futures_lose_no_byte() {
         file_is(&bed.pool.path_of("vol"), &data),
         "the volume's bytes differ"
     );
-    drop((stream, vol));
-    bed.finish().await;
-}
-
-on_both_runtimes! {
-    dropped_write_futures_lose_no_byte =>
-        dropped_write_futures_lose_no_byte_current_thread,
-        dropped_write_futures_lose_no_byte_multi_thread
 }
 
 // ---------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use support::pool::{
-    allocated, data_extents, file_is, parts_of, pattern, read_range, sparse_file, Bed, Tracker,
-    KIB, MIB,
+    allocated, assert_sparse_stats, data_extents, file_is, parts_of, pattern, read_range,
+    sparse_source, Bed, Tracker, KIB, MIB,
 };
 use virt::enumutil::Enum;
 use virt::error::ErrorNumber;
@@ -122,25 +122,8 @@ const SPARSE_LEN: u64 = 1024 * MIB;
 fn sparse_round_trip_of_a_gibibyte_keeps_its_holes() {
     let mut bed = Bed::start("sparse");
     let layout = [(0, MIB), (300 * MIB, 2 * MIB), (SPARSE_LEN - MIB, MIB)];
-    let contents: Vec<Vec<u8>> = layout
-        .iter()
-        .enumerate()
-        .map(|(i, &(_, len))| pattern(3000 + i as u64, len as usize))
-        .collect();
-    let extents: Vec<(u64, &[u8])> = layout
-        .iter()
-        .zip(&contents)
-        .map(|(&(offset, _), data)| (offset, data.as_slice()))
-        .collect();
-    let data_len: u64 = layout.iter().map(|&(_, len)| len).sum();
-    let hole_len = SPARSE_LEN - data_len;
     let source = bed.out("source.img");
-    sparse_file(&source, SPARSE_LEN, &extents);
-    assert_eq!(
-        data_extents(&source),
-        layout.to_vec(),
-        "the test filesystem keeps holes (precondition)"
-    );
+    let (data_len, hole_len) = sparse_source(&source, SPARSE_LEN, &layout);
 
     let vol = bed.pool.create_volume("sparse.img", SPARSE_LEN);
     let volume_file = bed.pool.path_of("sparse.img");
@@ -159,11 +142,7 @@ fn sparse_round_trip_of_a_gibibyte_keeps_its_holes() {
         .expect("start the sparse upload");
     bed.drive(BATCH_LIMIT, "sparse upload", |r, _| r.is_empty());
     let stats = bed.state.ok(up);
-    assert_eq!(
-        (stats.data_bytes, stats.holes, stats.hole_bytes),
-        (data_len, 2, hole_len),
-        "upload: data bytes, holes, hole bytes"
-    );
+    assert_sparse_stats("upload", &stats, data_len, hole_len);
     assert_eq!(
         data_extents(&volume_file),
         layout.to_vec(),
@@ -182,11 +161,7 @@ fn sparse_round_trip_of_a_gibibyte_keeps_its_holes() {
         .expect("start the sparse download");
     bed.drive(BATCH_LIMIT, "sparse download", |r, _| r.is_empty());
     let stats = bed.state.ok(down);
-    assert_eq!(
-        (stats.data_bytes, stats.holes, stats.hole_bytes),
-        (data_len, 2, hole_len),
-        "download: data bytes, holes, hole bytes"
-    );
+    assert_sparse_stats("download", &stats, data_len, hole_len);
     assert_eq!(std::fs::metadata(&copy).unwrap().len(), SPARSE_LEN);
     assert_eq!(data_extents(&copy), layout.to_vec(), "holes preserved");
     let used = allocated(&copy);

@@ -117,6 +117,41 @@ pub fn sparse_file(path: &Path, len: u64, extents: &[(u64, &[u8])]) {
     }
 }
 
+/// A new sparse file of `len` bytes with data (patterns seeded 3000, 3001, ...) at
+/// each `(offset, length)` of `layout` and holes elsewhere; checks that the
+/// filesystem keeps the holes. Returns its data bytes and its hole bytes.
+pub fn sparse_source(path: &Path, len: u64, layout: &[(u64, u64)]) -> (u64, u64) {
+    let contents: Vec<Vec<u8>> = layout
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, extent))| pattern(3000 + i as u64, extent as usize))
+        .collect();
+    let extents: Vec<(u64, &[u8])> = layout
+        .iter()
+        .zip(&contents)
+        .map(|(&(offset, _), data)| (offset, data.as_slice()))
+        .collect();
+    sparse_file(path, len, &extents);
+    assert_eq!(
+        data_extents(path),
+        layout.to_vec(),
+        "the test filesystem keeps holes (precondition)"
+    );
+    let data_len: u64 = layout.iter().map(|&(_, extent)| extent).sum();
+    (data_len, len - data_len)
+}
+
+/// Checks the totals of a sparse transfer of [`sparse_source`]'s file with
+/// `data_len` data bytes in three extents: those bytes, two holes, `hole_len`
+/// hole bytes.
+pub fn assert_sparse_stats(what: &str, stats: &TransferStats, data_len: u64, hole_len: u64) {
+    assert_eq!(
+        (stats.data_bytes, stats.holes, stats.hole_bytes),
+        (data_len, 2, hole_len),
+        "{what}: data bytes, holes, hole bytes"
+    );
+}
+
 /// xorshift64*: a cheap, seeded, reproducible number source.
 pub struct Xorshift(u64);
 

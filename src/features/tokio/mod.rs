@@ -243,13 +243,8 @@ impl Handle {
         range: VolumeRange,
         progress: impl FnMut(TransferStats) + Send + 'static,
     ) -> Result<TransferStats> {
-        self.transfer(
-            move |reactor, progress, end| {
-                volume::download(reactor, &vol, &path, range, progress, end)
-            },
-            progress,
-        )
-        .await
+        self.transfer(Way::Download, vol, path, range, progress)
+            .await
     }
 
     /// Uploads the file at `path` into `vol` (see [`volume::upload`]), as
@@ -265,37 +260,35 @@ impl Handle {
         range: VolumeRange,
         progress: impl FnMut(TransferStats) + Send + 'static,
     ) -> Result<TransferStats> {
-        self.transfer(
-            move |reactor, progress, end| {
-                volume::upload(reactor, &vol, &path, range, progress, end)
-            },
-            progress,
-        )
-        .await
+        self.transfer(Way::Upload, vol, path, range, progress).await
     }
 
-    /// Starts a volume transfer inside the driver (its first calls to libvirt
+    /// Starts a volume transfer `way` inside the driver (its first calls to libvirt
     /// included, which the volume functions make) and waits for its end.
-    async fn transfer<F, P>(&self, start: F, mut progress: P) -> Result<TransferStats>
-    where
-        F: FnOnce(
-                &mut Reactor<()>,
-                Box<dyn FnMut(&mut (), TransferStats) + Send>,
-                Box<dyn FnOnce(&mut (), Result<TransferStats>) + Send>,
-            ) -> Result<crate::StreamToken>
-            + Send
-            + 'static,
-        P: FnMut(TransferStats) + Send + 'static,
-    {
+    async fn transfer(
+        &self,
+        way: Way,
+        vol: virt::storage_vol::StorageVol,
+        path: std::path::PathBuf,
+        range: VolumeRange,
+        mut progress: impl FnMut(TransferStats) + Send + 'static,
+    ) -> Result<TransferStats> {
         let (end_tx, end) = oneshot::channel();
         let started = self
             .with_reactor(move |reactor| {
+                let start = match way {
+                    Way::Download => volume::download,
+                    Way::Upload => volume::upload,
+                };
                 start(
                     reactor,
-                    Box::new(move |(), stats| progress(stats)),
-                    Box::new(move |(), result| {
+                    &vol,
+                    &path,
+                    range,
+                    move |_: &mut (), stats| progress(stats),
+                    move |_: &mut (), result| {
                         let _ = end_tx.send(result);
-                    }),
+                    },
                 )
             })
             .await?;
@@ -349,6 +342,13 @@ impl Handle {
     pub fn stop(&self) {
         self.reactor.stop();
     }
+}
+
+/// Which way [`Handle::transfer`] moves a volume's bytes.
+#[derive(Clone, Copy, Debug)]
+enum Way {
+    Download,
+    Upload,
 }
 
 /// Events of a subscription, as a `futures_core::Stream`; unsubscribed when dropped.

@@ -1,0 +1,34 @@
+//! What `vol` and `tokio_vol` share: which way the bytes go, where the volumes are,
+//! and the progress bars.
+
+use clap::ValueEnum;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Direction {
+    Download,
+    Upload,
+}
+
+/// Where the volumes are: the connection and the pool.
+#[derive(clap::Args)]
+pub struct Location {
+    /// libvirt connection URI
+    #[arg(long)]
+    pub uri: String,
+    /// storage pool holding the volumes
+    #[arg(long)]
+    pub pool: String,
+}
+
+/// A bar named `name`, as its prefix: a name inside the template would be parsed.
+pub fn bar(name: &str) -> ProgressBar {
+    let style = ProgressStyle::with_template(
+        "{prefix:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
+    ProgressBar::new(0)
+        .with_style(style)
+        .with_prefix(name.to_owned())
+}
