@@ -97,7 +97,11 @@ pub(crate) fn transfer(p: &Params) -> Figures {
 
 async fn transfer_async(p: &Params) -> Figures {
     let (n, len): (usize, u64) = (p.num("streams"), p.num("len"));
-    assert_eq!(p.num::<usize>("idle"), 0, "the async path has no idle streams");
+    assert_eq!(
+        p.num::<usize>("idle"),
+        0,
+        "the async path has no idle streams"
+    );
     let source_size: u64 = p.num("source_size");
     let download = p.str("dir") == "download";
     let (handle, driver, conn) = start(p.str("uri")).await;
@@ -153,8 +157,7 @@ async fn transfer_async(p: &Params) -> Figures {
                     position - offset
                 } else {
                     let mut stream =
-                        attached(&handle, &conn, move |s| vol.upload(s, 0, len, 0).map(drop))
-                            .await;
+                        attached(&handle, &conn, move |s| vol.upload(s, 0, len, 0).map(drop)).await;
                     let mut buf = vec![0u8; CHUNK];
                     let mut sent = 0;
                     while sent < len {
@@ -205,9 +208,7 @@ impl Screens {
     /// Takes one piece of output; None at `deadline`.
     async fn pump(&mut self, deadline: Instant) -> Option<()> {
         let piece = tokio::time::timeout_at(deadline.into(), self.output.recv()).await;
-        let (i, bytes, at) = piece
-            .ok()?
-            .unwrap_or_else(|| panic!("a console ended"));
+        let (i, bytes, at) = piece.ok()?.unwrap_or_else(|| panic!("a console ended"));
         self.screens[i].push(&bytes, at);
         Some(())
     }

@@ -64,8 +64,8 @@ pub(crate) fn scenario4(opts: &Opts, env: &mut Env, results: &mut Results) {
                         figure("upload_mibps", "upload MiB/s"),
                     ],
                     runs: opts.runs,
- // The async path: AsyncStream consoles (asyncpath::latency).
- tokio: true,
+                    // The async path: AsyncStream consoles (asyncpath::latency).
+                    tokio: true,
                     before: None,
                     after: None,
                 },

@@ -90,8 +90,8 @@ pub(crate) fn scenario1(opts: &Opts, env: &Env, results: &mut Results) {
                     args,
                     figures: THROUGHPUT.to_vec(),
                     runs: runs(big),
- // The async path at N=1 and N=16 (asyncpath::transfer).
- tokio: !big && TOKIO_STREAMS.contains(&n),
+                    // The async path at N=1 and N=16 (asyncpath::transfer).
+                    tokio: !big && TOKIO_STREAMS.contains(&n),
                     before: upload.then(|| {
                         Box::new(move || {
                             for i in 0..n {
@@ -134,7 +134,7 @@ pub(crate) fn scenario3(opts: &Opts, env: &Env, results: &mut Results) {
                 ],
                 figures: THROUGHPUT[..4].to_vec(),
                 runs: opts.runs,
- tokio: false,
+                tokio: false,
                 before: None,
                 after: None,
             },
