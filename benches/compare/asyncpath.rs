@@ -7,15 +7,17 @@
 //! share one thread (libvirt's own threads aside), as an application with a
 //! current_thread runtime would have it.
 //!
-//! - Transfers move the bytes through raw `AsyncStream`s (`AsyncRead` /
-//!   `AsyncWrite`), checked and generated in memory exactly as the mio children do
+//! - Transfers move the bytes through raw `AsyncStream`s, checked and generated in memory exactly as the mio children do
 //!   (`data::check`, `data::fill`), so that the difference is the async bridge and the
 //!   runtime, not a file. (`Handle::download/upload` would write or read a file
 //!   through `volume::download/upload`, i.e. the mio path's own handlers, with only a
 //!   oneshot channel of async on top.) Streams are attached inside the driver
 //!   (`Handle::with_reactor`), as `Handle::download` does, then handed over with
 //!   `Handle::stream`; the timed part starts before the first attach, as in
-//!   `streams::transfer`.
+//!   `streams::transfer`. Downloads read with `AsyncBufRead` (`fill_buf` /
+//!   `consume`: each chunk checked where the driver received it), or with
+//!   `AsyncRead::read` (one copy more) when the child gets `read=copy`; uploads
+//!   write with `AsyncWrite::write_all`.
 //! - Consoles are `AsyncStream`s from `Handle::open_console`; one reader task per
 //!   console stamps each piece of output when it reads it and hands it to the user
 //!   task, which sends the `echo` lines and times them as `consoles::user` does.
@@ -24,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, WriteHalf};
 use tokio::sync::mpsc;
 use virt::connect::Connect;
 use virt::storage_vol::StorageVol;
@@ -104,6 +106,8 @@ async fn transfer_async(p: &Params) -> Figures {
     );
     let source_size: u64 = p.num("source_size");
     let download = p.str("dir") == "download";
+    // read=copy: downloads through AsyncRead::read instead of AsyncBufRead.
+    let copy_reads = p.get("read") == Some("copy");
     let (handle, driver, conn) = start(p.str("uri")).await;
     let names: Vec<String> = if download {
         vec![SOURCE.to_owned()]
@@ -141,18 +145,33 @@ async fn transfer_async(p: &Params) -> Figures {
                         vol.download(s, offset, len, 0).map(drop)
                     })
                     .await;
-                    let mut buf = vec![0u8; CHUNK];
                     let mut position = offset;
-                    loop {
-                        let got = stream.read(&mut buf).await.expect("read");
-                        if got == 0 {
-                            break;
+                    if copy_reads {
+                        // AsyncRead: each chunk copied into our buffer.
+                        let mut buf = vec![0u8; CHUNK];
+                        loop {
+                            let got = stream.read(&mut buf).await.expect("read");
+                            if got == 0 {
+                                break;
+                            }
+                            assert!(
+                                data::check(position, &buf[..got]),
+                                "wrong bytes at {position}"
+                            );
+                            position += got as u64;
                         }
-                        assert!(
-                            data::check(position, &buf[..got]),
-                            "wrong bytes at {position}"
-                        );
-                        position += got as u64;
+                    } else {
+                        // AsyncBufRead: each chunk checked where it was received.
+                        loop {
+                            let chunk = stream.fill_buf().await.expect("read");
+                            if chunk.is_empty() {
+                                break;
+                            }
+                            let got = chunk.len();
+                            assert!(data::check(position, chunk), "wrong bytes at {position}");
+                            stream.consume(got);
+                            position += got as u64;
+                        }
                     }
                     position - offset
                 } else {

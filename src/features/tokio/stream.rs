@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::streams::handler::{Flow, StreamCtx, StreamEnd, StreamHandler};
 use crate::streams::reactor::{Reactor, ReactorHandle};
@@ -37,6 +37,8 @@ const SPARE: usize = 2;
 /// - Reads take what the driver has received; `Ok(0)` is the end of the stream, told
 ///   only once libvirt has confirmed it (`virStreamFinish`). A sparse stream's holes
 ///   read as zeros, or as holes through [`read_sparse`](Self::read_sparse).
+///   `AsyncBufRead` (`fill_buf` / `consume`) reads the received chunks in place,
+///   one copy fewer than `AsyncRead`.
 /// - Writes queue up to 512 KiB, and are `Pending` beyond: backpressure holds.
 ///   [`write_hole`](Self::write_hole) queues a hole. `shutdown()` sends what is
 ///   queued, finishes the stream, and resolves with libvirt's answer.
@@ -53,6 +55,12 @@ pub struct AsyncStream {
     shared: Arc<Shared>,
     token: StreamToken,
     reactor: ReactorHandle<()>,
+    /// What `poll_fill_buf` took out of the receive queue, unread from
+    /// `held_offset` on: a data chunk (its unread bytes still counted in
+    /// `Inner::rx_bytes`, `held_counted`) or the zeros of a hole (not counted).
+    held: Vec<u8>,
+    held_offset: usize,
+    held_counted: bool,
 }
 
 enum Chunk {
@@ -145,6 +153,9 @@ impl AsyncStream {
             shared,
             token,
             reactor: handle,
+            held: Vec::new(),
+            held_offset: 0,
+            held_counted: false,
         })
     }
 
@@ -181,11 +192,17 @@ impl AsyncStream {
     /// Takes what was received into `buf`: a hole as zeros, or as
     /// `Received::Hole` when `holes`.
     fn poll_take(
-        &self,
+        &mut self,
         cx: &Context<'_>,
         buf: &mut [u8],
         holes: bool,
     ) -> Poll<io::Result<Received>> {
+        if self.held_offset < self.held.len() {
+            let n = buf.len().min(self.held.len() - self.held_offset);
+            buf[..n].copy_from_slice(&self.held[self.held_offset..self.held_offset + n]);
+            self.consume_held(n);
+            return Poll::Ready(Ok(Received::Data(n)));
+        }
         let mut inner = lock(&self.shared.inner);
         let Inner {
             rx,
@@ -248,6 +265,31 @@ impl AsyncStream {
         }
     }
 
+    /// Marks `n` more bytes of `held` read; a data chunk's count frees room in the
+    /// receive queue (and a paused stream resumes), and its buffer, once read,
+    /// goes back for reuse.
+    fn consume_held(&mut self, n: usize) {
+        self.held_offset += n;
+        if !self.held_counted {
+            return;
+        }
+        let mut inner = lock(&self.shared.inner);
+        inner.rx_bytes -= n;
+        if self.held_offset == self.held.len() {
+            recycle(&mut inner.spare, std::mem::take(&mut self.held));
+            self.held_offset = 0;
+            self.held_counted = false;
+        }
+        let resume = inner.rx_paused && inner.rx_bytes <= RX_LIMIT / 2;
+        if resume {
+            inner.rx_paused = false;
+        }
+        drop(inner);
+        if resume {
+            self.kick();
+        }
+    }
+
     /// Queues data (as much as fits) or a hole; returns the data bytes taken.
     fn poll_put(&self, cx: &Context<'_>, put: Put<'_>) -> Poll<io::Result<usize>> {
         let mut inner = lock(&self.shared.inner);
@@ -297,7 +339,7 @@ impl AsyncRead for AsyncStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let unfilled = buf.initialize_unfilled();
-        match self.poll_take(cx, unfilled, false) {
+        match self.get_mut().poll_take(cx, unfilled, false) {
             Poll::Ready(Ok(Received::Data(n))) => {
                 buf.advance(n);
                 Poll::Ready(Ok(()))
@@ -305,6 +347,66 @@ impl AsyncRead for AsyncStream {
             Poll::Ready(Ok(Received::Hole(_))) => unreachable!("holes read as zeros here"),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Reads in place: `poll_fill_buf` lends the next received chunk itself (up to
+/// 256 KiB; a hole as zeros), without the copy into the caller's buffer that
+/// `AsyncRead` makes.
+impl AsyncBufRead for AsyncStream {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        let this = self.get_mut();
+        if this.held_offset < this.held.len() {
+            return Poll::Ready(Ok(&this.held[this.held_offset..]));
+        }
+        let mut inner = lock(&this.shared.inner);
+        let Inner {
+            rx,
+            rx_offset,
+            spare,
+            ..
+        } = &mut *inner;
+        // An empty hole would read as the end.
+        while matches!(rx.front(), Some(Chunk::Hole(0))) {
+            rx.pop_front();
+        }
+        match rx.pop_front() {
+            Some(Chunk::Data(data)) => {
+                recycle(spare, std::mem::replace(&mut this.held, data));
+                this.held_offset = std::mem::take(rx_offset);
+                this.held_counted = true;
+            }
+            Some(Chunk::Hole(length)) => {
+                let n = usize::try_from(length).map_or(PACKET, |l| l.min(PACKET));
+                if length > n as u64 {
+                    rx.push_front(Chunk::Hole(length - n as u64));
+                }
+                this.held.clear();
+                this.held.resize(n, 0);
+                this.held_offset = 0;
+                this.held_counted = false;
+            }
+            None => {
+                return match inner.ended() {
+                    Some(Ok(())) => Poll::Ready(Ok(&[])),
+                    Some(Err(e)) => Poll::Ready(Err(e)),
+                    None => {
+                        inner.reader = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                };
+            }
+        }
+        drop(inner);
+        Poll::Ready(Ok(&this.held[this.held_offset..]))
+    }
+
+    fn consume(self: Pin<&mut Self>, amt: usize) {
+        let this = self.get_mut();
+        let amt = amt.min(this.held.len() - this.held_offset);
+        if amt > 0 {
+            this.consume_held(amt);
         }
     }
 }
