@@ -5,6 +5,7 @@
 //! cargo bench --bench compare -- [--runs 5] [--only s1,s2,s3,s4,s5] [--quick]
 //!                                [--out target/bench] [--svg docs/benchmarks-s2.svg]
 //!                                [--callgrind] [--guests 3] [--scratch DIR]
+//!                                [--filter CASE] [--tokio-read buf|copy]
 //! ```
 //!
 //! The parent process starts a private unprivileged libvirtd (as `tests/support`
@@ -167,6 +168,10 @@ pub(crate) struct Opts {
     /// A directory on a tmpfs for the storage pool (default: a new one in /dev/shm).
     #[arg(long)]
     pub(crate) scratch: Option<PathBuf>,
+    /// How the async path's downloads read: `buf` (`AsyncBufRead`, in place) or
+    /// `copy` (`AsyncRead::read` into a buffer of the child's).
+    #[arg(long, default_value = "buf", value_parser = ["buf", "copy"])]
+    pub(crate) tokio_read: String,
     /// Only cases whose label contains this (e.g. `upload N=1`).
     #[arg(long)]
     pub(crate) filter: Option<String>,
@@ -284,6 +289,10 @@ pub(crate) fn run_child(
         .arg(scenario)
         .arg(format!("loop={}", kind.name()))
         .args(args)
+        .args(
+            (kind == Loop::Tokio)
+                .then(|| format!("read={}", TOKIO_READ.get().map_or("buf", String::as_str))),
+        )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -430,9 +439,11 @@ pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
 }
 
 static FILTER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+static TOKIO_READ: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn parent(opts: &Opts) {
     let _ = FILTER.set(opts.filter.clone());
+    let _ = TOKIO_READ.set(opts.tokio_read.clone());
     let started = Instant::now();
     std::fs::create_dir_all(&opts.out).expect("create the output directory");
     let mut results = Results::default();

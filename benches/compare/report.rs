@@ -157,8 +157,13 @@ impl Results {
                     "\n## Async path (tokio) against the mio path\n\n\
                      The same cases, same runs: ours is `Reactor` on mio (as above), tokio is \
                      `virt_reactor::tokio` (its driver on a current_thread runtime, the bytes \
-                     through `AsyncStream`s). Ratio = tokio/ours of the medians.\n\n\
-                     | scenario | case | figure | ours (mio) | tokio | tokio/ours |\n|---|---|---|---|---|---|"
+                     through `AsyncStream`s; downloads read with `{}`). Ratio = tokio/ours of the medians.\n\n\
+                     | scenario | case | figure | ours (mio) | tokio | tokio/ours |\n|---|---|---|---|---|---|",
+                    if opts.tokio_read == "copy" {
+                        "AsyncRead::read"
+                    } else {
+                        "AsyncBufRead::fill_buf"
+                    }
                 );
             }
             scenario = row.scenario;
