@@ -23,7 +23,7 @@ use crate::report::{figure, Results};
 use crate::setup::{Env, POOL};
 use crate::{data, run_case, Case, Figures, Opts, Params, MIB};
 
-const UPLOAD_VOLUME: &str = "console-upload";
+pub(crate) const UPLOAD_VOLUME: &str = "console-upload";
 
 pub(crate) fn s4_label(all: bool, upload: bool) -> String {
     format!(
@@ -64,6 +64,8 @@ pub(crate) fn scenario4(opts: &Opts, env: &mut Env, results: &mut Results) {
                         figure("upload_mibps", "upload MiB/s"),
                     ],
                     runs: opts.runs,
+                    // The async path: AsyncStream consoles (asyncpath::latency).
+                    tokio: true,
                     before: None,
                     after: None,
                 },
@@ -134,20 +136,20 @@ pub(crate) fn latency(p: &Params) -> Figures {
 
 /// One guest's output, with when each piece arrived.
 #[derive(Default)]
-struct Screen {
+pub(crate) struct Screen {
     text: String,
     /// (end offset in `text`, arrival) of each piece.
     pieces: Vec<(usize, Instant)>,
 }
 
 impl Screen {
-    fn push(&mut self, bytes: &[u8], at: Instant) {
+    pub(crate) fn push(&mut self, bytes: &[u8], at: Instant) {
         self.text.push_str(&String::from_utf8_lossy(bytes));
         self.pieces.push((self.text.len(), at));
     }
 
     /// When the piece completing `marker` arrived; forgets the output up to it.
-    fn take(&mut self, marker: &str) -> Option<Instant> {
+    pub(crate) fn take(&mut self, marker: &str) -> Option<Instant> {
         let end = self.text.find(marker)? + marker.len();
         let at = self.pieces.iter().find(|(e, _)| *e >= end)?.1;
         self.text.drain(..end);

@@ -51,6 +51,7 @@ pub(crate) fn scenario2(opts: &Opts, results: &mut Results) {
                         figure("us_per_iter", "µs/iteration"),
                     ],
                     runs: opts.runs,
+                    tokio: false,
                     before: None,
                     after: None,
                 },
@@ -66,6 +67,7 @@ pub(crate) fn scenario2(opts: &Opts, results: &mut Results) {
             args: Vec::new(),
             figures: vec![figure("dispatches", "dispatches/s")],
             runs: opts.runs,
+            tokio: false,
             before: None,
             after: None,
         },
@@ -107,6 +109,7 @@ fn callgrind(opts: &Opts, results: &mut Results) {
             figure("ir_per_iter", "instructions/iteration (callgrind)"),
             ours,
             default,
+            Vec::new(),
         );
     }
 }

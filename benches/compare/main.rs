@@ -5,6 +5,7 @@
 //! cargo bench --bench compare -- [--runs 5] [--only s1,s2,s3,s4,s5] [--quick]
 //!                                [--out target/bench] [--svg docs/benchmarks-s2.svg]
 //!                                [--callgrind] [--guests 3] [--scratch DIR]
+//!                                [--filter CASE] [--tokio-read buf|copy]
 //! ```
 //!
 //! The parent process starts a private unprivileged libvirtd (as `tests/support`
@@ -17,11 +18,18 @@
 //! median and min–max of the runs of each loop and the ratio ours/default, checks
 //! the targets, and writes `results.md`, `raw.tsv` and the scenario 2 plot.
 //!
+//! Cases that set `Case::tokio` also run a third kind of child, `loop=tokio`: the
+//! async path (`virt_reactor::tokio`, its driver on a current_thread runtime, the
+//! bytes through `AsyncStream`s; module `asyncpath`), rotated with the other two, and
+//! the report sets it against ours (the mio path it is built on) in a table of its
+//! own.
+//!
 //! Scenarios: 1 volume download/upload throughput and client CPU (`streams`),
 //! 2 per-iteration cost against idle watches and timers (`loops`), 3 a download
 //! among idle streams (`streams`), 4 console echo latency (`consoles`), 5 memory
 //! (`memory`). `docs/benchmarks.md` has the figures and the reasoning.
 
+mod asyncpath;
 mod consoles;
 #[allow(dead_code, clippy::all, missing_docs, missing_debug_implementations)]
 #[path = "../../tests/support/daemon.rs"]
@@ -59,6 +67,8 @@ const CHILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 pub(crate) enum Loop {
     Ours,
     Default,
+    /// Ours, driven from tokio (`virt_reactor::tokio`): the async path.
+    Tokio,
 }
 
 impl Loop {
@@ -66,6 +76,7 @@ impl Loop {
         match self {
             Loop::Ours => "ours",
             Loop::Default => "default",
+            Loop::Tokio => "tokio",
         }
     }
 
@@ -73,6 +84,7 @@ impl Loop {
         match s {
             "ours" => Loop::Ours,
             "default" => Loop::Default,
+            "tokio" => Loop::Tokio,
             other => panic!("unknown loop {other:?}"),
         }
     }
@@ -82,13 +94,14 @@ impl Loop {
         match self {
             Loop::Ours => Reactor::register().expect("register virt-reactor's loop"),
             Loop::Default => Reactor::register_default_loop().expect("register the default loop"),
+            Loop::Tokio => unreachable!("tokio children run the asyncpath module"),
         }
     }
 
     /// A connection, opened after registration.
     pub(crate) fn connect(self, uri: &str) -> Connect {
         match self {
-            Loop::Ours => virt_reactor::connect(uri).expect("connect"),
+            Loop::Ours | Loop::Tokio => virt_reactor::connect(uri).expect("connect"),
             Loop::Default => Connect::open(Some(uri)).expect("connect"),
         }
     }
@@ -155,6 +168,10 @@ pub(crate) struct Opts {
     /// A directory on a tmpfs for the storage pool (default: a new one in /dev/shm).
     #[arg(long)]
     pub(crate) scratch: Option<PathBuf>,
+    /// How the async path's downloads read: `buf` (`AsyncBufRead`, in place) or
+    /// `copy` (`AsyncRead::read` into a buffer of the child's).
+    #[arg(long, default_value = "buf", value_parser = ["buf", "copy"])]
+    pub(crate) tokio_read: String,
     /// Only cases whose label contains this (e.g. `upload N=1`).
     #[arg(long)]
     pub(crate) filter: Option<String>,
@@ -195,6 +212,8 @@ fn child(args: &[String]) {
     let kind = Loop::parse(map.get("loop").expect("loop="));
     let params = Params { kind, map };
     let figures = match scenario {
+        "transfer" if kind == Loop::Tokio => asyncpath::transfer(&params),
+        "console" if kind == Loop::Tokio => asyncpath::latency(&params),
         "transfer" => streams::transfer(&params),
         "pingpong" => loops::pingpong(&params),
         "busy" => loops::busy(&params),
@@ -270,6 +289,10 @@ pub(crate) fn run_child(
         .arg(scenario)
         .arg(format!("loop={}", kind.name()))
         .args(args)
+        .args(
+            (kind == Loop::Tokio)
+                .then(|| format!("read={}", TOKIO_READ.get().map_or("buf", String::as_str))),
+        )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -335,6 +358,8 @@ pub(crate) struct Case<'a> {
     pub(crate) args: Vec<String>,
     pub(crate) figures: Vec<Figure>,
     pub(crate) runs: usize,
+    /// Also run the async path (`loop=tokio`), against ours.
+    pub(crate) tokio: bool,
     /// Before each run (e.g. clear upload targets).
     pub(crate) before: Option<Box<dyn Fn() + 'a>>,
     /// After each run: check what the child left (e.g. uploaded bytes).
@@ -348,15 +373,17 @@ pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
             return;
         }
     }
-    let mut runs: [Vec<HashMap<String, f64>>; 2] = [Vec::new(), Vec::new()];
+    let mut runs: [Vec<HashMap<String, f64>>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     let started = Instant::now();
+    let kinds: &[Loop] = if case.tokio {
+        &[Loop::Ours, Loop::Default, Loop::Tokio]
+    } else {
+        &[Loop::Ours, Loop::Default]
+    };
     for run in 0..case.runs {
-        // Alternate which loop goes first, so drift over time hits both alike.
-        let order = if run % 2 == 0 {
-            [Loop::Ours, Loop::Default]
-        } else {
-            [Loop::Default, Loop::Ours]
-        };
+        // Rotate which loop goes first, so drift over time hits all alike.
+        let mut order = kinds.to_vec();
+        order.rotate_left(run % kinds.len());
         for kind in order {
             if let Some(before) = &case.before {
                 before();
@@ -368,7 +395,7 @@ pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
                     None => Ok(figures),
                 });
             match figures {
-                Ok(figures) => runs[(kind == Loop::Default) as usize].push(figures),
+                Ok(figures) => runs[kind as usize].push(figures),
                 Err(e) => {
                     eprintln!(
                         "compare: {} {} run {run} FAILED: {e}",
@@ -406,14 +433,17 @@ pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
             figure,
             pick(&runs[0]),
             pick(&runs[1]),
+            pick(&runs[2]),
         );
     }
 }
 
 static FILTER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+static TOKIO_READ: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn parent(opts: &Opts) {
     let _ = FILTER.set(opts.filter.clone());
+    let _ = TOKIO_READ.set(opts.tokio_read.clone());
     let started = Instant::now();
     std::fs::create_dir_all(&opts.out).expect("create the output directory");
     let mut results = Results::default();

@@ -48,6 +48,7 @@ pub(crate) fn scenario5(opts: &Opts, env: &Env, results: &mut Results) {
                     figure("rss_per", "RSS bytes each"),
                 ],
                 runs: opts.runs.min(3),
+                tokio: false,
                 before: None,
                 after: None,
             },

@@ -24,6 +24,8 @@ struct Row {
     figure: Figure,
     ours: Vec<f64>,
     default: Vec<f64>,
+    /// The async path's runs (`loop=tokio`); empty for cases without it.
+    tokio: Vec<f64>,
 }
 
 /// A plotted line: name, colour, dashed, points (x, (median, min, max)).
@@ -52,6 +54,16 @@ pub(crate) fn summary(values: &[f64]) -> (f64, f64, f64) {
     (median, v[0], v[n - 1])
 }
 
+/// A table cell: median (min–max).
+fn cell(v: &[f64]) -> String {
+    let (m, lo, hi) = summary(v);
+    if v.len() > 1 {
+        format!("{} ({}–{})", num(m), num(lo), num(hi))
+    } else {
+        num(m)
+    }
+}
+
 /// Three significant digits, whatever the magnitude.
 pub(crate) fn num(x: f64) -> String {
     if x.is_nan() {
@@ -75,6 +87,7 @@ impl Results {
         figure: Figure,
         ours: Vec<f64>,
         default: Vec<f64>,
+        tokio: Vec<f64>,
     ) {
         self.rows.push(Row {
             scenario,
@@ -82,6 +95,7 @@ impl Results {
             figure,
             ours,
             default,
+            tokio,
         });
     }
 
@@ -96,6 +110,13 @@ impl Results {
             .find(|r| r.case == case && r.figure.key == key)
             .map(|r| summary(if ours { &r.ours } else { &r.default }).0)
             .filter(|m| !m.is_nan())
+    }
+
+    /// The rows the async path ran in (with any figure).
+    fn tokio_rows(&self) -> impl Iterator<Item = &Row> {
+        self.rows
+            .iter()
+            .filter(|r| r.tokio.iter().any(|v| !v.is_nan()))
     }
 
     pub(crate) fn render(&self, opts: &Opts, elapsed: Duration) -> String {
@@ -117,14 +138,6 @@ impl Results {
                     "\n## {scenario}\n\n| case | figure | ours | default | ours/default |\n|---|---|---|---|---|"
                 );
             }
-            let cell = |v: &[f64]| {
-                let (m, lo, hi) = summary(v);
-                if v.len() > 1 {
-                    format!("{} ({}–{})", num(m), num(lo), num(hi))
-                } else {
-                    num(m)
-                }
-            };
             let ratio = summary(&row.ours).0 / summary(&row.default).0;
             let _ = writeln!(
                 out,
@@ -133,6 +146,36 @@ impl Results {
                 row.figure.label,
                 cell(&row.ours),
                 cell(&row.default),
+                num(ratio)
+            );
+        }
+        let mut scenario = "";
+        for row in self.tokio_rows() {
+            if scenario.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "\n## Async path (tokio) against the mio path\n\n\
+                     The same cases, same runs: ours is `Reactor` on mio (as above), tokio is \
+                     `virt_reactor::tokio` (its driver on a current_thread runtime, the bytes \
+                     through `AsyncStream`s; downloads read with `{}`). Ratio = tokio/ours of the medians.\n\n\
+                     | scenario | case | figure | ours (mio) | tokio | tokio/ours |\n|---|---|---|---|---|---|",
+                    if opts.tokio_read == "copy" {
+                        "AsyncRead::read"
+                    } else {
+                        "AsyncBufRead::fill_buf"
+                    }
+                );
+            }
+            scenario = row.scenario;
+            let ratio = summary(&row.tokio).0 / summary(&row.ours).0;
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                scenario.split(':').next().unwrap_or(scenario),
+                row.case,
+                row.figure.label,
+                cell(&row.ours),
+                cell(&row.tokio),
                 num(ratio)
             );
         }
@@ -253,6 +296,37 @@ impl Results {
                 ));
             }
         }
+        for row in self.tokio_rows() {
+            let (o, k) = (summary(&row.ours), summary(&row.tokio));
+            if o.0.is_nan() || k.0.is_nan() {
+                continue;
+            }
+            match row.figure.key {
+                "cpu_per_gib" => t.push((
+                    format!("tokio {}: client CPU per GiB ≤ 1.1× ours", row.case),
+                    format!("{} / {} s/GiB = {}", num(k.0), num(o.0), num(k.0 / o.0)),
+                    Some(k.0 / o.0 <= 1.1),
+                )),
+                // Within noise: tokio's median inside ours' spread (up to ours'
+                // slowest run), or within 10 % of ours' median.
+                "p99_ms" => t.push((
+                    format!(
+                        "tokio {}: p99 the same as ours within noise (≤ ours' max run or ≤ 1.1×)",
+                        row.case
+                    ),
+                    format!(
+                        "{} / {} ms = {} (ours {}–{})",
+                        num(k.0),
+                        num(o.0),
+                        num(k.0 / o.0),
+                        num(o.1),
+                        num(o.2)
+                    ),
+                    Some(k.0 <= o.2.max(1.1 * o.0)),
+                )),
+                _ => {}
+            }
+        }
         for what in ["idle streams", "idle watches"] {
             if let Some(o) = m(what, "rust_per", true) {
                 t.push((
@@ -268,7 +342,14 @@ impl Results {
     pub(crate) fn raw_tsv(&self) -> String {
         let mut out = String::from("scenario\tcase\tfigure\tloop\tvalues\n");
         for row in &self.rows {
-            for (kind, values) in [("ours", &row.ours), ("default", &row.default)] {
+            for (kind, values) in [
+                ("ours", &row.ours),
+                ("default", &row.default),
+                ("tokio", &row.tokio),
+            ] {
+                if kind == "tokio" && values.is_empty() {
+                    continue;
+                }
                 let values: Vec<String> = values.iter().map(|v| v.to_string()).collect();
                 let _ = writeln!(
                     out,

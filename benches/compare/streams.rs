@@ -21,9 +21,11 @@ use crate::setup::{Env, POOL, SOURCE};
 use crate::{data, run_case, sys, Case, Figures, Opts, Params, MIB};
 
 pub(crate) const S1_STREAMS: [usize; 4] = [1, 4, 16, 64];
+/// The scenario 1 cases the async path (`loop=tokio`) runs too.
+pub(crate) const TOKIO_STREAMS: [usize; 2] = [1, 16];
 pub(crate) const S3_IDLE: &[usize] = &[0, 500, 1000, 2000];
 const S3_IDLE_QUICK: &[usize] = &[0, 100];
-const GIB: f64 = (1u64 << 30) as f64;
+pub(crate) const GIB: f64 = (1u64 << 30) as f64;
 
 const THROUGHPUT: [Figure; 5] = [
     figure("mibps", "aggregate MiB/s"),
@@ -88,6 +90,8 @@ pub(crate) fn scenario1(opts: &Opts, env: &Env, results: &mut Results) {
                     args,
                     figures: THROUGHPUT.to_vec(),
                     runs: runs(big),
+                    // The async path at N=1 and N=16 (asyncpath::transfer).
+                    tokio: !big && TOKIO_STREAMS.contains(&n),
                     before: upload.then(|| {
                         Box::new(move || {
                             for i in 0..n {
@@ -130,6 +134,7 @@ pub(crate) fn scenario3(opts: &Opts, env: &Env, results: &mut Results) {
                 ],
                 figures: THROUGHPUT[..4].to_vec(),
                 runs: opts.runs,
+                tokio: false,
                 before: None,
                 after: None,
             },

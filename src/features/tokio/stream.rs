@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::streams::handler::{Flow, StreamCtx, StreamEnd, StreamHandler};
 use crate::streams::reactor::{Reactor, ReactorHandle};
@@ -28,6 +28,8 @@ const PACKET: usize = 256 * 1024;
 /// Bytes one readiness event moves at most, so that one stream cannot hold the
 /// driver from the others.
 const BUDGET: usize = 1024 * 1024;
+/// Data buffers kept for reuse per stream, at most (see `Inner::spare`).
+const SPARE: usize = 2;
 
 /// A libvirt stream as `AsyncRead + AsyncWrite`, driven by the tokio
 /// [`Driver`](super::Driver).
@@ -35,6 +37,8 @@ const BUDGET: usize = 1024 * 1024;
 /// - Reads take what the driver has received; `Ok(0)` is the end of the stream, told
 ///   only once libvirt has confirmed it (`virStreamFinish`). A sparse stream's holes
 ///   read as zeros, or as holes through [`read_sparse`](Self::read_sparse).
+///   `AsyncBufRead` (`fill_buf` / `consume`) reads the received chunks in place,
+///   one copy fewer than `AsyncRead`.
 /// - Writes queue up to 512 KiB, and are `Pending` beyond: backpressure holds.
 ///   [`write_hole`](Self::write_hole) queues a hole. `shutdown()` sends what is
 ///   queued, finishes the stream, and resolves with libvirt's answer.
@@ -51,6 +55,12 @@ pub struct AsyncStream {
     shared: Arc<Shared>,
     token: StreamToken,
     reactor: ReactorHandle<()>,
+    /// What `poll_fill_buf` took out of the receive queue, unread from
+    /// `held_offset` on: a data chunk (its unread bytes still counted in
+    /// `Inner::rx_bytes`, `held_counted`) or the zeros of a hole (not counted).
+    held: Vec<u8>,
+    held_offset: usize,
+    held_counted: bool,
 }
 
 enum Chunk {
@@ -81,6 +91,17 @@ struct Inner {
     /// How the stream ended, once it has.
     end: Option<Result<()>>,
     closer: Option<Waker>,
+    /// Emptied data buffers of `rx` and `tx`, for the next read or write: a stream in
+    /// full flow then allocates nothing (a fresh 256 KiB buffer is an `mmap` and its
+    /// page faults each time).
+    spare: Vec<Vec<u8>>,
+}
+
+/// Keeps `buf` in `spare` for reuse if it is a full-size buffer and there is room.
+fn recycle(spare: &mut Vec<Vec<u8>>, buf: Vec<u8>) {
+    if spare.len() < SPARE && (PACKET / 2..=TX_LIMIT).contains(&buf.capacity()) {
+        spare.push(buf);
+    }
 }
 
 impl Inner {
@@ -132,6 +153,9 @@ impl AsyncStream {
             shared,
             token,
             reactor: handle,
+            held: Vec::new(),
+            held_offset: 0,
+            held_counted: false,
         })
     }
 
@@ -162,22 +186,29 @@ impl AsyncStream {
     ///
     /// As for writes.
     pub async fn write_hole(&mut self, length: u64) -> io::Result<()> {
-        std::future::poll_fn(|cx| self.poll_put(cx, Chunk::Hole(length)).map_ok(drop)).await
+        std::future::poll_fn(|cx| self.poll_put(cx, Put::Hole(length)).map_ok(drop)).await
     }
 
     /// Takes what was received into `buf`: a hole as zeros, or as
     /// `Received::Hole` when `holes`.
     fn poll_take(
-        &self,
+        &mut self,
         cx: &Context<'_>,
         buf: &mut [u8],
         holes: bool,
     ) -> Poll<io::Result<Received>> {
+        if self.held_offset < self.held.len() {
+            let n = buf.len().min(self.held.len() - self.held_offset);
+            buf[..n].copy_from_slice(&self.held[self.held_offset..self.held_offset + n]);
+            self.consume_held(n);
+            return Poll::Ready(Ok(Received::Data(n)));
+        }
         let mut inner = lock(&self.shared.inner);
         let Inner {
             rx,
             rx_bytes,
             rx_offset,
+            spare,
             ..
         } = &mut *inner;
         let taken = match rx.front_mut() {
@@ -202,8 +233,10 @@ impl AsyncStream {
                 let n = buf.len().min(data.len() - *rx_offset);
                 buf[..n].copy_from_slice(&data[*rx_offset..*rx_offset + n]);
                 if *rx_offset + n == data.len() {
-                    rx.pop_front();
                     *rx_offset = 0;
+                    if let Some(Chunk::Data(data)) = rx.pop_front() {
+                        recycle(spare, data);
+                    }
                 } else {
                     *rx_offset += n;
                 }
@@ -232,8 +265,33 @@ impl AsyncStream {
         }
     }
 
-    /// Queues `chunk` (data: as much as fits); returns the bytes taken.
-    fn poll_put(&self, cx: &Context<'_>, chunk: Chunk) -> Poll<io::Result<usize>> {
+    /// Marks `n` more bytes of `held` read; a data chunk's count frees room in the
+    /// receive queue (and a paused stream resumes), and its buffer, once read,
+    /// goes back for reuse.
+    fn consume_held(&mut self, n: usize) {
+        self.held_offset += n;
+        if !self.held_counted {
+            return;
+        }
+        let mut inner = lock(&self.shared.inner);
+        inner.rx_bytes -= n;
+        if self.held_offset == self.held.len() {
+            recycle(&mut inner.spare, std::mem::take(&mut self.held));
+            self.held_offset = 0;
+            self.held_counted = false;
+        }
+        let resume = inner.rx_paused && inner.rx_bytes <= RX_LIMIT / 2;
+        if resume {
+            inner.rx_paused = false;
+        }
+        drop(inner);
+        if resume {
+            self.kick();
+        }
+    }
+
+    /// Queues data (as much as fits) or a hole; returns the data bytes taken.
+    fn poll_put(&self, cx: &Context<'_>, put: Put<'_>) -> Poll<io::Result<usize>> {
         let mut inner = lock(&self.shared.inner);
         if let Some(end) = inner.ended() {
             return Poll::Ready(Err(end
@@ -248,20 +306,24 @@ impl AsyncStream {
             inner.writer = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        let was_empty = inner.tx.is_empty();
-        let taken = match chunk {
-            Chunk::Data(mut data) => {
-                data.truncate(room);
-                let n = data.len();
+        let (chunk, taken) = match put {
+            Put::Data(data) => {
+                let n = data.len().min(room);
+                // Into a recycled buffer, copied without the lock: the driver only
+                // ever takes from the queue, so the room can only grow meanwhile (and
+                // there is one writer: `&mut self`).
+                let mut buf = inner.spare.pop().unwrap_or_default();
+                drop(inner);
+                buf.clear();
+                buf.extend_from_slice(&data[..n]);
+                inner = lock(&self.shared.inner);
                 inner.tx_bytes += n;
-                inner.tx.push_back(Chunk::Data(data));
-                n
+                (Chunk::Data(buf), n)
             }
-            hole @ Chunk::Hole(_) => {
-                inner.tx.push_back(hole);
-                0
-            }
+            Put::Hole(length) => (Chunk::Hole(length), 0),
         };
+        let was_empty = inner.tx.is_empty();
+        inner.tx.push_back(chunk);
         drop(inner);
         if was_empty {
             self.kick();
@@ -277,7 +339,7 @@ impl AsyncRead for AsyncStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let unfilled = buf.initialize_unfilled();
-        match self.poll_take(cx, unfilled, false) {
+        match self.get_mut().poll_take(cx, unfilled, false) {
             Poll::Ready(Ok(Received::Data(n))) => {
                 buf.advance(n);
                 Poll::Ready(Ok(()))
@@ -285,6 +347,66 @@ impl AsyncRead for AsyncStream {
             Poll::Ready(Ok(Received::Hole(_))) => unreachable!("holes read as zeros here"),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Reads in place: `poll_fill_buf` lends the next received chunk itself (up to
+/// 256 KiB; a hole as zeros), without the copy into the caller's buffer that
+/// `AsyncRead` makes.
+impl AsyncBufRead for AsyncStream {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        let this = self.get_mut();
+        if this.held_offset < this.held.len() {
+            return Poll::Ready(Ok(&this.held[this.held_offset..]));
+        }
+        let mut inner = lock(&this.shared.inner);
+        let Inner {
+            rx,
+            rx_offset,
+            spare,
+            ..
+        } = &mut *inner;
+        // An empty hole would read as the end.
+        while matches!(rx.front(), Some(Chunk::Hole(0))) {
+            rx.pop_front();
+        }
+        match rx.pop_front() {
+            Some(Chunk::Data(data)) => {
+                recycle(spare, std::mem::replace(&mut this.held, data));
+                this.held_offset = std::mem::take(rx_offset);
+                this.held_counted = true;
+            }
+            Some(Chunk::Hole(length)) => {
+                let n = usize::try_from(length).map_or(PACKET, |l| l.min(PACKET));
+                if length > n as u64 {
+                    rx.push_front(Chunk::Hole(length - n as u64));
+                }
+                this.held.clear();
+                this.held.resize(n, 0);
+                this.held_offset = 0;
+                this.held_counted = false;
+            }
+            None => {
+                return match inner.ended() {
+                    Some(Ok(())) => Poll::Ready(Ok(&[])),
+                    Some(Err(e)) => Poll::Ready(Err(e)),
+                    None => {
+                        inner.reader = Some(cx.waker().clone());
+                        Poll::Pending
+                    }
+                };
+            }
+        }
+        drop(inner);
+        Poll::Ready(Ok(&this.held[this.held_offset..]))
+    }
+
+    fn consume(self: Pin<&mut Self>, amt: usize) {
+        let this = self.get_mut();
+        let amt = amt.min(this.held.len() - this.held_offset);
+        if amt > 0 {
+            this.consume_held(amt);
         }
     }
 }
@@ -298,8 +420,7 @@ impl AsyncWrite for AsyncStream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        let fits = buf.len().min(TX_LIMIT);
-        self.poll_put(cx, Chunk::Data(buf[..fits].to_vec()))
+        self.poll_put(cx, Put::Data(buf))
     }
 
     /// Ready once everything written so far has been handed to libvirt.
@@ -355,17 +476,25 @@ impl std::fmt::Debug for AsyncStream {
     }
 }
 
+/// What `AsyncStream::poll_put` queues.
+enum Put<'a> {
+    Data(&'a [u8]),
+    Hole(u64),
+}
+
 /// What the handler sends next.
 enum Next {
     Hole(u64),
-    /// This many bytes, copied into the handler's buffer.
-    Data(usize),
+    /// The front chunk's buffer, taken out of the queue while it is sent (its place
+    /// in the queue stays, empty), and where its unsent bytes start.
+    Data(Vec<u8>, usize),
 }
 
 /// The handler inside the driver: moves bytes between the stream and the buffers.
 /// It never holds the buffers' lock across a call into libvirt.
 struct Bridge {
     shared: Arc<Shared>,
+    /// What reads go into: handed over whole to `rx` when (nearly) full.
     buf: Vec<u8>,
     sparse: bool,
 }
@@ -384,24 +513,35 @@ impl Bridge {
             } else {
                 stream.read(&mut self.buf).map(Received::Data)
             };
-            let chunk = match got {
+            let got = match got {
                 Ok(Received::Data(0)) => return Ok(Flow::Finish),
-                Ok(Received::Data(n)) => {
-                    moved += n;
-                    Chunk::Data(self.buf[..n].to_vec())
-                }
-                Ok(Received::Hole(length)) => Chunk::Hole(length),
+                Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e.into()),
             };
             let mut inner = lock(&self.shared.inner);
+            let chunk = match got {
+                // A (nearly) full read: the buffer itself goes to `rx`, and a recycled
+                // one takes its place; no copy. (Its tail is zeroed again below.)
+                Received::Data(n) if n >= PACKET / 2 => {
+                    let next = inner.spare.pop().unwrap_or_default();
+                    let mut data = std::mem::replace(&mut self.buf, next);
+                    data.truncate(n);
+                    Chunk::Data(data)
+                }
+                Received::Data(n) => Chunk::Data(self.buf[..n].to_vec()),
+                Received::Hole(length) => Chunk::Hole(length),
+            };
             if let Chunk::Data(data) = &chunk {
+                moved += data.len();
                 inner.rx_bytes += data.len();
             }
             inner.rx.push_back(chunk);
             if let Some(reader) = inner.reader.take() {
                 reader.wake();
             }
+            drop(inner);
+            self.buf.resize(PACKET, 0);
         }
         Ok(Flow::Continue)
     }
@@ -411,45 +551,56 @@ impl Bridge {
     fn send(&mut self, stream: &mut Stream) -> Result<Flow> {
         let mut moved = 0;
         while moved < BUDGET {
-            // Copied out, so that no lock is held while libvirt is called.
+            // Taken out (not copied), so that no lock is held while libvirt is
+            // called; only this handler takes from `tx`, so the chunk's place waits.
             let next = {
-                let inner = lock(&self.shared.inner);
-                match inner.tx.front() {
-                    None if inner.shutdown => return Ok(Flow::Finish),
+                let mut inner = lock(&self.shared.inner);
+                let (shutdown, offset) = (inner.shutdown, inner.tx_offset);
+                match inner.tx.front_mut() {
+                    None if shutdown => return Ok(Flow::Finish),
                     None => break,
                     Some(Chunk::Hole(length)) => Next::Hole(*length),
-                    Some(Chunk::Data(data)) => {
-                        let rest = &data[inner.tx_offset..];
-                        let n = rest.len().min(self.buf.len());
-                        self.buf[..n].copy_from_slice(&rest[..n]);
-                        Next::Data(n)
-                    }
+                    Some(Chunk::Data(data)) => Next::Data(std::mem::take(data), offset),
                 }
             };
-            let sent = match next {
-                Next::Hole(length) => stream.write_hole(length).map(|()| None),
-                Next::Data(n) => stream.write(&self.buf[..n]).map(Some),
-            };
-            let sent = match sent {
-                Ok(sent) => sent,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e.into()),
+            let sent = match &next {
+                Next::Hole(length) => stream.write_hole(*length).map(|()| 0),
+                Next::Data(data, offset) => {
+                    let end = data.len().min(offset + PACKET);
+                    stream.write(&data[*offset..end])
+                }
             };
             let mut inner = lock(&self.shared.inner);
-            match sent {
-                None => {
-                    inner.tx.pop_front();
-                }
-                Some(n) => {
-                    moved += n;
-                    inner.tx_bytes -= n;
-                    inner.tx_offset += n;
-                    let done = matches!(inner.tx.front(), Some(Chunk::Data(d)) if d.len() == inner.tx_offset);
-                    if done {
-                        inner.tx.pop_front();
-                        inner.tx_offset = 0;
+            let Inner {
+                tx,
+                tx_bytes,
+                tx_offset,
+                spare,
+                ..
+            } = &mut *inner;
+            // The chunk's buffer back in its place, or, sent in full, recycled.
+            let done = match next {
+                Next::Hole(_) => sent.is_ok(),
+                Next::Data(data, offset) => {
+                    let n = *sent.as_ref().unwrap_or(&0);
+                    let done = offset + n == data.len();
+                    match tx.front_mut() {
+                        Some(Chunk::Data(slot)) if !done => *slot = data,
+                        _ => recycle(spare, data),
                     }
+                    *tx_bytes -= n;
+                    *tx_offset = if done { 0 } else { offset + n };
+                    moved += n;
+                    done
                 }
+            };
+            if done {
+                tx.pop_front();
+            }
+            match sent {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
             }
             if let Some(writer) = inner.writer.take() {
                 writer.wake();
