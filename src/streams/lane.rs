@@ -284,6 +284,21 @@ impl LaneStream {
         Ok(n)
     }
 
+    /// Queues all of `data` without copying it, taking the buffer (`data` is left
+    /// empty), when it is at most one packet and fits whole; false, with nothing
+    /// taken, when it does not (then [`send`](Self::send) takes what fits).
+    pub(crate) fn send_owned(&self, data: &mut Vec<u8>) -> io::Result<bool> {
+        let mut state = self.lane.shared.lock();
+        let queue = self.queue(&mut state)?;
+        if data.len() > PACKET || queue.queued + data.len() > CAPACITY {
+            return Ok(false);
+        }
+        queue.queued += data.len();
+        queue.ops.push_back(Op::Data(std::mem::take(data)));
+        self.lane.shared.schedule(&mut state, self.id);
+        Ok(true)
+    }
+
     /// Queues a hole, after the data queued so far.
     pub(crate) fn send_hole(&self, length: u64) -> io::Result<()> {
         let mut state = self.lane.shared.lock();

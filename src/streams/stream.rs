@@ -188,6 +188,16 @@ impl Stream {
         lane.end(abort, then(Box::new(self)));
     }
 
+    /// Hands `data` whole to the stream's sender thread without a copy, when the
+    /// stream has one (a remote stream in a reactor) with room for all of it: true
+    /// then, and `data` is left empty. False, with nothing taken, otherwise.
+    pub(crate) fn write_owned(&mut self, data: &mut Vec<u8>) -> io::Result<bool> {
+        match &self.lane {
+            Some(lane) => lane.send_owned(data),
+            None => Ok(false),
+        }
+    }
+
     fn write_now(&self, buf: &[u8]) -> io::Result<usize> {
         if let Some(lane) = &self.lane {
             return lane.send(buf);

@@ -308,7 +308,8 @@ impl AsyncStream {
         }
         let (chunk, taken) = match put {
             Put::Data(data) => {
-                let n = data.len().min(room);
+                // At most a packet: a whole chunk then goes on without a copy.
+                let n = data.len().min(room).min(PACKET);
                 // Into a recycled buffer, copied without the lock: the driver only
                 // ever takes from the queue, so the room can only grow meanwhile (and
                 // there is one writer: `&mut self`).
@@ -553,7 +554,7 @@ impl Bridge {
         while moved < BUDGET {
             // Taken out (not copied), so that no lock is held while libvirt is
             // called; only this handler takes from `tx`, so the chunk's place waits.
-            let next = {
+            let mut next = {
                 let mut inner = lock(&self.shared.inner);
                 let (shutdown, offset) = (inner.shutdown, inner.tx_offset);
                 match inner.tx.front_mut() {
@@ -563,10 +564,22 @@ impl Bridge {
                     Some(Chunk::Data(data)) => Next::Data(std::mem::take(data), offset),
                 }
             };
-            let sent = match &next {
+            let len = match &next {
+                Next::Data(data, _) => data.len(),
+                Next::Hole(_) => 0,
+            };
+            let sent = match &mut next {
                 Next::Hole(length) => stream.write_hole(*length).map(|()| 0),
+                // A whole chunk goes to a remote stream's sender thread as it is:
+                // the copy AsyncWrite forces (from the caller's buffer) stays the
+                // only one.
+                Next::Data(data, 0) => match stream.write_owned(data) {
+                    Ok(true) => Ok(len),
+                    Ok(false) => stream.write(&data[..len.min(PACKET)]),
+                    Err(e) => Err(e),
+                },
                 Next::Data(data, offset) => {
-                    let end = data.len().min(offset + PACKET);
+                    let end = len.min(*offset + PACKET);
                     stream.write(&data[*offset..end])
                 }
             };
@@ -583,7 +596,7 @@ impl Bridge {
                 Next::Hole(_) => sent.is_ok(),
                 Next::Data(data, offset) => {
                     let n = *sent.as_ref().unwrap_or(&0);
-                    let done = offset + n == data.len();
+                    let done = offset + n == len;
                     match tx.front_mut() {
                         Some(Chunk::Data(slot)) if !done => *slot = data,
                         _ => recycle(spare, data),
