@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use support::daemon::PrivateDaemon;
 use support::pool::{
     self, allocated, assert_sparse_stats, data_extents, file_is, pattern, same_content,
@@ -30,7 +30,7 @@ use virt::storage_vol::StorageVol;
 use virt_reactor::tokio::{AsyncStream, Handle};
 use virt_reactor::transfer::TransferStats;
 use virt_reactor::volume::{self, VolumeRange};
-use virt_reactor::{DrainReport, Error, Reactor, Received, Stream};
+use virt_reactor::{DrainReport, Error, LifecycleKind, Reactor, Received, Stream};
 
 /// How many transfers run at once in the concurrency tests.
 const CONCURRENT: usize = 64;
@@ -41,6 +41,8 @@ const DRIVER_LIMIT: Duration = Duration::from_secs(10);
 /// The issue's bound: after `kill -9`, every pending read and write has failed
 /// within this time.
 const FAIL_WITHIN: Duration = Duration::from_secs(2);
+/// How long one lifecycle event may take (the first define also probes QEMU).
+const EVENT_LIMIT: Duration = Duration::from_secs(30);
 /// How long fd count and slab size may take to come back after drops.
 const SETTLE_LIMIT: Duration = Duration::from_secs(10);
 
@@ -74,6 +76,9 @@ on_both_runtimes! {
     killing_the_daemon_fails_pending_reads_and_writes("loss") =>
         kill_of_the_daemon_fails_every_pending_read_and_write_within_2s,
         kill_of_the_daemon_fails_every_pending_read_and_write_within_2s_multi_thread;
+    lifecycle_events_arrive_as_a_stream("events") =>
+        lifecycle_events_arrive_as_a_futures_stream,
+        lifecycle_events_arrive_as_a_futures_stream_multi_thread;
     dropped_futures_free_everything("drops") =>
         futures_dropped_mid_transfer_return_fds_and_slab_to_the_start,
         futures_dropped_mid_transfer_return_fds_and_slab_to_the_start_multi_thread;
@@ -979,6 +984,55 @@ async fn dropped_futures_free_everything(bed: &Bed) {
 // ---------------------------------------------------------------------------------
 // 7. Cancellation: dropping a read or write future loses no byte
 // ---------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------
+// Domain lifecycle events as a futures Stream
+// ---------------------------------------------------------------------------------
+
+/// Defining and undefining a domain on the daemon: `Handle::lifecycle_events`
+/// yields both events, in order, through `futures_core::Stream`; dropping the stream
+/// unsubscribes (the driver still drains at the end).
+async fn lifecycle_events_arrive_as_a_stream(bed: &Bed) {
+    const NAME: &str = "tokio-events";
+    let mut events = bed
+        .handle
+        .lifecycle_events(&bed.conn)
+        .await
+        .expect("subscribe");
+    let conn = bed.conn.clone();
+    let domain = bed
+        .handle
+        .blocking(move || {
+            conn.define_domain_xml(&format!(
+                "<domain type='qemu'><name>{NAME}</name><memory unit='MiB'>32</memory>\
+                 <os><type arch='x86_64'>hvm</type></os></domain>"
+            ))
+        })
+        .await
+        .expect("blocking pool")
+        .expect("define the domain");
+    let mut next = async || {
+        timeout(EVENT_LIMIT, StreamExt::next(&mut events))
+            .await
+            .expect("an event in time")
+            .expect("the subscription goes on")
+    };
+    let defined = next().await;
+    assert_eq!(
+        (defined.domain.as_str(), defined.kind),
+        (NAME, LifecycleKind::Defined)
+    );
+    bed.handle
+        .blocking(move || domain.undefine())
+        .await
+        .expect("blocking pool")
+        .expect("undefine the domain");
+    let undefined = next().await;
+    assert_eq!(
+        (undefined.domain.as_str(), undefined.kind),
+        (NAME, LifecycleKind::Undefined)
+    );
+}
 
 /// Polls `op` in one of three ways that may drop it before it completes, chosen by
 /// `i`: once (`now_or_never`), against `yield_now`, or against a 1 ms sleep. `None`
