@@ -34,9 +34,9 @@ use virt_reactor::console::ConsoleOptions;
 use virt_reactor::tokio::{AsyncStream, Handle};
 use virt_reactor::Stream;
 
-use crate::consoles::{Screen, UPLOAD_VOLUME};
+use crate::consoles::{echo_figures, next_round, Screen, UPLOAD_VOLUME};
 use crate::setup::{POOL, SOURCE};
-use crate::streams::GIB;
+use crate::streams::transfer_figures;
 use crate::{data, sys, Figures, Params, MIB};
 
 /// What each read or write of a transfer moves at most (libvirt's largest packet).
@@ -197,13 +197,7 @@ async fn transfer_async(p: &Params) -> Figures {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = (sys::cpu_time() - cpu_before).as_secs_f64();
-    let bytes = n as f64 * len as f64;
-    let figures = vec![
-        ("mibps", bytes / MIB as f64 / elapsed),
-        ("cpu_per_gib", cpu / (bytes / GIB)),
-        ("maxrss_mib", sys::max_rss_kib() as f64 / 1024.0),
-        ("gib", bytes / GIB),
-    ];
+    let figures = transfer_figures(n as f64 * len as f64, elapsed, cpu);
     drop(volumes);
     finish(handle, driver, conn).await;
     figures
@@ -326,18 +320,7 @@ async fn latency_async(p: &Params) -> Figures {
     let mut latencies_ms = Vec::new();
     let mut lost = 0;
     let mut rounds = 0;
-    loop {
-        let finished = if upload_len > 0 {
-            done.load(Ordering::Acquire)
-        } else {
-            rounds >= samples
-        };
-        if finished {
-            break;
-        }
-        rounds += 1;
-        let marker = format!("\nm{rounds}\r");
-        let line = format!("echo m{rounds}\n");
+    while let Some((marker, line)) = next_round(&mut rounds, samples, upload_len, &done) {
         let mut sent = Vec::with_capacity(guests.len());
         for writer in &mut writers {
             let at = Instant::now();
@@ -370,22 +353,7 @@ async fn latency_async(p: &Params) -> Figures {
     drop(writers);
     finish(handle, driver, conn).await;
 
-    let mut v = latencies_ms;
-    v.sort_by(f64::total_cmp);
-    let pct = |q: f64| {
-        if v.is_empty() {
-            f64::NAN
-        } else {
-            v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
-        }
-    };
-    vec![
-        ("p50_ms", pct(0.5)),
-        ("p99_ms", pct(0.99)),
-        ("samples", v.len() as f64),
-        ("lost", lost as f64),
-        ("upload_mibps", upload_mibps),
-    ]
+    echo_figures(latencies_ms, lost, upload_mibps)
 }
 
 async fn send(writer: &mut WriteHalf<AsyncStream>, line: &str) {

@@ -280,14 +280,19 @@ pub(crate) fn transfer(p: &Params) -> Figures {
         }
     }
     let bytes = n as f64 * len as f64;
-    let figures = vec![
+    let mut figures = transfer_figures(bytes, elapsed, cpu);
+    figures.push(("iterations_per_gib", iterations as f64 / (bytes / GIB)));
+    drop((volumes, pool, conn));
+    let _ = reactor.shutdown(Duration::from_secs(5), &mut outcomes);
+    figures
+}
+
+/// A transfer run's figures: throughput, client CPU per GiB, peak RSS, volume.
+pub(crate) fn transfer_figures(bytes: f64, elapsed: f64, cpu: f64) -> Figures {
+    vec![
         ("mibps", bytes / MIB as f64 / elapsed),
         ("cpu_per_gib", cpu / (bytes / GIB)),
         ("maxrss_mib", sys::max_rss_kib() as f64 / 1024.0),
         ("gib", bytes / GIB),
-        ("iterations_per_gib", iterations as f64 / (bytes / GIB)),
-    ];
-    drop((volumes, pool, conn));
-    let _ = reactor.shutdown(Duration::from_secs(5), &mut outcomes);
-    figures
+    ]
 }

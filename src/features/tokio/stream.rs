@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
@@ -245,14 +245,7 @@ impl AsyncStream {
             }
         };
         if let Some(received) = taken {
-            let resume = inner.rx_paused && inner.rx_bytes <= RX_LIMIT / 2;
-            if resume {
-                inner.rx_paused = false;
-            }
-            drop(inner);
-            if resume {
-                self.kick();
-            }
+            self.release(inner);
             return Poll::Ready(Ok(received));
         }
         match inner.ended() {
@@ -280,6 +273,12 @@ impl AsyncStream {
             self.held_offset = 0;
             self.held_counted = false;
         }
+        self.release(inner);
+    }
+
+    /// After a read freed room: a paused stream resumes once half its receive room
+    /// is free (the driver is asked to take READABLE back).
+    fn release(&self, mut inner: MutexGuard<'_, Inner>) {
         let resume = inner.rx_paused && inner.rx_bytes <= RX_LIMIT / 2;
         if resume {
             inner.rx_paused = false;
