@@ -31,8 +31,12 @@ use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
 
+#[path = "common/owned_dir.rs"]
+mod owned_dir;
+
 use clap::Parser;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
+use owned_dir::OwnedDir;
 use virt::connect::Connect;
 use virt_reactor::console::{ConsoleEvent, ConsoleMux, ConsoleOptions};
 use virt_reactor::testbed::{self, GuestMode, Guests, Testbed, BANNER};
@@ -85,11 +89,13 @@ fn run(args: &Args) -> Result<(), BoxError> {
     let mut state = Loop::default();
     let root = match &args.uri {
         Some(_) => None,
-        None => Some(std::env::temp_dir().join(format!("console-latency-{}", std::process::id()))),
+        None => Some(OwnedDir::create(
+            std::env::temp_dir().join(format!("console-latency-{}", std::process::id())),
+        )?),
     };
     let uri = match (&args.uri, &root) {
         (Some(uri), _) => uri.clone(),
-        (None, Some(root)) => testbed::embed_root(root)?,
+        (None, Some(root)) => testbed::embed_root(root.path())?,
         (None, None) => unreachable!("no uri means an embedded root"),
     };
     println!("driver: {uri}");
@@ -120,9 +126,7 @@ fn run(args: &Args) -> Result<(), BoxError> {
     let drained = loop_thread
         .join()
         .map_err(|_| "the reactor thread panicked")?;
-    if let Some(root) = root {
-        let _ = std::fs::remove_dir_all(root);
-    }
+    drop(root);
     result.and(drained.map_err(Into::into))
 }
 

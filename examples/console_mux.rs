@@ -21,9 +21,12 @@ use std::time::{Duration, Instant};
 
 #[path = "common/consoles.rs"]
 mod common;
+#[path = "common/owned_dir.rs"]
+mod owned_dir;
 
 use clap::Parser;
 use common::{Destroyed, SetUp};
+use owned_dir::OwnedDir;
 use virt_reactor::console::{ConsoleEnd, ConsoleEvent, ConsoleMux, ConsoleOptions};
 use virt_reactor::testbed::BANNER;
 use virt_reactor::{Reactor, ReactorHandle};
@@ -120,7 +123,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let embed_root = match &args.uri {
         Some(_) => None,
-        None => Some(std::env::temp_dir().join(format!("console-mux-{}", std::process::id()))),
+        None => Some(OwnedDir::create(
+            std::env::temp_dir().join(format!("console-mux-{}", std::process::id())),
+        )?),
     };
 
     // Opening the connection and booting guests block on replies that, with the
@@ -129,7 +134,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let domains = args.domains.clone();
     SetUp {
         uri: args.uri.clone(),
-        root: embed_root.clone(),
+        root: embed_root.as_ref().map(|root| root.path().to_path_buf()),
         guests: args.guests,
         testbed: args.testbed.clone(),
         options: ConsoleOptions {
@@ -278,9 +283,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         other => other.to_string(),
     };
-    if let Some(root) = embed_root {
-        let _ = fs::remove_dir_all(root);
-    }
+    drop(embed_root);
     result?;
     destroyed.map_err(unanswered)?;
     drained.map_err(unanswered)?;

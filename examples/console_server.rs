@@ -59,12 +59,15 @@ use std::time::{Duration, Instant};
 
 #[path = "common/consoles.rs"]
 mod common;
+#[path = "common/owned_dir.rs"]
+mod owned_dir;
 
 use clap::Parser;
 use common::{Destroyed, SetUp};
 use mio::event::{Event, Source};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Registry, Token};
+use owned_dir::OwnedDir;
 use slab::Slab;
 use virt_reactor::console::{ConsoleEnd, ConsoleEvent, ConsoleOptions};
 use virt_reactor::{LifecycleKind, Reactor, SubscriptionId};
@@ -255,7 +258,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let (embedded, domains) = (args.uri.is_none(), args.domains.clone());
     SetUp {
         uri: args.uri.clone(),
-        root: embed_root.as_ref().map(|r| r.0.clone()),
+        root: embed_root.as_ref().map(|r| r.path().to_path_buf()),
         guests: args.guests,
         testbed: args.testbed.clone(),
         options: ConsoleOptions {
@@ -1319,26 +1322,6 @@ impl Drop for SocketDir {
             if let Err(e) = fs::remove_dir(&self.path) {
                 log::warn!("cannot remove {}: {e}", self.path.display());
             }
-        }
-    }
-}
-
-/// A directory this run created, removed with its contents when dropped.
-struct OwnedDir(PathBuf);
-
-impl OwnedDir {
-    fn create(path: PathBuf) -> Result<OwnedDir, String> {
-        match fs::DirBuilder::new().mode(0o700).create(&path) {
-            Ok(()) => Ok(OwnedDir(path)),
-            Err(e) => Err(format!("{}: {e}", path.display())),
-        }
-    }
-}
-
-impl Drop for OwnedDir {
-    fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.0) {
-            log::warn!("cannot remove {}: {e}", self.0.display());
         }
     }
 }

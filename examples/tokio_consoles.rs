@@ -30,7 +30,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[path = "common/owned_dir.rs"]
+mod owned_dir;
+
 use clap::Parser;
+use owned_dir::OwnedDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -103,10 +107,12 @@ enum Input {
 async fn run(args: Args) -> Result<(), BoxError> {
     let (handle, driver) = virt_reactor::tokio::register()?;
     let driver = tokio::spawn(driver.run());
-    let root = args
-        .uri
-        .is_none()
-        .then(|| std::env::temp_dir().join(format!("tokio-consoles-{}", std::process::id())));
+    let root = match args.uri {
+        Some(_) => None,
+        None => Some(OwnedDir::create(
+            std::env::temp_dir().join(format!("tokio-consoles-{}", std::process::id())),
+        )?),
+    };
 
     // Ctrl-C from the start: during the set-up it is heard once the consoles are
     // up, and the guests booted meanwhile are destroyed all the same.
@@ -122,15 +128,14 @@ async fn run(args: Args) -> Result<(), BoxError> {
         conn: None,
         booted: Vec::new(),
     };
-    let result = session.run(&args, root.clone(), input_tx, input).await;
+    let root_path = root.as_ref().map(|root| root.path().to_path_buf());
+    let result = session.run(&args, root_path, input_tx, input).await;
 
     // Clean up whatever happened: the guests we booted, the connection, the driver.
     let ended = session.end().await;
     handle.stop();
     let drained = driver.await?;
-    if let Some(root) = root {
-        let _ = std::fs::remove_dir_all(root);
-    }
+    drop(root);
     result?;
     ended?;
     log::debug!("drained: {:?}", drained?);
