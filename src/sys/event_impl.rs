@@ -10,7 +10,7 @@
 use std::ffi::{c_int, c_void};
 use std::os::fd::RawFd;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Mutex, Once};
 
 use virt::sys;
@@ -58,7 +58,9 @@ pub(crate) enum Registered {
 struct Registry {
     /// Held for the whole of a registration.
     registered: Mutex<Registered>,
-    implementation: Mutex<Option<&'static dyn EventImpl>>,
+    /// Read on every call libvirt makes, so without a lock; null when nothing is
+    /// installed.
+    implementation: AtomicPtr<Installed>,
     /// Calls of our `add_timeout`, to see whether libvirt uses our functions.
     timeouts_added: AtomicU64,
     /// Set in a child forked after registration, which shares the parent's epoll
@@ -69,7 +71,7 @@ struct Registry {
 
 static REGISTRY: Registry = Registry {
     registered: Mutex::new(Registered::Nothing),
-    implementation: Mutex::new(None),
+    implementation: AtomicPtr::new(ptr::null_mut()),
     timeouts_added: AtomicU64::new(0),
     forked: AtomicBool::new(false),
     watching_forks: Once::new(),
@@ -80,13 +82,24 @@ pub(crate) fn registered() -> Registered {
     *lock(&REGISTRY.registered)
 }
 
+/// An installed implementation, boxed so that one pointer holds it.
+struct Installed(&'static dyn EventImpl);
+
 /// Our implementation, once registered.
 pub(crate) fn implementation() -> Option<&'static dyn EventImpl> {
-    *lock(&REGISTRY.implementation)
+    let installed = REGISTRY.implementation.load(Ordering::Acquire);
+    // SAFETY: a non-null pointer comes from `install`'s `Box::into_raw`, and those
+    // boxes are never freed (at most two are made in a process).
+    (!installed.is_null()).then(|| unsafe { (*installed).0 })
 }
 
 fn install(implementation: Option<&'static dyn EventImpl>) {
-    *lock(&REGISTRY.implementation) = implementation;
+    let installed = match implementation {
+        Some(implementation) => Box::into_raw(Box::new(Installed(implementation))),
+        None => ptr::null_mut(),
+    };
+    // The box replaced is leaked on purpose: a call in flight may still read it.
+    REGISTRY.implementation.store(installed, Ordering::Release);
 }
 
 /// Registers `implementation` with `virEventRegisterImpl`, once per process, and
