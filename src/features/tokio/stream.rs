@@ -504,9 +504,12 @@ impl Bridge {
     fn receive(&mut self, stream: &mut Stream) -> Result<Flow> {
         let mut moved = 0;
         while moved < BUDGET {
-            if lock(&self.shared.inner).rx_bytes >= RX_LIMIT {
-                lock(&self.shared.inner).rx_paused = true;
-                break;
+            {
+                let mut inner = lock(&self.shared.inner);
+                if inner.rx_bytes >= RX_LIMIT {
+                    inner.rx_paused = true;
+                    break;
+                }
             }
             let got = if self.sparse {
                 stream.read_sparse(&mut self.buf)
