@@ -804,6 +804,122 @@ fn logs_a_flood_without_losing_a_line() {
     assert!(doubled.is_empty(), "lines logged twice: {doubled:?}");
 }
 
+/// The web front end with a plain WebSocket client: the token guards the API and the
+/// upgrade, a WebSocket viewer gets the replay and echoes, and garbage frames or a
+/// peer closing mid-frame end only that connection.
+#[test]
+fn serves_websocket_viewers_and_survives_bad_ones() {
+    let paused = PausedGuest::new("cs-web");
+    let mut server = paused.server(&["--web", "127.0.0.1:0"]);
+    let (_, mut watcher) = paused.boot_watched(&mut server, "cs-web", "watcher");
+    let (addr, token) = server.web_endpoint();
+
+    // The API wants the token.
+    assert!(http_get(&addr, "/api/consoles", None).starts_with("HTTP/1.1 401"));
+    let listing = http_get(&addr, "/api/consoles", Some(&token));
+    assert!(listing.starts_with("HTTP/1.1 200"), "{listing}");
+    assert!(listing.contains(r#""name":"cs-web""#), "{listing}");
+    assert!(http_get(&addr, "/", None).contains("xterm"), "the page");
+
+    // Upgrades: a wrong token and an unknown console are refused, not upgraded.
+    let refused = |path: &str, token: &str| match websocket(&addr, path, token) {
+        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+        other => panic!("{path}: not refused: {:?}", other.map(|_| ())),
+    };
+    assert_eq!(refused("/ws/cs-web", "not-the-token"), 401);
+    assert_eq!(refused("/ws/nope", &token), 404);
+
+    // A viewer: the replay (the banner), then an echo both ways.
+    let mut ws = websocket(&addr, "/ws/cs-web", &token).expect("upgrade");
+    let mut got = Vec::new();
+    let mut read_until = |ws: &mut tungstenite::WebSocket<TcpStream>, needle: &str| {
+        let deadline = Instant::now() + ECHO_TIMEOUT;
+        while !String::from_utf8_lossy(&got).contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} not in {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            match ws.read() {
+                Ok(tungstenite::Message::Binary(bytes)) => got.extend_from_slice(&bytes),
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("websocket read: {e}"),
+            }
+        }
+    };
+    read_until(&mut ws, BANNER);
+    ws.send(tungstenite::Message::binary(&b"echo via-web\n"[..]))
+        .unwrap();
+    read_until(&mut ws, "\nvia-web\r");
+    watcher.expect("\nvia-web\r", ECHO_TIMEOUT, &server);
+
+    // Garbage after an upgrade, and a peer that closes mid-frame: only they go.
+    let raw = |ws: tungstenite::WebSocket<TcpStream>| ws.get_ref().try_clone().unwrap();
+    let mut garbage = raw(websocket(&addr, "/ws/cs-web", &token).expect("upgrade"));
+    garbage.write_all(&[0xff; 64]).unwrap();
+    let mut half = raw(websocket(&addr, "/ws/cs-web", &token).expect("upgrade"));
+    // A masked binary frame that says 100 bytes and brings 3.
+    half.write_all(&[0x82, 0x80 | 100, 1, 2, 3, 4, b'a', b'b', b'c'])
+        .unwrap();
+    drop(half);
+    server.wait_log(LOG_TIMEOUT, 2, |l| {
+        l.contains("cs-web: web#") && l.contains(" left)")
+    });
+    let mut rest = Vec::new();
+    let _ = garbage.set_read_timeout(Some(LOG_TIMEOUT));
+    let _ = garbage.read_to_end(&mut rest);
+    // An oversized request head is refused.
+    let mut big = TcpStream::connect(&addr).unwrap();
+    let _ = big.write_all(format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "y".repeat(9000)).as_bytes());
+    let mut answer = String::new();
+    let _ = big.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+
+    ws.send(tungstenite::Message::binary(&b"echo still-here\n"[..]))
+        .unwrap();
+    read_until(&mut ws, "\nstill-here\r");
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}\n{}", server.logs());
+}
+
+/// A plain HTTP/1.1 GET, whole answer as text.
+fn http_get(addr: &str, path: &str, token: Option<&str>) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect to the web front");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read the answer");
+    answer
+}
+
+/// A WebSocket to the web front, the token in the subprotocol list as the page does.
+fn websocket(
+    addr: &str,
+    path: &str,
+    token: &str,
+) -> Result<tungstenite::WebSocket<TcpStream>, tungstenite::Error> {
+    use tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}{path}").into_client_request()?;
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        format!("virt-consoled, token.{token}").parse().unwrap(),
+    );
+    let stream = TcpStream::connect(addr).map_err(tungstenite::Error::Io)?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    match tungstenite::client::client(request, stream) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("handshake interrupted"),
+    }
+}
+
 /// Waits until `ready` holds.
 fn wait_for(timeout: Duration, server: &Server, what: &str, ready: impl Fn() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -1170,6 +1286,17 @@ impl Server {
             .find_map(|l| l.strip_prefix("virt-consoled: tcp "))
             .unwrap_or_else(|| panic!("no tcp line\n{}", self.logs()));
         let (addr, token) = line.split_once(", token ").expect("ADDR, token TOKEN");
+        (addr.to_owned(), token.to_owned())
+    }
+
+    /// The web address and token the server printed.
+    fn web_endpoint(&self) -> (String, String) {
+        let stdout = fs::read_to_string(&self.stdout).unwrap_or_default();
+        let line = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("virt-consoled: web http://"))
+            .unwrap_or_else(|| panic!("no web line\n{}", self.logs()));
+        let (addr, token) = line.split_once("/#token=").expect("ADDR/#token=TOKEN");
         (addr.to_owned(), token.to_owned())
     }
 
