@@ -910,14 +910,16 @@ fn websocket(
         "Sec-WebSocket-Protocol",
         format!("virt-consoled, token.{token}").parse().unwrap(),
     );
-    let stream = TcpStream::connect(addr).map_err(tungstenite::Error::Io)?;
+    let stream = TcpStream::connect(addr).expect("connect to the web front");
     stream
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     match tungstenite::client::client(request, stream) {
         Ok((ws, _)) => Ok(ws),
-        Err(tungstenite::HandshakeError::Failure(e)) => Err(e),
-        Err(tungstenite::HandshakeError::Interrupted(_)) => panic!("handshake interrupted"),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("{path}: upgrade: {e}"),
     }
 }
 

@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn keeps_only_the_newest_files() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = ConsoleLog::open("g", &options(dir.path(), 10, 2)).unwrap();
+        let mut log = ConsoleLog::open("g", &options(dir.path(), 12, 2)).unwrap();
         for i in 0..5 {
             log.write(format!("line {i} xxxx\n").as_bytes());
         }

@@ -28,10 +28,11 @@ impl Scrollback {
         if self.capacity == 0 {
             return;
         }
-        let bytes = &bytes[bytes.len().saturating_sub(self.capacity)..];
+        let skipped = bytes.len().saturating_sub(self.capacity);
+        let bytes = &bytes[skipped..];
         let overflow = (self.bytes.len() + bytes.len()).saturating_sub(self.capacity);
         self.bytes.drain(..overflow);
-        self.dropped += overflow as u64;
+        self.dropped += (skipped + overflow) as u64;
         self.bytes.extend(bytes);
     }
 
