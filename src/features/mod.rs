@@ -2,6 +2,8 @@
 //! close watch, and the test bed's tiny guests.
 
 pub mod console;
+#[cfg(feature = "console-service")]
+pub mod console_service;
 #[cfg(feature = "testbed")]
 pub mod testbed;
 #[cfg(feature = "tokio")]
