@@ -27,11 +27,11 @@ use tungstenite::{Bytes, Message, WebSocket};
 use super::transport::Transport;
 
 /// The largest request head taken; a longer one is answered 431.
-pub(crate) const MAX_HEAD: usize = 8 * 1024;
+const MAX_HEAD: usize = 8 * 1024;
 /// How long a connection may take to send its request and take the answer.
-pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest WebSocket message (and frame) a viewer may send.
-pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
+const MAX_MESSAGE: usize = 64 * 1024;
 /// The largest frame sent to a viewer: also the most a transport holds unsent.
 const MAX_OUT_FRAME: usize = 16 * 1024;
 /// Header lines beyond this many are answered 431 too.
@@ -49,36 +49,22 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self' 'unsa
                    connect-src 'self'; img-src 'self' data:; base-uri 'none'; \
                    form-action 'none'; frame-ancestors 'none'";
 
-/// The page, by path: content type and bytes.
-const ASSETS: &[(&str, &str, &[u8])] = &[
-    ("/", HTML, INDEX),
-    ("/index.html", HTML, INDEX),
-    ("/app.js", JS, include_bytes!("../../../assets/web/app.js")),
-    (
-        "/app.css",
-        CSS,
-        include_bytes!("../../../assets/web/app.css"),
-    ),
-    (
-        "/xterm.js",
-        JS,
-        include_bytes!("../../../assets/web/xterm/xterm.js"),
-    ),
-    (
-        "/xterm.css",
-        CSS,
-        include_bytes!("../../../assets/web/xterm/xterm.css"),
-    ),
-    (
-        "/addon-fit.js",
-        JS,
-        include_bytes!("../../../assets/web/xterm/addon-fit.js"),
-    ),
-];
-const INDEX: &[u8] = include_bytes!("../../../assets/web/index.html");
 const HTML: &str = "text/html; charset=utf-8";
 const JS: &str = "text/javascript; charset=utf-8";
 const CSS: &str = "text/css; charset=utf-8";
+
+/// The page's file at `path`: its content type and bytes, compiled in.
+fn asset(path: &str) -> Option<(&'static str, &'static [u8])> {
+    Some(match path {
+        "/" | "/index.html" => (HTML, include_bytes!("../../../assets/web/index.html")),
+        "/app.js" => (JS, include_bytes!("../../../assets/web/app.js")),
+        "/app.css" => (CSS, include_bytes!("../../../assets/web/app.css")),
+        "/xterm.js" => (JS, include_bytes!("../../../assets/web/xterm/xterm.js")),
+        "/xterm.css" => (CSS, include_bytes!("../../../assets/web/xterm/xterm.css")),
+        "/addon-fit.js" => (JS, include_bytes!("../../../assets/web/xterm/addon-fit.js")),
+        _ => return None,
+    })
+}
 
 /// What the service answers with: the token check and its consoles.
 pub(crate) trait Site {
@@ -349,8 +335,8 @@ fn route(req: &httparse::Request<'_, '_>, site: &dyn Site) -> Result<Route, Outg
     if let Some(name) = path.strip_prefix("/ws/") {
         return upgrade(req, name, site);
     }
-    match ASSETS.iter().find(|(asset, ..)| *asset == path) {
-        Some((_, content_type, body)) => Ok(Route::Answer(Outgoing::new(
+    match asset(path) {
+        Some((content_type, body)) => Ok(Route::Answer(Outgoing::new(
             "200 OK",
             &[("Content-Type", content_type)],
             Cow::Borrowed(body),
@@ -834,7 +820,7 @@ mod tests {
     fn static_files_are_served_whole_with_strict_headers() {
         let index = get("/", "");
         assert_eq!(index.status, 200);
-        assert_eq!(index.body, INDEX);
+        assert_eq!(index.body, include_bytes!("../../../assets/web/index.html"));
         assert_eq!(index.header("Content-Type"), Some(HTML));
         assert_eq!(index.header("Cache-Control"), Some("no-store"));
         assert_eq!(index.header("Content-Security-Policy"), Some(CSP));
