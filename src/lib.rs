@@ -94,6 +94,8 @@ pub use engine::LoopStats;
 pub use event_loop::connect::{connect, connect_with, KeepAlive};
 pub use event_loop::watch::{Timer, Watch};
 pub use event_loop::DrainReport;
+#[cfg(feature = "console-service")]
+pub use features::console_service;
 #[cfg(feature = "testbed")]
 pub use features::testbed;
 #[cfg(feature = "tokio")]

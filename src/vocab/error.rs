@@ -67,6 +67,10 @@ pub enum Error {
     /// A call that waits for the loop was made on the loop's own thread, where it
     /// would wait forever (e.g. [`crate::StreamWriter::write_all`] from a handler).
     OnLoopThread,
+    /// A setting was refused or could not be put in place (a non-loopback address,
+    /// an unusable directory or token file), or a service could not go on; the text
+    /// says which and why.
+    Service(String),
     /// Another client holds the domain's console (open it with `force` to take over).
     ConsoleBusy {
         /// The domain.
@@ -158,6 +162,7 @@ impl Clone for Error {
             Error::Aborted => Error::Aborted,
             Error::TimedOut => Error::TimedOut,
             Error::OnLoopThread => Error::OnLoopThread,
+            Error::Service(what) => Error::Service(what.clone()),
             Error::ConsoleBusy { domain } => Error::ConsoleBusy {
                 domain: domain.clone(),
             },
@@ -228,6 +233,7 @@ impl fmt::Display for Error {
             Error::OnLoopThread => f.write_str(
                 "this call waits for the event loop and would deadlock on the loop's own thread",
             ),
+            Error::Service(what) => f.write_str(what),
             Error::ConsoleBusy { domain } => write!(
                 f,
                 "{domain}: another client holds the console (open with force to take over)"

@@ -1,14 +1,292 @@
-//! The console service (issue 12): every guest's console on one thread, many
-//! viewers, scrollback, durable logs and a browser terminal.
+//! The console service: every guest console of a connection on one thread, for many
+//! viewers at once, with scrollback, durable logs and a browser terminal. The
+//! `virt-consoled` program runs it; `virt-console` is its interactive client.
+//!
+//! * **Every guest.** The running domains of the connection, and each one that
+//!   starts later (or [`ServiceOptions::domains`] only). A console that ends (the
+//!   guest stopped) keeps its socket, its ring and its viewers while the domain
+//!   exists, and is attached again when it starts; a domain that is gone (a
+//!   transient guest destroyed, a domain undefined) takes its socket with it.
+//! * **Scrollback.** Each console keeps its last [`ServiceOptions::scrollback`]
+//!   bytes, replayed to every viewer on attach, from a line start.
+//! * **Viewers with roles.** Any number per console, read-write by default. A viewer
+//!   sends in-band commands after Ctrl-] (0x1d), each ended by Enter: `rw`, `ro`,
+//!   `take` (the write role alone: every other writer becomes read-only and is
+//!   told), `kick N`, `break`, `who`, `help`; Ctrl-] Ctrl-] sends a Ctrl-]. The
+//!   service's own lines are `\r\n[virt-consoled] TEXT\r\n`.
+//! * **Input from several writers** goes out whole lines at a time, never
+//!   interleaved: the writer whose input comes first holds the floor until its line
+//!   ends (or it is idle for a second while others wait); the others' input waits in
+//!   their own bounded queues, and their sockets are not read while those are full,
+//!   so nothing is dropped.
+//! * **Logs** (`DIR/NAME.log`, with [`ServiceOptions::log`]): every byte the guest
+//!   printed, rotated by size at a line end, optionally timestamped, reopened on
+//!   SIGHUP. Output reaches the ring and the log before any viewer, and a viewer
+//!   more than [`ServiceOptions::viewer_buffer`] behind is cut off, so a slow viewer
+//!   never holds up the log or the others.
+//! * **Interfaces.** `DIR/NAME.sock` per console (0600 in a 0700 directory; plain
+//!   `socat - UNIX-CONNECT:DIR/NAME.sock` works); `DIR/control.sock` answering JSON
+//!   lines (`{"cmd":"status"}`, `{"cmd":"kick","console":NAME,"viewer":N}`); loopback
+//!   TCP where a viewer first sends `TOKEN NAME\n`; a web page with an xterm.js
+//!   terminal over WebSocket, the token in the URL's fragment.
+//! * **Hostile local users** cannot exhaust it: connections that have not said what
+//!   they want are bounded and time out, accepts are budgeted per iteration, and a
+//!   reserve descriptor sheds connections when descriptors run out.
 
-// Until the service loop plugs them in, only the tests use these modules.
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the service loop is not in yet")
-)]
-pub(crate) mod transport;
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the service loop is not in yet")
-)]
-pub(crate) mod web;
+mod accept;
+mod dir;
+mod floor;
+mod logfile;
+mod scrollback;
+mod server;
+mod status;
+mod token;
+mod transport;
+mod viewer;
+mod web;
+
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+
+pub use self::dir::default_dir;
+use self::dir::SocketDir;
+pub use self::logfile::LogOptions;
+use self::server::{Libvirt, Server, LIBVIRT, SIGNALS};
+pub use self::status::{ConsoleStatus, LogStatus, ScrollbackStatus, Status, ViewerStatus};
+use self::token::Token;
+pub use self::viewer::COMMAND;
+use crate::streams::reactor::Reactor;
+use crate::vocab::error::{Error, Result};
+
+/// What the service serves, and how.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ServiceOptions {
+    /// The libvirt connection whose guests are served.
+    pub uri: String,
+    /// Serve only these domains; empty serves all, including those that start later.
+    pub domains: Vec<String>,
+    /// The sockets' directory: created mode 0700 if missing (and then removed at
+    /// exit); an existing one must be a real directory of ours with mode 0700.
+    pub dir: PathBuf,
+    /// Bytes of output each console keeps for viewers that attach later.
+    pub scrollback: usize,
+    /// Keep a log per console.
+    pub log: Option<LogOptions>,
+    /// Output bytes a viewer may fall behind before it is cut off.
+    pub viewer_buffer: usize,
+    /// Also serve viewers on this loopback TCP address.
+    pub tcp: Option<SocketAddr>,
+    /// Serve the web page and WebSocket viewers on this loopback address.
+    pub web: Option<SocketAddr>,
+    /// Read the token from this file, or write a new one there (mode 0600).
+    pub token_file: Option<PathBuf>,
+    /// What the `break` command sends. libvirt's console streams carry bytes, so a
+    /// serial line's break condition cannot be sent; empty refuses the command.
+    pub break_sequence: Vec<u8>,
+    /// TCP and web connections that may wait at once for their first request; one
+    /// more closes the oldest.
+    pub max_pending: usize,
+    /// Take consoles over from other clients (`VIR_DOMAIN_CONSOLE_FORCE`).
+    pub force: bool,
+    /// Stop cleanly after this long.
+    pub exit_after: Option<Duration>,
+    /// Handle SIGINT and SIGTERM (stop) and SIGHUP (reopen the logs).
+    pub signals: bool,
+}
+
+impl ServiceOptions {
+    /// The defaults: every domain of `uri`, sockets in [`default_dir`], 64 KiB of
+    /// scrollback, no log, 1 MiB per viewer, no TCP, no web, signals handled.
+    pub fn new(uri: &str) -> Self {
+        ServiceOptions {
+            uri: uri.to_owned(),
+            domains: Vec::new(),
+            dir: default_dir(),
+            scrollback: 64 * 1024,
+            log: None,
+            viewer_buffer: 1 << 20,
+            tcp: None,
+            web: None,
+            token_file: None,
+            break_sequence: Vec::new(),
+            max_pending: 32,
+            force: false,
+            exit_after: None,
+            signals: true,
+        }
+    }
+}
+
+/// How long libvirt may take, from the start of the shutdown, to answer the
+/// consoles' ends; a frozen daemon must not hold the exit.
+const DAEMON_GRACE: Duration = Duration::from_millis(500);
+/// The least time given to the last answers, however long the shutdown took.
+const MIN_DRAIN: Duration = Duration::from_millis(100);
+
+/// Runs the service on this thread until a signal, `exit_after`, or the loss of the
+/// connection. Registers the crate's event loop with libvirt, so call it before
+/// anything else in the process opens a connection.
+///
+/// # Errors
+///
+/// Bad options (a non-loopback address, an unusable directory or token file), the
+/// connection failing or being lost, and I/O errors of the listeners.
+pub fn run(options: ServiceOptions) -> Result<()> {
+    for (what, addr) in [("--tcp", options.tcp), ("--web", options.web)] {
+        if let Some(addr) = addr.filter(|a| !a.ip().is_loopback()) {
+            return Err(failed(format!(
+                "{what} {addr}: only loopback addresses are served"
+            )));
+        }
+    }
+    let mut poll = Poll::new()?;
+    let mut events = Events::with_capacity(256);
+    // libvirt's events are one more source on our poll.
+    let mut reactor = Reactor::<Libvirt>::register()?;
+    poll.registry()
+        .register(&mut reactor, LIBVIRT, Interest::READABLE)?;
+    let mut signals = if options.signals {
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        Some(signals)
+    } else {
+        None
+    };
+
+    // From here on, what this run creates is removed when its owner drops, on every
+    // path out, errors included.
+    let dir = SocketDir::prepare(&options.dir).map_err(failed)?;
+    let listeners = bind_listeners(&options)?;
+    let token = match (&listeners.0, &listeners.1, &options.token_file) {
+        (None, None, _) => None,
+        (_, _, Some(path)) => Some(
+            Token::from_file(path)
+                .map_err(|e| failed(format!("--token-file {}: {e}", path.display())))?,
+        ),
+        (_, _, None) => Some(Token::random()?),
+    };
+    let exit_at = options
+        .exit_after
+        .and_then(|d| Instant::now().checked_add(d));
+    let mut server = Server::new(
+        poll.registry().try_clone()?,
+        reactor.handle(),
+        options.clone(),
+        dir,
+        token.clone(),
+    )?;
+    server.listen_control()?;
+    println!(
+        "virt-consoled: consoles in {}",
+        server.dir().path().display()
+    );
+    announce(&listeners, token.as_ref(), &options);
+    if let Some(tcp) = listeners.0 {
+        server.listen_tcp(mio::net::TcpListener::from_std(tcp))?;
+    }
+    if let Some(web) = listeners.1 {
+        server.listen_web(mio::net::TcpListener::from_std(web))?;
+    }
+    server.start(&mut reactor)?;
+
+    let outcome = loop {
+        // Our own deadlines first: next_timeout() must come right before the poll.
+        let mut timeout = server.timeout();
+        if let Some(at) = exit_at {
+            let left = at.saturating_duration_since(Instant::now());
+            timeout = Some(timeout.map_or(left, |t| t.min(left)));
+        }
+        if let Some(libvirt) = reactor.next_timeout() {
+            timeout = Some(timeout.map_or(libvirt, |t| t.min(libvirt)));
+        }
+        match poll.poll(&mut events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(Error::Io(e)),
+        }
+        let mut quit = false;
+        for event in events.iter() {
+            if event.token() == SIGNALS {
+                for signal in signals.iter_mut().flat_map(|s| s.pending()) {
+                    if signal == SIGHUP {
+                        server.reopen_logs();
+                    } else {
+                        log::info!("signal {signal}: shutting down");
+                        quit = true;
+                    }
+                }
+            }
+            server.event(event);
+        }
+        // Every iteration, not only when LIBVIRT fired: libvirt's timers make no fd
+        // readable, the poll just times out for them.
+        match reactor.dispatch(&mut server.libvirt) {
+            Ok(()) => {}
+            Err(e @ Error::CallbackPanicked { .. }) => log::error!("{e}"),
+            Err(e) => break Err(e),
+        }
+        if let Err(e) = server.after_dispatch() {
+            break Err(failed(e));
+        }
+        if quit {
+            break Ok(());
+        }
+        if exit_at.is_some_and(|at| Instant::now() >= at) {
+            log::info!("--exit-after reached");
+            break Ok(());
+        }
+    };
+
+    let shutting_down = Instant::now();
+    let finished = server.shut_down(&mut reactor);
+    let drain = DAEMON_GRACE
+        .saturating_sub(shutting_down.elapsed())
+        .max(MIN_DRAIN);
+    if let Err(e) = reactor.shutdown(drain, &mut server.libvirt) {
+        log::warn!("libvirt did not answer within {drain:?} ({e}); exiting without a clean close");
+    }
+    drop(server); // removes the directory if this run made it
+    outcome.and(finished.map_err(failed))
+}
+
+type Listeners = (Option<StdTcpListener>, Option<StdTcpListener>);
+
+fn bind_listeners(options: &ServiceOptions) -> Result<Listeners> {
+    let bind = |what: &str, addr: Option<SocketAddr>| -> Result<Option<StdTcpListener>> {
+        let Some(addr) = addr else { return Ok(None) };
+        let listener = StdTcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| failed(format!("{what} {addr}: {e}")))?;
+        Ok(Some(listener))
+    };
+    Ok((bind("--tcp", options.tcp)?, bind("--web", options.web)?))
+}
+
+fn announce(listeners: &Listeners, token: Option<&Token>, options: &ServiceOptions) {
+    let secret = |token: &Token| match &options.token_file {
+        Some(path) => format!("the token in {}", path.display()),
+        None => format!("token {}", token.as_str()),
+    };
+    if let (Some(tcp), Some(token)) = (&listeners.0, token) {
+        if let Ok(addr) = tcp.local_addr() {
+            println!("virt-consoled: tcp {addr}, {}", secret(token));
+        }
+    }
+    if let (Some(web), Some(token)) = (&listeners.1, token) {
+        if let Ok(addr) = web.local_addr() {
+            println!("virt-consoled: web http://{addr}/#token={}", token.as_str());
+        }
+    }
+}
+
+fn failed(text: impl Into<String>) -> Error {
+    Error::Service(text.into())
+}

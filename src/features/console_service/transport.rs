@@ -1,18 +1,35 @@
-//! What the service needs from a viewer's connection, whatever carries it (a Unix
-//! socket, loopback TCP or a WebSocket).
+//! What the service needs of a viewer's connection, whatever carries it.
 
 use std::io;
 
-/// One viewer's byte stream, non-blocking.
-pub(crate) trait Transport: Send {
-    /// Input from the viewer: Ok(0) at its end, WouldBlock when nothing is there now.
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
-    /// Output to the viewer: how much was taken; WouldBlock when full (wait WRITABLE).
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize>;
-    /// Pushes out what the transport itself buffers; Ok when nothing is left.
-    fn flush(&mut self) -> io::Result<()>;
-    /// The mio source to register (READABLE | WRITABLE, edge-triggered: callers read/write until WouldBlock).
+/// A viewer's connection: a Unix or TCP socket, or a WebSocket.
+///
+/// `read` gives the viewer's input (`Ok(0)` at its end, `WouldBlock` when nothing
+/// is there now); `write` takes output (`WouldBlock` when full: wait for WRITABLE);
+/// `flush` pushes out what the transport itself buffers (`WouldBlock` if it cannot
+/// yet).
+pub(crate) trait Transport: io::Read + io::Write + Send {
+    /// The source to register, READABLE | WRITABLE; edge-triggered, so callers read
+    /// and write until `WouldBlock`.
     fn source(&mut self) -> &mut dyn mio::event::Source;
-    /// "unix", "tcp" or "web", for status.
+    /// `"unix"`, `"tcp"` or `"web"`, for status.
     fn kind(&self) -> &'static str;
+}
+
+impl Transport for mio::net::UnixStream {
+    fn source(&mut self) -> &mut dyn mio::event::Source {
+        self
+    }
+    fn kind(&self) -> &'static str {
+        "unix"
+    }
+}
+
+impl Transport for mio::net::TcpStream {
+    fn source(&mut self) -> &mut dyn mio::event::Source {
+        self
+    }
+    fn kind(&self) -> &'static str {
+        "tcp"
+    }
 }

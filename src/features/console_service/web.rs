@@ -460,7 +460,7 @@ impl WebSocketTransport {
     }
 }
 
-impl Transport for WebSocketTransport {
+impl io::Read for WebSocketTransport {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.input.is_empty() {
             match self.ws.read() {
@@ -481,7 +481,9 @@ impl Transport for WebSocketTransport {
         self.input = self.input.slice(n..);
         Ok(n)
     }
+}
 
+impl io::Write for WebSocketTransport {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.unsent {
             self.flush()?;
@@ -513,7 +515,9 @@ impl Transport for WebSocketTransport {
             Err(err) => Err(self.failed(err)),
         }
     }
+}
 
+impl Transport for WebSocketTransport {
     fn source(&mut self) -> &mut dyn mio::event::Source {
         self.ws.get_mut()
     }
