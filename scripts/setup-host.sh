@@ -11,6 +11,7 @@ PACKAGES=(
     libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
     pkg-config qemu-system-x86 busybox-static cpio gzip gcc procps
     util-linux # setpriv
+    chromium chromium-driver # the console service's browser test (tests/support/browser.rs)
 )
 
 SUDO=()
@@ -46,7 +47,7 @@ else
         apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-for tool in libvirtd setpriv; do
+for tool in libvirtd setpriv chromium chromedriver; do
     if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null; then
         echo "setup-host: error: $tool not found after installing packages" >&2
         exit 1

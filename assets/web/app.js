@@ -239,6 +239,15 @@
       refresh();
     }
   });
+  // A new #token=... pasted into this tab's address bar does not reload the page.
+  window.addEventListener("hashchange", () => {
+    const given = readToken();
+    if (given) {
+      token = given;
+      $("token-form").hidden = true;
+      refresh();
+    }
+  });
   for (const name of Object.keys(COMMANDS)) {
     $(name).addEventListener("click", () => command(name));
   }
