@@ -12,6 +12,8 @@
 //! banner; every guest a test starts is destroyed when it ends, passing or not.
 //! Each test boots TCG guests (several seconds each): run them with cargo-nextest.
 
+#[path = "support/browser.rs"]
+mod browser;
 mod support;
 
 use std::fs;
@@ -879,6 +881,43 @@ fn serves_websocket_viewers_and_survives_bad_ones() {
     ws.send(tungstenite::Message::binary(&b"echo still-here\n"[..]))
         .unwrap();
     read_until(&mut ws, "\nstill-here\r");
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}\n{}", server.logs());
+}
+
+/// The web page in headless Chromium: it lists the console, opens it in the
+/// terminal with the replay, types a command, shows the guest's answer (which a Unix
+/// viewer sees too), and takes the write role.
+#[test]
+fn the_web_page_opens_a_console_in_a_real_browser() {
+    let paused = PausedGuest::new("cs-browser");
+    let mut server = paused.server(&["--web", "127.0.0.1:0"]);
+    let (_, mut watcher) = paused.boot_watched(&mut server, "cs-browser", "watcher");
+    let (addr, token) = server.web_endpoint();
+
+    let browser = browser::Browser::start();
+    browser.goto(&format!("http://{addr}/#token={token}"));
+    let entry = r#"#consoles li[data-name="cs-browser"]"#;
+    browser.wait_for(entry);
+    browser.click(entry);
+    browser.wait_for(r#"#status[data-state="open"]"#);
+    browser.wait_for_screen("#terminal", BANNER);
+    browser.click("#terminal");
+    browser.type_keys("echo from-the-browser\n");
+    watcher.expect("\nfrom-the-browser\r", ECHO_TIMEOUT, &server);
+    // Typed, echoed by the guest's tty, then its answer: twice on the screen.
+    browser.wait_until("the guest's answer on the screen", |b| {
+        let screen = b.screen_text("#terminal");
+        (screen.matches("from-the-browser").count() >= 2).then_some(())
+    });
+    browser.click("#take");
+    browser.wait_for_screen("#terminal", "read-write, alone");
+    watcher.send("echo from-the-watcher\n");
+    watcher.expect("read-only: your input is ignored", ECHO_TIMEOUT, &server);
+
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-service-web.png");
+    browser.screenshot(&shot);
+    eprintln!("screenshot: {}", shot.display());
     let status = server.terminate();
     assert!(status.success(), "exit status {status}\n{}", server.logs());
 }
