@@ -148,13 +148,6 @@ impl Browser {
         self.check(result, &format!("click {css}"));
     }
 
-    /// Types `text` into the element matching `css`, e.g. an input.
-    pub fn type_into(&self, css: &str, text: &str) {
-        let element = self.element(css);
-        let result = self.runtime.block_on(element.send_keys(text));
-        self.check(result, &format!("type into {css}"));
-    }
-
     /// Types `text` as key presses into whatever has the focus, as a person does,
     /// e.g. xterm.js's hidden textarea after a click on the terminal. `\n` is the
     /// Enter key; [`Key`]s can be given as chars (`char::from(Key::Escape)`).
@@ -168,28 +161,6 @@ impl Browser {
         }
         let result = self.runtime.block_on(self.client().perform_actions(keys));
         self.check(result, &format!("type {text:?}"));
-    }
-
-    /// The rendered text of the element matching `css`.
-    pub fn text(&self, css: &str) -> String {
-        let element = self.element(css);
-        let result = self.runtime.block_on(element.text());
-        self.check(result, &format!("text of {css}"))
-    }
-
-    /// The `value` property of the element matching `css` (an input's content).
-    pub fn value(&self, css: &str) -> String {
-        let element = self.element(css);
-        let result = self.runtime.block_on(element.prop("value"));
-        self.check(result, &format!("value of {css}"))
-            .unwrap_or_default()
-    }
-
-    /// An attribute of the element matching `css`.
-    pub fn attr(&self, css: &str, name: &str) -> Option<String> {
-        let element = self.element(css);
-        let result = self.runtime.block_on(element.attr(name));
-        self.check(result, &format!("attribute {name} of {css}"))
     }
 
     /// Runs `script` (a function body: `return` gives the result) in the page.
