@@ -878,9 +878,56 @@ fn serves_websocket_viewers_and_survives_bad_ones() {
     let _ = big.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
 
+    // So is a TCP viewer's TOKEN NAME line without an end.
+    let (tcp_addr, _) = server.tcp_endpoint();
+    let mut long = Client::tcp(&tcp_addr, "long line");
+    long.send(&"z".repeat(4096));
+    long.expect_eof(LOG_TIMEOUT, &server);
+
     ws.send(tungstenite::Message::binary(&b"echo still-here\n"[..]))
         .unwrap();
     read_until(&mut ws, "\nstill-here\r");
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}\n{}", server.logs());
+}
+
+/// A persistent guest that stops keeps its socket and its viewers, who are told;
+/// when it starts again its console is attached again and they see it boot.
+#[test]
+fn a_stopped_guest_keeps_its_viewers_until_it_starts_again() {
+    let paused = PausedGuest::new("cs-other");
+    let name = "cs-persistent";
+    paused.guests.track(&paused.conn, name);
+    let domain = paused
+        .conn
+        .define_domain_xml(&paused.testbed.guest_xml(name, GuestMode::Plain))
+        .expect("define a persistent guest");
+    domain.create().expect("start it");
+    let mut server = paused.server(&[]);
+    let socket = server.wait_socket(&paused.dir, name);
+    let mut viewer = Client::unix(&socket, "viewer");
+    viewer.expect(&format!("{BANNER} name={name}"), BOOT_TIMEOUT, &server);
+
+    domain.destroy().expect("stop it");
+    viewer.expect(
+        &format!("{name}: console ended: guest gone"),
+        LOG_TIMEOUT,
+        &server,
+    );
+    // Still served: the domain exists.
+    sleep(Duration::from_secs(1));
+    assert!(socket.exists(), "the socket went\n{}", server.logs());
+    let mut late = Client::unix(&socket, "late");
+    late.expect("console not attached: guest gone", LOG_TIMEOUT, &server);
+
+    domain.create().expect("start it again");
+    for client in [&mut viewer, &mut late] {
+        client.expect(&format!("{name}: console attached"), BOOT_TIMEOUT, &server);
+    }
+    // The viewer that was there sees the banner a second time.
+    viewer.expect_count(&format!("{BANNER} name={name}"), 2, BOOT_TIMEOUT, &server);
+    late.send("echo after-restart\n");
+    viewer.expect("\nafter-restart\r", ECHO_TIMEOUT, &server);
     let status = server.terminate();
     assert!(status.success(), "exit status {status}\n{}", server.logs());
 }
@@ -1532,6 +1579,23 @@ impl Client {
                 self.name,
                 String::from_utf8_lossy(needle),
                 if self.eof { "end of file" } else { "timed out" },
+                self.text_escaped(),
+                server.logs()
+            );
+            self.read_some();
+        }
+    }
+
+    /// Reads until `needle` has arrived `count` times.
+    fn expect_count(&mut self, needle: &str, count: usize, timeout: Duration, server: &Server) {
+        let deadline = Instant::now() + timeout;
+        while self.text().matches(needle).count() < count {
+            assert!(
+                !self.eof && Instant::now() < deadline,
+                "{}: {needle:?} did not arrive {count} times; it got:
+{}
+{}",
+                self.name,
                 self.text_escaped(),
                 server.logs()
             );
