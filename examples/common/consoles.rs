@@ -1,4 +1,4 @@
-//! What `console_mux` and `console_server` share: where the consoles come from (a
+//! What `console_mux` and the tests share: where the consoles come from (a
 //! daemon, or the embedded driver in a private root), the testbed guests they boot,
 //! and destroying those guests at the end.
 
