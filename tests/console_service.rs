@@ -1339,27 +1339,29 @@ impl Server {
 
     fn wait_socket(&mut self, dir: &Path, name: &str) -> PathBuf {
         let path = dir.join(format!("{name}.sock"));
-        let deadline = Instant::now() + SOCKET_TIMEOUT;
-        while !fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
-            self.check_running();
-            assert!(
-                Instant::now() < deadline,
-                "{} did not appear\n{}",
-                path.display(),
-                self.logs()
-            );
-            sleep(Duration::from_millis(20));
-        }
+        self.wait_path(&path, "did not appear", |m| {
+            m.is_ok_and(|m| m.file_type().is_socket())
+        });
         path
     }
 
     fn wait_gone(&mut self, path: &Path) {
+        self.wait_path(path, "was not removed", |m| m.is_err());
+    }
+
+    /// Waits until `path`'s metadata (not following a link) is `wanted`.
+    fn wait_path(
+        &mut self,
+        path: &Path,
+        failure: &str,
+        wanted: impl Fn(io::Result<fs::Metadata>) -> bool,
+    ) {
         let deadline = Instant::now() + SOCKET_TIMEOUT;
-        while fs::symlink_metadata(path).is_ok() {
+        while !wanted(fs::symlink_metadata(path)) {
             self.check_running();
             assert!(
                 Instant::now() < deadline,
-                "{} was not removed\n{}",
+                "{} {failure}\n{}",
                 path.display(),
                 self.logs()
             );
@@ -1369,23 +1371,25 @@ impl Server {
 
     /// The TCP address and token the server printed.
     fn tcp_endpoint(&self) -> (String, String) {
-        let stdout = fs::read_to_string(&self.stdout).unwrap_or_default();
-        let line = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("virt-consoled: tcp "))
-            .unwrap_or_else(|| panic!("no tcp line\n{}", self.logs()));
-        let (addr, token) = line.split_once(", token ").expect("ADDR, token TOKEN");
-        (addr.to_owned(), token.to_owned())
+        self.endpoint("virt-consoled: tcp ", ", token ")
     }
 
     /// The web address and token the server printed.
     fn web_endpoint(&self) -> (String, String) {
+        self.endpoint("virt-consoled: web http://", "/#token=")
+    }
+
+    /// From the line the server printed that starts with `prefix`: what comes
+    /// before `separator` (the address) and after it (the token).
+    fn endpoint(&self, prefix: &str, separator: &str) -> (String, String) {
         let stdout = fs::read_to_string(&self.stdout).unwrap_or_default();
         let line = stdout
             .lines()
-            .find_map(|l| l.strip_prefix("virt-consoled: web http://"))
-            .unwrap_or_else(|| panic!("no web line\n{}", self.logs()));
-        let (addr, token) = line.split_once("/#token=").expect("ADDR/#token=TOKEN");
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line\n{}", self.logs()));
+        let (addr, token) = line
+            .split_once(separator)
+            .unwrap_or_else(|| panic!("{line:?}: no {separator:?}"));
         (addr.to_owned(), token.to_owned())
     }
 

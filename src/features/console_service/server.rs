@@ -313,17 +313,7 @@ impl Server {
     /// events, retried input, deadlines. Returns an error that ends the service.
     pub(crate) fn after_dispatch(&mut self) -> Result<(), String> {
         self.accept_ready();
-        match self.libvirt.setup.take() {
-            Some(Ok(session)) => {
-                self.setup_finished = true;
-                self.session = Some(session);
-            }
-            Some(Err(e)) => {
-                self.setup_finished = true;
-                return Err(e);
-            }
-            None => {}
-        }
+        self.take_setup()?;
         self.console_events()?;
         for (name, kind) in std::mem::take(&mut self.libvirt.lifecycle) {
             self.lifecycle(&name, kind);
@@ -353,6 +343,16 @@ impl Server {
             }
             self.close(key, "said nothing useful in time");
         }
+        Ok(())
+    }
+
+    /// The set-up's outcome, once it has come.
+    fn take_setup(&mut self) -> Result<(), String> {
+        let Some(outcome) = self.libvirt.setup.take() else {
+            return Ok(());
+        };
+        self.setup_finished = true;
+        self.session = Some(outcome?);
         Ok(())
     }
 
@@ -1468,16 +1468,8 @@ impl Server {
             if let Err(e) = reactor.run_once(Some(Duration::from_millis(20)), &mut self.libvirt) {
                 log::warn!("{e}");
             }
-            match self.libvirt.setup.take() {
-                Some(Ok(session)) => {
-                    self.setup_finished = true;
-                    self.session = Some(session);
-                }
-                Some(Err(e)) => {
-                    self.setup_finished = true;
-                    log::warn!("set-up failed during shutdown: {e}");
-                }
-                None => {}
+            if let Err(e) = self.take_setup() {
+                log::warn!("set-up failed during shutdown: {e}");
             }
             if Instant::now() > deadline {
                 result = Err("timed out waiting for the set-up to finish".to_owned());
