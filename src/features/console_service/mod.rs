@@ -271,19 +271,24 @@ fn bind_listeners(options: &ServiceOptions) -> Result<Listeners> {
 }
 
 fn announce(listeners: &Listeners, token: Option<&Token>, options: &ServiceOptions) {
-    let secret = |token: &Token| match &options.token_file {
-        Some(path) => format!("the token in {}", path.display()),
-        None => format!("token {}", token.as_str()),
+    let Some(token) = token else { return };
+    // A token kept in a file is not printed.
+    let (tcp_secret, web_secret) = match &options.token_file {
+        Some(path) => {
+            let file = format!(", the token in {}", path.display());
+            (file.clone(), format!("/{file}"))
+        }
+        None => (
+            format!(", token {}", token.as_str()),
+            format!("/#token={}", token.as_str()),
+        ),
     };
-    if let (Some(tcp), Some(token)) = (&listeners.0, token) {
-        if let Ok(addr) = tcp.local_addr() {
-            println!("virt-consoled: tcp {addr}, {}", secret(token));
-        }
+    let address = |listener: &Option<StdTcpListener>| listener.as_ref()?.local_addr().ok();
+    if let Some(addr) = address(&listeners.0) {
+        println!("virt-consoled: tcp {addr}{tcp_secret}");
     }
-    if let (Some(web), Some(token)) = (&listeners.1, token) {
-        if let Ok(addr) = web.local_addr() {
-            println!("virt-consoled: web http://{addr}/#token={}", token.as_str());
-        }
+    if let Some(addr) = address(&listeners.1) {
+        println!("virt-consoled: web http://{addr}{web_secret}");
     }
 }
 
