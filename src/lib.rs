@@ -80,6 +80,8 @@
 //!   examples boot.
 //! - `tokio` (off): `virt_reactor::tokio`, the loop driven from a tokio runtime,
 //!   streams as `AsyncRead`/`AsyncWrite`.
+//! - `console-service` (off): `virt_reactor::console_service` and its programs,
+//!   `virt-consoled` and its interactive client `virt-console`.
 
 #![doc(test(attr(deny(warnings))))]
 
