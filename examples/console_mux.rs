@@ -7,13 +7,16 @@
 //! ```
 //!
 //! Input: a line goes to the selected guest; `@NAME text` to one guest, `@all text`
-//! to every guest, `:use NAME` selects, `:list` lists. End of input or Ctrl-] (then
-//! Enter) quits: the consoles are finished and the guests it booted are destroyed.
-//! It works with stdin piped, so it can be scripted.
+//! to every guest, `:use NAME` selects, `:list` lists. In a terminal, lines are
+//! edited with history (Up) and completion (Tab) of `@NAME` and `:use NAME`, guest
+//! output appears above the prompt, and Ctrl-] quits at once. End of input, Ctrl-],
+//! a signal or closing the terminal (SIGHUP) quits: the consoles are finished and
+//! the guests it booted are destroyed. It works with stdin piped, so it can be
+//! scripted (then a line with Ctrl-] in it quits).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufRead, IsTerminal, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::thread;
@@ -21,17 +24,21 @@ use std::time::{Duration, Instant};
 
 #[path = "common/consoles.rs"]
 mod common;
+#[path = "common/line_editor.rs"]
+mod line_editor;
 #[path = "common/owned_dir.rs"]
 mod owned_dir;
 
 use clap::Parser;
 use common::{Destroyed, SetUp};
+use line_editor::{Input, Screen, Typed};
 use owned_dir::OwnedDir;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 use virt_reactor::console::{ConsoleEnd, ConsoleEvent, ConsoleMux, ConsoleOptions};
 use virt_reactor::testbed::BANNER;
 use virt_reactor::{Reactor, ReactorHandle};
 
-const ESCAPE: char = '\u{1d}'; // Ctrl-]
 const COLORS: [&str; 6] = ["32", "36", "33", "35", "34", "31"];
 
 #[derive(Parser)]
@@ -83,8 +90,8 @@ type Session = common::Session<Loop>;
 struct Loop {
     /// The set-up's outcome, once it is known.
     setup: Option<Result<Session, String>>,
-    /// When to quit: after `--linger` at end of input or Ctrl-], now on SIGINT,
-    /// SIGTERM or SIGHUP.
+    /// When to quit: after `--linger` at end of input, now on Ctrl-] at the prompt,
+    /// SIGINT, SIGTERM or SIGHUP.
     quit_at: Option<Instant>,
     /// How many guests the shutdown destroyed, once it has.
     destroyed: Option<usize>,
@@ -109,17 +116,23 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Put back when `run` returns, even if the line editor is still reading then.
+    let (input, screen, _terminal_mode) = line_editor::open()?;
     // Before anything starts: a bad log directory must not leave guests behind.
-    let mut out = Output::new(args.log_dir.clone())?;
+    let mut out = Output::new(args.log_dir.clone(), screen)?;
     let mut reactor = Reactor::<Loop>::register()?;
     let mut state = Loop::default();
     let handle = reactor.handle();
     {
-        // Ctrl-C and SIGTERM quit as cleanly as end of input, without lingering.
+        // SIGINT, SIGTERM and SIGHUP (the terminal closed) quit as cleanly as end
+        // of input, without lingering: nobody may be there to read.
+        let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])?;
         let handle = handle.clone();
-        ctrlc::set_handler(move || {
-            let _ = handle.execute(|_, state| state.quit_at = Some(Instant::now()));
-        })?;
+        thread::spawn(move || {
+            for _ in signals.forever() {
+                let _ = handle.execute(|_, state| state.quit_at = Some(Instant::now()));
+            }
+        });
     }
     let embed_root = match &args.uri {
         Some(_) => None,
@@ -160,7 +173,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     let mut session: Option<Session> = None;
     let mut waiting_for: BTreeMap<String, bool> = BTreeMap::new(); // name -> banner seen
-    let mut input_started = false;
+    let mut input = Some(input);
     // Consoles that failed to attach or failed later: the exit status tells.
     let mut failed: Vec<String> = Vec::new();
 
@@ -227,18 +240,19 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             break Err(e);
         }
         out.flush_stale();
-        if !input_started && !waiting_for.is_empty() && waiting_for.values().all(|seen| *seen) {
-            input_started = true;
+        if input.is_some() && !waiting_for.is_empty() && waiting_for.values().all(|seen| *seen) {
+            let input = input.take().expect("checked");
             let names: Vec<String> = waiting_for.keys().cloned().collect();
             out.note(&format!(
-                "{} console(s) ready: {}. Type a line for the selected guest; @NAME, @all, :use NAME, :list; Ctrl-] or end of input quits.",
+                "{} console(s) ready: {}. Type a line for the selected guest; @NAME, @all, :use NAME, :list; {}",
                 names.len(),
-                names.join(", ")
+                names.join(", "),
+                input.quit_hint()
             ));
             let linger = Duration::from_secs_f64(args.linger);
-            spawn_input(mux.clone(), names, handle.clone(), linger);
+            spawn_input(input, mux.clone(), names, handle.clone(), linger);
         }
-        if !input_started && waiting_for.is_empty() {
+        if input.is_some() && waiting_for.is_empty() {
             // Every console failed or ended before its banner: input would never
             // start, so neither end of input nor Ctrl-] could quit.
             break Err("no console came up".to_owned());
@@ -321,20 +335,24 @@ fn attach_running(session: &Session, uri: &str, domains: Vec<String>) -> Result<
     Ok(())
 }
 
-/// Reads stdin lines and routes them; tells the loop to quit at the end.
+/// Reads input lines and routes them; tells the loop to quit at the end.
 fn spawn_input(
+    mut input: Input,
     mux: ConsoleMux<Loop>,
     names: Vec<String>,
     handle: ReactorHandle<Loop>,
     linger: Duration,
 ) {
+    let attached = mux.clone();
+    input.complete_with(move || attached.attached());
     thread::spawn(move || {
         let mut selected = names[0].clone();
-        for line in io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if line.contains(ESCAPE) {
-                break;
-            }
+        let quit_at = loop {
+            let line = match input.read(&format!("{selected}> ")) {
+                Typed::Line(line) => line,
+                Typed::End => break Instant::now() + linger,
+                Typed::Quit => break Instant::now(),
+            };
             let (targets, text): (Vec<String>, &str) =
                 if let Some(rest) = line.strip_prefix(":use ") {
                     let name = rest.trim();
@@ -361,16 +379,17 @@ fn spawn_input(
                     println!("-- {e}");
                 }
             }
-        }
+        };
         // Runs at the loop's next iteration: it wakes the loop.
         let _ = handle.execute(move |_, state| {
-            state.quit_at.get_or_insert(Instant::now() + linger);
+            state.quit_at.get_or_insert(quit_at);
         });
     });
 }
 
 /// Prints guest output line by line, prefixed and coloured, and logs it per guest.
 struct Output {
+    screen: Screen,
     color: bool,
     log_dir: Option<PathBuf>,
     /// `None`: the log could not be opened (reported through `failed`).
@@ -382,13 +401,14 @@ struct Output {
 }
 
 impl Output {
-    fn new(log_dir: Option<PathBuf>) -> io::Result<Output> {
+    fn new(log_dir: Option<PathBuf>, screen: Screen) -> io::Result<Output> {
         if let Some(dir) = &log_dir {
             fs::create_dir_all(dir).map_err(|e| {
                 io::Error::new(e.kind(), format!("log directory {}: {e}", dir.display()))
             })?;
         }
         Ok(Output {
+            screen,
             color: io::stdout().is_terminal(),
             log_dir,
             logs: HashMap::new(),
@@ -478,12 +498,11 @@ impl Output {
     fn line(&mut self, name: &str, line: &str) {
         let next = COLORS[self.colors.len() % COLORS.len()];
         let color = *self.colors.entry(name.to_owned()).or_insert(next);
-        let mut stdout = io::stdout().lock();
-        let _ = if self.color {
-            writeln!(stdout, "\x1b[{color}m{name}|\x1b[0m {line}")
+        self.screen.line(if self.color {
+            format!("\x1b[{color}m{name}|\x1b[0m {line}")
         } else {
-            writeln!(stdout, "{name}| {line}")
-        };
+            format!("{name}| {line}")
+        });
         if let Some(dir) = &self.log_dir {
             let failed = &mut self.failed;
             let log = self.logs.entry(name.to_owned()).or_insert_with(|| {
@@ -501,7 +520,7 @@ impl Output {
         }
     }
 
-    fn note(&self, text: &str) {
-        let _ = writeln!(io::stdout().lock(), "-- {text}");
+    fn note(&mut self, text: &str) {
+        self.screen.line(format!("-- {text}"));
     }
 }

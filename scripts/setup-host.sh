@@ -12,6 +12,7 @@ PACKAGES=(
     pkg-config qemu-system-x86 busybox-static cpio gzip gcc procps
     util-linux # setpriv
     chromium chromium-driver # the console service's browser test (tests/support/browser.rs)
+    tmux # tests/console_mux_terminal.rs
 )
 
 SUDO=()
