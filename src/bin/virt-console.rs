@@ -119,7 +119,7 @@ fn connect(args: &Args) -> Result<Box<dyn Socket>, String> {
     let hint = |e: io::Error| match e.kind() {
         ErrorKind::NotFound | ErrorKind::ConnectionRefused => {
             format!(
-                "{e} (is virt-consoled running, with a console {}?)",
+                "{e}; is virt-consoled running, with a console {}?",
                 args.name
             )
         }
@@ -190,7 +190,7 @@ fn run(args: &Args, mut conn: Box<dyn Socket>) -> io::Result<End> {
         if !input_open && outbox.is_empty() {
             return Ok(End::Quit);
         }
-        let stdin_fd = io::stdin();
+        let stdin = io::stdin();
         let conn_flags = if outbox.is_empty() {
             PollFlags::IN
         } else {
@@ -199,16 +199,11 @@ fn run(args: &Args, mut conn: Box<dyn Socket>) -> io::Result<End> {
         let mut fds = [
             PollFd::new(&signals.wake, PollFlags::IN),
             PollFd::from_borrowed_fd(conn.as_fd(), conn_flags),
-            PollFd::new(
-                &stdin_fd,
-                if input_open {
-                    PollFlags::IN
-                } else {
-                    PollFlags::empty()
-                },
-            ),
+            PollFd::new(&stdin, PollFlags::IN),
         ];
-        match poll(&mut fds, None) {
+        // Once input has ended, stdin is left out: a hung-up terminal stays readable.
+        let watched = if input_open { fds.len() } else { fds.len() - 1 };
+        match poll(&mut fds[..watched], None) {
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
