@@ -3,7 +3,10 @@
 //! output reaches the terminal, keys reach the peer, the escape key and `~.` quit at
 //! once, `~B`, `--force` and `--read-only` send their in-band commands, and the
 //! terminal's mode is back as it was after every way out (quit, the service closing,
-//! SIGTERM, a failed connect).
+//! SIGTERM, a failed connect). Last, the whole chain: `virt-console`, `virt-consoled`,
+//! a private libvirtd and a testbed guest that runs what is typed.
+
+mod support;
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
@@ -20,9 +23,15 @@ use nix::pty::openpty;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::termios::{tcgetattr, LocalFlags, Termios};
 use nix::unistd::Pid;
+use support::consoles::testbed;
+use support::daemon::PrivateDaemon;
+use virt::connect::Connect;
+use virt_reactor::testbed::{GuestMode, Guests, BANNER};
 
 /// Generous: each wait ends as soon as what it waits for happens.
 const TIMEOUT: Duration = Duration::from_secs(30);
+/// A testbed guest's boot under TCG, while other tests boot theirs.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 const NAME: &str = "tb-1";
 const GREETING: &[u8] = b"\r\n[virt-consoled] viewer 1: read-write\r\nguest says hello\r\n";
 
@@ -71,7 +80,11 @@ impl Pty {
     }
 
     fn wait_for(&self, what: &[u8]) {
-        let deadline = Instant::now() + TIMEOUT;
+        self.wait_for_within(what, TIMEOUT);
+    }
+
+    fn wait_for_within(&self, what: &[u8], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         loop {
             let screen = self.screen.lock().unwrap().clone();
             if screen.windows(what.len()).any(|w| w == what) {
@@ -376,4 +389,76 @@ fn tcp_token_force_and_another_escape_key() {
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert_eq!(peer.rest(), b"a\x1d\x1db");
     assert_eq!(pty.termios(), cooked);
+}
+
+/// The service ends `virt-consoled` when dropped.
+struct Service(Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.0.id() as i32), Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+/// The real chain: a guest on a private libvirtd, `virt-consoled` serving its
+/// console, `virt-console` on a terminal. The guest's shell runs what is typed
+/// (`$((6*7))` comes back as 42, so the answer is not just the echo of the input),
+/// `~R` and `~W` change the role and the service says so, and Ctrl-] quits at once.
+#[test]
+fn against_virt_consoled_and_a_real_guest() {
+    virt::error::clear_error_callback();
+    let testbed = testbed();
+    let daemon = PrivateDaemon::start().expect("start a private libvirtd");
+    let uri = daemon.uri("qemu");
+    let conn = Connect::open(Some(&uri)).expect("connect to the private libvirtd");
+    let guests = Guests::new();
+    let name = "vc-e2e";
+    guests.track(&conn, name);
+    conn.create_domain_xml(&testbed.guest_xml(name, GuestMode::Plain), 0)
+        .unwrap_or_else(|e| panic!("boot {name}: {e}\n{}", daemon.log_tail(30)));
+
+    let work = std::env::temp_dir().join(format!("console-client-{}-e2e", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir(&work).expect("create the work directory");
+    let dir = work.join("consoles");
+    let dir_arg = dir.to_str().expect("UTF-8");
+    let _service = Service(
+        Command::new(env!("CARGO_BIN_EXE_virt-consoled"))
+            .args(["--uri", &uri, "--dir", dir_arg, "--exit-after", "600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(work.join("service.stderr")).expect("its stderr"))
+            .spawn()
+            .expect("spawn virt-consoled"),
+    );
+    let socket = dir.join(format!("{name}.sock"));
+    let deadline = Instant::now() + TIMEOUT;
+    while !socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no {} after {TIMEOUT:?}: {}",
+            socket.display(),
+            std::fs::read_to_string(work.join("service.stderr")).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    let mut pty = Pty::open();
+    let cooked = pty.termios();
+    let mut client = Client::spawn(&pty, &["--dir", dir_arg, name]);
+    // Replayed from the scrollback, or printed live if the guest is still booting.
+    pty.wait_for_within(format!("{BANNER} name={name}").as_bytes(), BOOT_TIMEOUT);
+    assert!(pty.is_raw());
+    pty.type_keys(b"echo answer-$((6*7))\r");
+    pty.wait_for(b"answer-42");
+    pty.type_keys(b"~R");
+    pty.wait_for(b": read-only\r\n");
+    pty.type_keys(b"~W");
+    pty.wait_for(b": read-write\r\n");
+    pty.type_keys(b"\x1d");
+    let (status, stderr) = client.wait_exit();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(pty.termios(), cooked);
+    let _ = std::fs::remove_dir_all(&work);
 }
