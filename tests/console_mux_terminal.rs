@@ -15,19 +15,23 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::consoles::{
-    example_binary, live_processes_mentioning, repo, testbed_dir, NobodyHome, BOOT_TIMEOUT,
-    ECHO_TIMEOUT,
+    descendants, example_binary, live_processes_mentioning, repo, testbed_dir, NobodyHome,
+    BOOT_TIMEOUT, ECHO_TIMEOUT,
 };
 
 /// How long the example may take to finish once it should: destroying the guests.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// What the pane's shell prints, and the example's exit status after it.
+const EXITED: &str = "console_mux exited: ";
 
 static SERVERS: AtomicU32 = AtomicU32::new(0);
 
 /// `console_mux` in a session of a tmux server of its own, which is killed on drop.
+/// A shell in the pane runs it and then prints its exit status (tmux itself may
+/// miss a child's exit: then `#{pane_dead_status}` stays empty).
 struct Tmux {
     socket: PathBuf,
-    /// The example's pid (setpriv and env exec it).
+    /// The example's pid (setpriv and env exec it), a child of the pane's shell.
     pid: u32,
     /// Its embed root: `/tmp/console-mux-<pid>`.
     root: PathBuf,
@@ -44,7 +48,7 @@ impl Tmux {
             SERVERS.fetch_add(1, Ordering::Relaxed)
         ));
         let command = format!(
-            "exec setpriv --reuid=nobody --regid=nogroup --clear-groups env -u TMPDIR -u RUST_LOG HOME={} TESTBED_DIR={} {} {}",
+            "setpriv --reuid=nobody --regid=nogroup --clear-groups env -u TMPDIR -u RUST_LOG HOME={} TESTBED_DIR={} {} {}; echo \"{EXITED}$?\"",
             home.0.display(),
             testbed_dir().display(),
             binary.display(),
@@ -67,9 +71,24 @@ impl Tmux {
             "50",
             &command,
         ]);
-        // The pane stays after the example exits, so that its status can be read.
+        // The pane stays after its shell exits, so that the status can be read.
         tmux.run(&["set-option", "-t", "mux", "remain-on-exit", "on"]);
-        tmux.pid = tmux.query("#{pane_pid}").parse().expect("the pane's pid");
+        let shell: u32 = tmux.query("#{pane_pid}").parse().expect("the pane's pid");
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        tmux.pid = loop {
+            let child = descendants(shell)
+                .into_iter()
+                .find(|p| p.ppid == shell && p.comm == "console_mux");
+            if let Some(child) = child {
+                break child.pid;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "console_mux did not start: {}",
+                tmux.screen()
+            );
+            thread::sleep(Duration::from_millis(20));
+        };
         tmux.root = PathBuf::from(format!("/tmp/console-mux-{}", tmux.pid));
         tmux
     }
@@ -141,19 +160,15 @@ impl Tmux {
     }
 
     /// The exit status, once the example has exited.
-    fn wait_dead(&self) -> i32 {
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        while self.query("#{pane_dead}") != "1" {
-            assert!(
-                Instant::now() < deadline,
-                "console_mux did not exit within {EXIT_TIMEOUT:?}; the screen:\n{}",
-                self.screen()
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-        self.query("#{pane_dead_status}")
-            .parse()
-            .expect("the exit status")
+    fn wait_exit(&self) -> i32 {
+        self.wait("the exit status", EXIT_TIMEOUT, |lines| {
+            lines.iter().any(|l| l.starts_with(EXITED))
+        });
+        let lines = self.lines();
+        let status = lines.iter().find_map(|l| l.strip_prefix(EXITED));
+        status
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no exit status: {}", lines.join("\n")))
     }
 
     fn qemus(&self) -> usize {
@@ -240,7 +255,7 @@ fn in_a_terminal_tab_completes_up_recalls_and_ctrl_bracket_quits_at_once() {
 
     // Ctrl-] with a half-typed line and no Enter: it quits at once.
     tmux.keys(&["half-typed", "C-]"]);
-    assert_eq!(tmux.wait_dead(), 0, "{}", tmux.screen());
+    assert_eq!(tmux.wait_exit(), 0, "{}", tmux.screen());
     let screen = tmux.screen();
     assert!(
         !screen.contains("^[[A") && !screen.contains("^]"),
