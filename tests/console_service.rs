@@ -616,7 +616,7 @@ fn replays_scrollback_and_shares_a_console_by_roles() {
     let socket = paused.dir.join("cs-roles.sock");
     let mut a = Client::unix(&socket, "a");
     a.expect(&format!("{BANNER} name=cs-roles"), ECHO_TIMEOUT, &server);
-    a.expect("Ctrl-] help for commands", ECHO_TIMEOUT, &server);
+    a.expect("commands: Ctrl-] help Enter", ECHO_TIMEOUT, &server);
     let mut b = Client::unix(&socket, "b");
     b.expect(&format!("{BANNER} name=cs-roles"), ECHO_TIMEOUT, &server);
     let mut c = Client::unix(&socket, "c");

@@ -394,6 +394,7 @@ impl Keys {
                 b'T' => "take",
                 b'W' => "rw",
                 b'R' => "ro",
+                b'V' => "who",
                 other => {
                     // `~~` is one `~`; `~` before anything else is sent with it.
                     self.key(b'~', &mut send);
@@ -436,6 +437,7 @@ impl Keys {
                  ~T  take the write role from every other viewer\r\n\
                  ~W  ask for the write role\r\n\
                  ~R  become read-only\r\n\
+                 ~V  list the console's viewers\r\n\
                  ~?  this help\r\n\
                  ~~  send a ~\r\n",
             );
@@ -546,7 +548,7 @@ mod tests {
         let mut keys = keys();
         assert_eq!(keys.feed(b"~B"), [sent(b"\x1dbreak\n")]);
         // Still at the start of the line after a command.
-        assert_eq!(keys.feed(b"~T~W"), [sent(b"\x1dtake\n\x1drw\n")]);
+        assert_eq!(keys.feed(b"~T~W~V"), [sent(b"\x1dtake\n\x1drw\n\x1dwho\n")]);
         assert_eq!(keys.feed(b"a~B"), [sent(b"a~B")]);
         assert_eq!(keys.feed(b"\r~R"), [sent(b"\r\x1dro\n")]);
         assert_eq!(keys.feed(b"\n~?x"), [Step::Help]); // read-only since ~R

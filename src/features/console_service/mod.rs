@@ -37,6 +37,7 @@ mod accept;
 mod dir;
 mod floor;
 mod logfile;
+mod options;
 mod scrollback;
 mod server;
 mod status;
@@ -47,7 +48,6 @@ mod web;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll};
@@ -57,72 +57,13 @@ use signal_hook_mio::v1_0::Signals;
 pub use self::dir::default_dir;
 use self::dir::SocketDir;
 pub use self::logfile::LogOptions;
+pub use self::options::ServiceOptions;
 use self::server::{Libvirt, Server, LIBVIRT, SIGNALS};
 pub use self::status::{ConsoleStatus, LogStatus, ScrollbackStatus, Status, ViewerStatus};
 use self::token::Token;
 pub use self::viewer::COMMAND;
 use crate::streams::reactor::Reactor;
 use crate::vocab::error::{Error, Result};
-
-/// What the service serves, and how.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct ServiceOptions {
-    /// The libvirt connection whose guests are served.
-    pub uri: String,
-    /// Serve only these domains; empty serves all, including those that start later.
-    pub domains: Vec<String>,
-    /// The sockets' directory: created mode 0700 if missing (and then removed at
-    /// exit); an existing one must be a real directory of ours with mode 0700.
-    pub dir: PathBuf,
-    /// Bytes of output each console keeps for viewers that attach later.
-    pub scrollback: usize,
-    /// Keep a log per console.
-    pub log: Option<LogOptions>,
-    /// Output bytes a viewer may fall behind before it is cut off.
-    pub viewer_buffer: usize,
-    /// Also serve viewers on this loopback TCP address.
-    pub tcp: Option<SocketAddr>,
-    /// Serve the web page and WebSocket viewers on this loopback address.
-    pub web: Option<SocketAddr>,
-    /// Read the token from this file, or write a new one there (mode 0600).
-    pub token_file: Option<PathBuf>,
-    /// What the `break` command sends. libvirt's console streams carry bytes, so a
-    /// serial line's break condition cannot be sent; empty refuses the command.
-    pub break_sequence: Vec<u8>,
-    /// TCP and web connections that may wait at once for their first request; one
-    /// more closes the oldest.
-    pub max_pending: usize,
-    /// Take consoles over from other clients (`VIR_DOMAIN_CONSOLE_FORCE`).
-    pub force: bool,
-    /// Stop cleanly after this long.
-    pub exit_after: Option<Duration>,
-    /// Handle SIGINT and SIGTERM (stop) and SIGHUP (reopen the logs).
-    pub signals: bool,
-}
-
-impl ServiceOptions {
-    /// The defaults: every domain of `uri`, sockets in [`default_dir`], 64 KiB of
-    /// scrollback, no log, 1 MiB per viewer, no TCP, no web, signals handled.
-    pub fn new(uri: &str) -> Self {
-        ServiceOptions {
-            uri: uri.to_owned(),
-            domains: Vec::new(),
-            dir: default_dir(),
-            scrollback: 64 * 1024,
-            log: None,
-            viewer_buffer: 1 << 20,
-            tcp: None,
-            web: None,
-            token_file: None,
-            break_sequence: Vec::new(),
-            max_pending: 32,
-            force: false,
-            exit_after: None,
-            signals: true,
-        }
-    }
-}
 
 /// How long libvirt may take, from the start of the shutdown, to answer the
 /// consoles' ends; a frozen daemon must not hold the exit.

@@ -17,6 +17,7 @@ use super::accept::{out_of_fds, transient, Quiet, Reserve, ACCEPT_BUDGET};
 use super::dir::{BoundSocket, SocketDir};
 use super::floor::{Floor, Turn};
 use super::logfile::ConsoleLog;
+use super::options::ServiceOptions;
 use super::scrollback::Scrollback;
 use super::status::{
     ConsoleStatus, LogStatus, Reply, Request, ScrollbackStatus, Status, ViewerStatus,
@@ -24,7 +25,6 @@ use super::status::{
 use super::token::Token as Secret;
 use super::viewer::{notice, Command, Cut, Outbox, Piece, Role, Viewer, HELP};
 use super::web::{Site, WebConn, WebStep};
-use super::ServiceOptions;
 use crate::event_loop::connect::connect;
 use crate::features::console::{ConsoleEnd, ConsoleEvent, ConsoleMux, ConsoleOptions};
 use crate::streams::reactor::{Reactor, ReactorHandle, SubscriptionId};
@@ -1115,7 +1115,7 @@ impl Server {
             viewer.role = Role::ReadOnly; // someone holds the write role alone
         }
         let greeting = notice(&format!(
-            "{name}: you are viewer {} ({}), one of {}; Ctrl-] help for commands",
+            "{name}: you are viewer {} ({}), one of {}; commands: Ctrl-] help Enter (virt-console: ~?)",
             viewer.id,
             viewer.role.as_str(),
             console.viewers.len()
