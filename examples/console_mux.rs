@@ -15,8 +15,8 @@
 //! scripted (then a line with Ctrl-] in it quits).
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, IsTerminal, Write};
+use std::fs;
+use std::io;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::thread;
@@ -29,6 +29,7 @@ mod line_editor;
 #[path = "common/owned_dir.rs"]
 mod owned_dir;
 
+use anstyle::{AnsiColor, Style};
 use clap::Parser;
 use common::{Destroyed, SetUp};
 use line_editor::{Input, Screen, Typed};
@@ -36,10 +37,18 @@ use owned_dir::OwnedDir;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use virt_reactor::console::{ConsoleEnd, ConsoleEvent, ConsoleMux, ConsoleOptions};
+use virt_reactor::console_service::{ConsoleLog, LogOptions};
 use virt_reactor::testbed::BANNER;
 use virt_reactor::{Reactor, ReactorHandle};
 
-const COLORS: [&str; 6] = ["32", "36", "33", "35", "34", "31"];
+const COLORS: [AnsiColor; 6] = [
+    AnsiColor::Green,
+    AnsiColor::Cyan,
+    AnsiColor::Yellow,
+    AnsiColor::Magenta,
+    AnsiColor::Blue,
+    AnsiColor::Red,
+];
 
 #[derive(Parser)]
 #[command(about = "Many guest consoles on one thread")]
@@ -393,11 +402,11 @@ struct Output {
     color: bool,
     log_dir: Option<PathBuf>,
     /// `None`: the log could not be opened (reported through `failed`).
-    logs: HashMap<String, Option<File>>,
+    logs: HashMap<String, Option<ConsoleLog>>,
     /// A log that could not be opened, naming it; the run ends with it.
     failed: Option<String>,
     partial: HashMap<String, (String, Instant)>,
-    colors: HashMap<String, &'static str>,
+    colors: HashMap<String, Style>,
 }
 
 impl Output {
@@ -409,7 +418,8 @@ impl Output {
         }
         Ok(Output {
             screen,
-            color: io::stdout().is_terminal(),
+            // A terminal, unless NO_COLOR says otherwise (or CLICOLOR_FORCE forces it).
+            color: anstream::AutoStream::choice(&io::stdout()) != anstream::ColorChoice::Never,
             log_dir,
             logs: HashMap::new(),
             failed: None,
@@ -423,6 +433,7 @@ impl Output {
         let mut banner = None;
         match event {
             ConsoleEvent::Output { name, bytes } => {
+                self.log(name, bytes);
                 let text = String::from_utf8_lossy(bytes).replace('\r', "");
                 let (buffer, since) = self
                     .partial
@@ -496,27 +507,33 @@ impl Output {
     }
 
     fn line(&mut self, name: &str, line: &str) {
-        let next = COLORS[self.colors.len() % COLORS.len()];
-        let color = *self.colors.entry(name.to_owned()).or_insert(next);
+        let next = Style::new().fg_color(Some(COLORS[self.colors.len() % COLORS.len()].into()));
+        let style = *self.colors.entry(name.to_owned()).or_insert(next);
         self.screen.line(if self.color {
-            format!("\x1b[{color}m{name}|\x1b[0m {line}")
+            format!("{style}{name}|{style:#} {line}")
         } else {
             format!("{name}| {line}")
         });
-        if let Some(dir) = &self.log_dir {
-            let failed = &mut self.failed;
-            let log = self.logs.entry(name.to_owned()).or_insert_with(|| {
-                let path = dir.join(format!("{name}.log"));
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(|e| *failed = Some(format!("log {}: {e}", path.display())))
-                    .ok()
-            });
-            if let Some(log) = log {
-                let _ = writeln!(log, "{line}");
-            }
+    }
+
+    /// The guest's output as it came, into DIR/NAME.log (the console service's logs:
+    /// rotated at 1 MiB on a line end, 5 kept).
+    fn log(&mut self, name: &str, bytes: &[u8]) {
+        let Some(dir) = &self.log_dir else { return };
+        let failed = &mut self.failed;
+        let log = self.logs.entry(name.to_owned()).or_insert_with(|| {
+            let options = LogOptions {
+                dir: dir.clone(),
+                max_bytes: 1 << 20,
+                keep: 5,
+                timestamps: false,
+            };
+            ConsoleLog::open(name, &options)
+                .map_err(|e| *failed = Some(format!("log {}/{name}.log: {e}", dir.display())))
+                .ok()
+        });
+        if let Some(log) = log {
+            log.write(bytes);
         }
     }
 

@@ -24,6 +24,7 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
@@ -841,7 +842,11 @@ fn console_mux_example_broadcasts_routes_and_cleans_up() {
 /// is among its descendants or anywhere with its private home.
 #[test]
 fn console_mux_runs_on_the_embedded_driver_without_a_daemon() {
-    let mut mux = MuxProcess::spawn(&["--guests", "1"]);
+    // Its log goes where the unprivileged example may write.
+    let logs = tempfile::tempdir().expect("a log directory");
+    fs::set_permissions(logs.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    let log_dir = logs.path().to_str().expect("UTF-8 path");
+    let mut mux = MuxProcess::spawn(&["--guests", "1", "--log-dir", log_dir]);
     mux.wait_lines("the ready line", BOOT_TIMEOUT, |lines| {
         lines
             .iter()
@@ -912,6 +917,11 @@ fn console_mux_runs_on_the_embedded_driver_without_a_daemon() {
         mux.describe()
     );
     assert_qemus_gone(&root);
+    // The guest's output as it came, in the console service's log format.
+    let log = fs::read_to_string(logs.path().join("tb-1.log")).expect("tb-1's log");
+    for line in ["TESTBED-READY name=tb-1\r\n", "\nhello-embedded\r\n"] {
+        assert!(log.contains(line), "{line:?} not in the log: {log:?}");
+    }
 }
 
 /// The `console_mux` example quits with an error when no guest comes up, even
@@ -949,7 +959,6 @@ struct BrokenTestbed(std::path::PathBuf);
 
 impl BrokenTestbed {
     fn new() -> BrokenTestbed {
-        use std::os::unix::fs::PermissionsExt;
         let dir = std::path::PathBuf::from(format!("/tmp/consoles-broken-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir(&dir).expect("create the broken testbed");

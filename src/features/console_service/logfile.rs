@@ -25,8 +25,10 @@ pub struct LogOptions {
 /// gone); beyond them bytes are counted as lost.
 const HOLD_MAX: usize = 16 << 20;
 
+/// One console's log: `DIR/NAME.log`, rotated and timestamped as [`LogOptions`]
+/// say. Writes are plain file writes on the caller's thread.
 #[derive(Debug)]
-pub(crate) struct ConsoleLog {
+pub struct ConsoleLog {
     path: PathBuf,
     file: Option<File>,
     options: LogOptions,
@@ -45,7 +47,11 @@ pub(crate) struct ConsoleLog {
 
 impl ConsoleLog {
     /// Opens (appending to) `DIR/NAME.log`.
-    pub(crate) fn open(name: &str, options: &LogOptions) -> io::Result<Self> {
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be opened (or is a symbolic link).
+    pub fn open(name: &str, options: &LogOptions) -> io::Result<Self> {
         let path = options.dir.join(format!("{name}.log"));
         let file = open_append(&path)?;
         let size = file.metadata()?.len();
@@ -64,7 +70,8 @@ impl ConsoleLog {
         })
     }
 
-    pub(crate) fn path(&self) -> &Path {
+    /// The current file.
+    pub fn path(&self) -> &Path {
         &self.path
     }
 
@@ -75,7 +82,7 @@ impl ConsoleLog {
 
     /// Appends what the guest printed, rotating after a line end once the file is
     /// full. A line longer than the whole limit is cut where it reaches it.
-    pub(crate) fn write(&mut self, mut bytes: &[u8]) {
+    pub fn write(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             if self.at_line_start && self.options.timestamps {
                 let stamp = format!("[{}] ", humantime::format_rfc3339_millis(SystemTime::now()));
@@ -103,7 +110,7 @@ impl ConsoleLog {
     }
 
     /// Closes and opens the file again (after an outside rotation moved it).
-    pub(crate) fn reopen(&mut self) {
+    pub fn reopen(&mut self) {
         self.file = None;
         match open_append(&self.path).and_then(|f| Ok((f.metadata()?.len(), f))) {
             Ok((size, file)) => {

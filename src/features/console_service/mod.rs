@@ -56,7 +56,7 @@ use signal_hook_mio::v1_0::Signals;
 
 pub use self::dir::default_dir;
 use self::dir::SocketDir;
-pub use self::logfile::LogOptions;
+pub use self::logfile::{ConsoleLog, LogOptions};
 pub use self::options::ServiceOptions;
 use self::server::{Libvirt, Server, LIBVIRT, SIGNALS};
 pub use self::status::{ConsoleStatus, LogStatus, ScrollbackStatus, Status, ViewerStatus};
