@@ -52,8 +52,8 @@ fi
 
 # Installing conserver-server starts its system service where services start (not
 # in containers, whose policy-rc.d refuses): stop and disable that instance, which
-# would listen on port 782 of every interface. Only when this run installed it: a
-# conserver the administrator set up before is left alone.
+# would listen on every interface (port 3109 of /etc/conserver/server.conf). Only
+# when this run installed it: a conserver set up before is left alone.
 if [[ " ${missing[*]} " == *" conserver-server "* ]]; then
     if command -v systemctl >/dev/null && systemctl is-active --quiet conserver-server 2>/dev/null; then
         echo "setup-host: conserver-server: stopping and disabling the system service the package started"

@@ -348,8 +348,12 @@ impl Results {
                 continue;
             }
             match row.figure.key {
-                "rss_mib" if !c.is_nan() => t.push((
-                    format!("S6 {}: RSS of the whole service ≤ 1/10 of conserver + virsh's (the issue's target at N=24)", row.case),
+                // The issue sets the memory target at 24 guests (and more).
+                "rss_mib" if !c.is_nan() && crate::service::guests_of(&row.case) >= 24 => t.push((
+                    format!(
+                        "S6 {}: RSS of the whole service ≤ 1/10 of conserver + virsh's",
+                        row.case
+                    ),
                     format!("{} / {} MiB = {}", num(o), num(c), num(o / c)),
                     Some(o <= 0.1 * c),
                 )),
@@ -359,7 +363,10 @@ impl Results {
                     Some(o <= c),
                 )),
                 "attach_max_ms" => t.push((
-                    format!("S6 {}: attach → first replayed byte ≤ 50 ms (slowest console)", row.case),
+                    format!(
+                        "S6 {}: attach → first replayed byte ≤ 50 ms (slowest console)",
+                        row.case
+                    ),
                     format!("{} ms (conserver: {} ms)", num(o), num(c)),
                     Some(o <= 50.0),
                 )),

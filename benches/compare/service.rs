@@ -69,6 +69,16 @@ pub(crate) fn s6_label(n: usize, quickack: bool) -> String {
     }
 }
 
+/// The guest count of a case label.
+pub(crate) fn guests_of(label: &str) -> usize {
+    label
+        .trim_start_matches("N=")
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The figures of a run, in table order.
 pub(crate) const FIGURES: &[Figure] = &[
     figure("rss_mib", "RSS MiB, whole service, rings full"),
@@ -436,7 +446,23 @@ impl Service {
         let stderr = output.try_clone().map_err(|e| e.to_string())?;
         let (mut command, port) = match side {
             Side::Ours => {
-                let mut c = Command::new(&opts.consoled);
+                // COMPARE_PERF=DIR records ours with `perf record -g` (perf is then
+                // part of the measured tree).
+                let mut c = match std::env::var_os("COMPARE_PERF") {
+                    Some(out) => {
+                        let mut c = Command::new("perf");
+                        c.args(["record", "-q", "-F", "999", "-g", "-o"])
+                            .arg(PathBuf::from(out).join(format!(
+                                "s6-ours-n{}-{}.perf",
+                                names.len(),
+                                std::process::id()
+                            )))
+                            .arg("--")
+                            .arg(&opts.consoled);
+                        c
+                    }
+                    None => Command::new(&opts.consoled),
+                };
                 c.arg("--uri")
                     .arg(&env.uri)
                     .arg("--dir")
