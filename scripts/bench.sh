@@ -5,6 +5,7 @@
 #   bash scripts/bench.sh                 # the full run (about 15-20 minutes)
 #   bash scripts/bench.sh --quick --runs 1   # a smoke test of the harness (~1 minute)
 #   bash scripts/bench.sh --only s2,s5 --runs 3
+#   bash scripts/bench.sh --only s6 --service-guests 8,24,48   # console service vs conserver
 #
 # Arguments go to `cargo bench --bench compare --` (see benches/compare/main.rs).
 # It needs nothing set up by hand: it installs missing packages (setup-host.sh),
@@ -16,6 +17,8 @@
 # (every run's figures), target/bench/benchmarks-s2.svg (the scenario 2 plot;
 # copied to docs/ by a full run, i.e. one without arguments).
 # With valgrind installed, scenario 2 also counts instructions per iteration.
+# Scenario 6 runs the release build of virt-consoled (built here) against a private
+# conserver (Debian's conserver-server, installed by setup-host.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PATH="$PATH:/usr/sbin:/sbin"
@@ -33,6 +36,8 @@ extra=()
 if command -v valgrind >/dev/null; then
     extra+=(--callgrind)
 fi
+
+cargo build --release --quiet --features console-service --bin virt-consoled
 
 out=${BENCH_OUT:-target/bench}
 mkdir -p "$out"

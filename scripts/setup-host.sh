@@ -4,7 +4,10 @@
 # Idempotent, and it changes no system configuration: it only installs missing
 # packages, the Rust toolchain of Cargo.toml's rust-version (with rustup) and
 # cargo-nextest. No /etc edits, no users, no system libvirtd: the tests start their
-# own private, unprivileged libvirtd (tests/support/daemon.rs).
+# own private, unprivileged libvirtd (tests/support/daemon.rs). conserver (for
+# scenario 6 of the benchmark) runs the same way, a private instance per run with
+# its own configuration and a loopback port; if installing it starts Debian's
+# system service, this script stops and disables that service again.
 set -euo pipefail
 
 PACKAGES=(
@@ -13,6 +16,7 @@ PACKAGES=(
     util-linux # setpriv
     chromium chromium-driver # the console service's browser test (tests/support/browser.rs)
     tmux # tests/console_mux_terminal.rs
+    conserver-server conserver-client # benchmark scenario 6
 )
 
 SUDO=()
@@ -48,7 +52,22 @@ else
         apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-for tool in libvirtd setpriv chromium chromedriver; do
+# Installing conserver-server starts its system service where services start (not
+# in containers, whose policy-rc.d refuses): stop and disable that instance, which
+# would listen on every interface (port 3109 of /etc/conserver/server.conf). Only
+# when this run installed it: a conserver set up before is left alone.
+if [[ " ${missing[*]} " == *" conserver-server "* ]]; then
+    if command -v systemctl >/dev/null && systemctl is-active --quiet conserver-server 2>/dev/null; then
+        echo "setup-host: conserver-server: stopping and disabling the system service the package started"
+        quietly "${SUDO[@]}" systemctl disable --now conserver-server
+    elif [ -x /etc/init.d/conserver-server ] && /etc/init.d/conserver-server status >/dev/null 2>&1; then
+        echo "setup-host: conserver-server: stopping and disabling the system service the package started"
+        quietly "${SUDO[@]}" /etc/init.d/conserver-server stop
+        quietly "${SUDO[@]}" update-rc.d conserver-server disable
+    fi
+fi
+
+for tool in libvirtd setpriv chromium chromedriver tmux conserver console; do
     if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null; then
         echo "setup-host: error: $tool not found after installing packages" >&2
         exit 1

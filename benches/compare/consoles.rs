@@ -34,7 +34,7 @@ pub(crate) fn s4_label(all: bool, upload: bool) -> String {
 }
 
 pub(crate) fn scenario4(opts: &Opts, env: &mut Env, results: &mut Results) {
-    let guests = env.boot_guests(&opts.testbed, opts.guests);
+    let guests = env.boot_guests(&opts.testbed, opts.guests)[..opts.guests].to_vec();
     let upload_len = if opts.quick { 128 * MIB } else { 1024 * MIB };
     env.create_volume(UPLOAD_VOLUME, upload_len);
     let samples = if opts.quick { 50 } else { 300 };

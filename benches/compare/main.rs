@@ -6,6 +6,7 @@
 //!                                [--out target/bench] [--svg docs/benchmarks-s2.svg]
 //!                                [--callgrind] [--guests 3] [--scratch DIR]
 //!                                [--filter CASE] [--tokio-read buf|copy]
+//!                                [--service-guests 8,24] [--consoled PATH]
 //! ```
 //!
 //! The parent process starts a private unprivileged libvirtd (as `tests/support`
@@ -27,7 +28,9 @@
 //! Scenarios: 1 volume download/upload throughput and client CPU (`streams`),
 //! 2 per-iteration cost against idle watches and timers (`loops`), 3 a download
 //! among idle streams (`streams`), 4 console echo latency (`consoles`), 5 memory
-//! (`memory`). `docs/benchmarks.md` has the figures and the reasoning.
+//! (`memory`), 6 the console service against conserver with `virsh console` per
+//! guest (`service`: no children; the parent runs both services and measures them
+//! from outside). `docs/benchmarks.md` has the figures and the reasoning.
 
 mod asyncpath;
 mod consoles;
@@ -38,6 +41,7 @@ mod data;
 mod loops;
 mod memory;
 mod report;
+mod service;
 mod setup;
 mod streams;
 mod sys;
@@ -175,6 +179,18 @@ pub(crate) struct Opts {
     /// Only cases whose label contains this (e.g. `upload N=1`).
     #[arg(long)]
     pub(crate) filter: Option<String>,
+    /// Guest counts for scenario 6 (the console service against conserver), in
+    /// increasing order: the guests are booted up to each count in turn.
+    #[arg(long, value_delimiter = ',', default_value = "8,24")]
+    pub(crate) service_guests: Vec<usize>,
+    /// The `virt-consoled` binary scenario 6 runs (scripts/bench.sh builds it).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/virt-consoled"))]
+    pub(crate) consoled: PathBuf,
+    /// Scenario 6: conserver's viewers acknowledge at once (TCP_QUICKACK after every
+    /// read), which tells conserver's own Nagle waits (it never sets TCP_NODELAY)
+    /// from the rest; `console` does not do that.
+    #[arg(long)]
+    pub(crate) quickack: bool,
     /// Ignored (cargo bench passes it).
     #[arg(long, hide = true)]
     pub(crate) bench: bool,
@@ -451,7 +467,7 @@ fn parent(opts: &Opts) {
     // guests, daemon and pool (Env's Drop).
     let _ = ctrlc::set_handler(|| eprintln!("compare: interrupted; cleaning up"));
     let load_before = loadavg();
-    let needs_daemon = ["s1", "s3", "s4", "s5"].iter().any(|s| opts.wants(s));
+    let needs_daemon = ["s1", "s3", "s4", "s5", "s6"].iter().any(|s| opts.wants(s));
     let mut env = needs_daemon.then(|| Env::start(opts));
     eprintln!(
         "compare: {} CPUs, load {}, runs {}",
@@ -484,6 +500,10 @@ fn parent(opts: &Opts) {
     }
     if opts.wants("s5") {
         memory::scenario5(opts, env.as_ref().expect("daemon"), &mut results);
+        partial(&results);
+    }
+    if opts.wants("s6") {
+        service::scenario6(opts, env.as_mut().expect("daemon"), &mut results);
     }
     let libvirt = env
         .as_ref()

@@ -79,6 +79,16 @@ pub(crate) fn num(x: f64) -> String {
     }
 }
 
+/// The table's two sides and their ratio's name: scenario 6 sets the console
+/// service against conserver, the others our loop against libvirt's.
+fn columns(scenario: &str) -> (&'static str, &'static str, &'static str) {
+    if scenario == crate::service::SCENARIO {
+        ("virt-consoled", "conserver + virsh", "ours/theirs")
+    } else {
+        ("ours", "default", "ours/default")
+    }
+}
+
 impl Results {
     pub(crate) fn add(
         &mut self,
@@ -133,9 +143,10 @@ impl Results {
         for row in &self.rows {
             if row.scenario != scenario {
                 scenario = row.scenario;
+                let (ours, theirs, ratio) = columns(scenario);
                 let _ = writeln!(
                     out,
-                    "\n## {scenario}\n\n| case | figure | ours | default | ours/default |\n|---|---|---|---|---|"
+                    "\n## {scenario}\n\n| case | figure | {ours} | {theirs} | {ratio} |\n|---|---|---|---|---|"
                 );
             }
             let ratio = summary(&row.ours).0 / summary(&row.default).0;
@@ -323,6 +334,41 @@ impl Results {
                         num(o.2)
                     ),
                     Some(k.0 <= o.2.max(1.1 * o.0)),
+                )),
+                _ => {}
+            }
+        }
+        for row in self
+            .rows
+            .iter()
+            .filter(|r| r.scenario == crate::service::SCENARIO)
+        {
+            let (o, c) = (summary(&row.ours).0, summary(&row.default).0);
+            if o.is_nan() {
+                continue;
+            }
+            match row.figure.key {
+                // The issue sets the memory target at 24 guests (and more).
+                "rss_mib" if !c.is_nan() && crate::service::guests_of(&row.case) >= 24 => t.push((
+                    format!(
+                        "S6 {}: RSS of the whole service ≤ 1/10 of conserver + virsh's",
+                        row.case
+                    ),
+                    format!("{} / {} MiB = {}", num(o), num(c), num(o / c)),
+                    Some(o <= 0.1 * c),
+                )),
+                "p99_ms" if !c.is_nan() => t.push((
+                    format!("S6 {}: echo p99 ≤ conserver + virsh's", row.case),
+                    format!("{} / {} ms = {}", num(o), num(c), num(o / c)),
+                    Some(o <= c),
+                )),
+                "attach_max_ms" => t.push((
+                    format!(
+                        "S6 {}: attach → first replayed byte ≤ 50 ms (slowest console)",
+                        row.case
+                    ),
+                    format!("{} ms (conserver: {} ms)", num(o), num(c)),
+                    Some(o <= 50.0),
                 )),
                 _ => {}
             }

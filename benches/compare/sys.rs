@@ -139,11 +139,34 @@ pub(crate) fn raise_fd_limit() {
 
 /// SIGKILLs a child process of ours that overran its time.
 pub(crate) fn kill_child(pid: u32) {
+    signal(pid, libc::SIGKILL);
+}
+
+/// Sends `signal` to a process of ours (a child, or one of a service's tree we
+/// started).
+pub(crate) fn signal(pid: u32, signal: libc::c_int) {
     if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill(2) takes plain integers; `pid` is a child we spawned and have
-        // not reaped yet.
+        // SAFETY: kill(2) takes plain integers; `pid` is a process we started.
         unsafe {
-            libc::kill(pid, libc::SIGKILL);
+            libc::kill(pid, signal);
         }
+    }
+}
+
+/// Turns on TCP_QUICKACK on a connected socket: its next ACKs go out at once
+/// instead of being delayed (Linux clears it again by itself, so callers set it
+/// after every read).
+pub(crate) fn quickack(fd: std::os::fd::RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&one`, which lives
+    // across the call; a bad fd only makes it fail.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
