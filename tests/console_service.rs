@@ -395,8 +395,13 @@ fn idle_connections_lock_nobody_out() {
         .lookup_domain_by_name("cs-idle")
         .and_then(|d| d.destroy())
         .expect("destroy cs-idle");
-    user.expect("[virt-consoled] cs-idle: guest gone", LOG_TIMEOUT, &server);
-    tcp_user.expect("[virt-consoled] cs-idle: guest gone", LOG_TIMEOUT, &server);
+    for client in [&mut user, &mut tcp_user] {
+        client.expect(
+            "[virt-consoled] cs-idle: console ended: guest gone",
+            LOG_TIMEOUT,
+            &server,
+        );
+    }
 }
 
 /// Without the --max-pending cap the idle connections exhaust the descriptors: the

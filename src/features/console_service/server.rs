@@ -423,12 +423,7 @@ impl Server {
                     }
                     self.ended(&name, why);
                 }
-                ConsoleEvent::AttachFailed { name, error } => {
-                    log::warn!("{name}: cannot attach to the console: {error}");
-                    if self.consoles.contains_key(&name) {
-                        self.ended(&name, format!("cannot attach: {error}"));
-                    }
-                }
+                ConsoleEvent::AttachFailed { name, error } => self.attach_failed(&name, &error),
             }
         }
         lost
@@ -514,6 +509,23 @@ impl Server {
         if let Err(e) = spawned {
             log::warn!("{name}: cannot check whether the domain still exists: {e}");
         }
+    }
+
+    /// An attach failed: a console that ended keeps the reason it ended for (the
+    /// guest may have been seen running while it was stopping); one that was
+    /// starting says why it could not. No check follows, so a domain whose console
+    /// cannot be opened is not retried in a loop.
+    fn attach_failed(&mut self, name: &str, error: &Error) {
+        log::warn!("{name}: cannot attach to the console: {error}");
+        let Some(console) = self.consoles.get_mut(name) else {
+            return;
+        };
+        if let State::Ended(_) = console.state {
+            return;
+        }
+        let why = format!("cannot attach: {error}");
+        console.state = State::Ended(why.clone());
+        self.tell_all(name, &format!("console not attached: {why}"));
     }
 
     fn checked(&mut self, name: &str, existence: Existence) {
