@@ -29,6 +29,11 @@ impl Reserve {
         })
     }
 
+    /// No descriptor is held in reserve: none was free at the last try.
+    pub(crate) fn starved(&self) -> bool {
+        self.file.is_none()
+    }
+
     /// Reopens the reserve if an earlier attempt found no descriptor free.
     pub(crate) fn refill(&mut self) {
         if self.file.is_none() {

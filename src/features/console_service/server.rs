@@ -275,7 +275,13 @@ impl Server {
             || !self.unix_ready.is_empty()
             || !self.retry.is_empty()
         {
-            return Some(Duration::ZERO);
+            // Out of descriptors with nothing to shed, more accepts would fail the
+            // same way: wait a little instead of spinning.
+            return Some(if self.reserve.starved() {
+                INPUT_RETRY
+            } else {
+                Duration::ZERO
+            });
         }
         let now = Instant::now();
         let stalled = (!self.stalled.is_empty()).then_some(now + INPUT_RETRY);
