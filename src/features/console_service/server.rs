@@ -55,6 +55,8 @@ const INPUT_RETRY: Duration = Duration::from_millis(10);
 const CONTROL_LINE_MAX: usize = 4096;
 /// Output a control connection may leave unread before it is closed.
 const CONTROL_OUT_MAX: usize = 4 << 20;
+/// Existence checks after failed attaches, per end of a console.
+const RECHECKS: u8 = 3;
 /// Shutting down: how long to wait for the set-up to finish.
 pub(crate) const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
 
@@ -135,6 +137,8 @@ struct Console {
     viewers: BTreeSet<usize>,
     /// The viewer that took the write role for itself alone.
     exclusive: Option<usize>,
+    /// Existence checks after failed attaches since the console ended.
+    checks: u8,
     floor: Floor,
     output_bytes: u64,
     input_bytes: u64,
@@ -483,6 +487,7 @@ impl Server {
                 log,
                 viewers: BTreeSet::new(),
                 exclusive: None,
+                checks: 0,
                 floor: Floor::default(),
                 output_bytes: 0,
                 input_bytes: 0,
@@ -500,7 +505,14 @@ impl Server {
         };
         log::info!("{name}: console ended ({why})");
         console.state = State::Ended(why.clone());
+        console.checks = 0;
         self.tell_all(name, &format!("console ended: {why}"));
+        self.check_existence(name);
+    }
+
+    /// Finds out on a worker whether the domain of a console that ended still
+    /// exists; [`checked`](Self::checked) acts on the answer.
+    fn check_existence(&mut self, name: &str) {
         if self.closing {
             return;
         }
@@ -517,16 +529,20 @@ impl Server {
         }
     }
 
-    /// An attach failed: a console that ended keeps the reason it ended for (the
-    /// guest may have been seen running while it was stopping); one that was
-    /// starting says why it could not. No check follows, so a domain whose console
-    /// cannot be opened is not retried in a loop.
+    /// An attach failed. A console that ended keeps the reason it ended for: the
+    /// domain may have looked alive while it was stopping, so it is looked at again
+    /// (a few times at most, so that a running domain whose console cannot be opened
+    /// is not retried in a loop). One that was starting says why it could not.
     fn attach_failed(&mut self, name: &str, error: &Error) {
         log::warn!("{name}: cannot attach to the console: {error}");
         let Some(console) = self.consoles.get_mut(name) else {
             return;
         };
         if let State::Ended(_) = console.state {
+            if console.checks < RECHECKS {
+                console.checks += 1;
+                self.check_existence(name);
+            }
             return;
         }
         let why = format!("cannot attach: {error}");
