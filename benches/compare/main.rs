@@ -6,6 +6,7 @@
 //!                                [--out target/bench] [--svg docs/benchmarks-s2.svg]
 //!                                [--callgrind] [--guests 3] [--scratch DIR]
 //!                                [--filter CASE] [--tokio-read buf|copy]
+//!                                [--instructions RUNS]
 //! ```
 //!
 //! The parent process starts a private unprivileged libvirtd (as `tests/support`
@@ -172,6 +173,12 @@ pub(crate) struct Opts {
     /// `copy` (`AsyncRead::read` into a buffer of the child's).
     #[arg(long, default_value = "buf", value_parser = ["buf", "copy"])]
     pub(crate) tokio_read: String,
+    /// Also count the client's instructions per GiB under callgrind, this many runs
+    /// per loop, interleaved with the timed runs: scenario 1's cases that run the
+    /// async path, ours and tokio (a run is a small and a large transfer; see
+    /// `Case::instructions`). Needs valgrind. 0: off.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) instructions: usize,
     /// Only cases whose label contains this (e.g. `upload N=1`).
     #[arg(long)]
     pub(crate) filter: Option<String>,
@@ -267,19 +274,68 @@ pub(crate) fn run_child(
     scenario: &str,
     args: &[String],
 ) -> Result<HashMap<String, f64>, String> {
-    let started = Instant::now();
-    let daemon_before = DAEMON_PID.get().and_then(|&pid| sys::process_cpu_time(pid));
-    let exe = env::current_exe().expect("own path");
     // COMPARE_PERF=DIR profiles every child: perf record -g into DIR.
-    let mut command = match env::var_os("COMPARE_PERF") {
+    let wrapper: Vec<std::ffi::OsString> = match env::var_os("COMPARE_PERF") {
         Some(dir) => {
             let n = PROFILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let file = PathBuf::from(dir).join(format!("{scenario}-{}-{n}.perf", kind.name()));
-            let mut c = Command::new("perf");
-            c.args(["record", "-q", "-F", "1999", "-g", "-o"])
-                .arg(file)
-                .arg("--")
-                .arg(exe);
+            ["perf", "record", "-q", "-F", "1999", "-g", "-o"]
+                .map(Into::into)
+                .into_iter()
+                .chain([file.into(), "--".into()])
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    run_child_in(&wrapper, kind, scenario, args)
+}
+
+/// Runs one child under callgrind (all its threads counted) and returns its figures
+/// and the instructions it executed in all, from its first to its last.
+pub(crate) fn run_child_callgrind(
+    kind: Loop,
+    scenario: &str,
+    args: &[String],
+    file: &std::path::Path,
+) -> Result<(HashMap<String, f64>, f64), String> {
+    let wrapper = vec![
+        "valgrind".into(),
+        "--tool=callgrind".into(),
+        "-q".into(),
+        format!("--callgrind-out-file={}", file.display()).into(),
+    ];
+    let figures = run_child_in(&wrapper, kind, scenario, args)?;
+    Ok((figures, callgrind_total(file)?))
+}
+
+/// The instructions a callgrind output file counts in all.
+pub(crate) fn callgrind_total(file: &std::path::Path) -> Result<f64, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no totals in {}", file.display()))
+}
+
+/// Runs one child, behind `wrapper` (a command and its arguments, e.g. a profiler)
+/// if not empty, and returns its figures.
+fn run_child_in(
+    wrapper: &[std::ffi::OsString],
+    kind: Loop,
+    scenario: &str,
+    args: &[String],
+) -> Result<HashMap<String, f64>, String> {
+    let started = Instant::now();
+    let daemon_before = DAEMON_PID.get().and_then(|&pid| sys::process_cpu_time(pid));
+    let exe = env::current_exe().expect("own path");
+    let mut command = match wrapper.split_first() {
+        Some((program, wrapper_args)) => {
+            let mut c = Command::new(program);
+            c.args(wrapper_args).arg(exe);
             c
         }
         None => Command::new(exe),
@@ -364,6 +420,41 @@ pub(crate) struct Case<'a> {
     pub(crate) before: Option<Box<dyn Fn() + 'a>>,
     /// After each run: check what the child left (e.g. uploaded bytes).
     pub(crate) after: Option<Box<dyn Fn() -> Result<(), String> + 'a>>,
+    /// Instructions per GiB under callgrind (`--instructions RUNS`), for ours and
+    /// tokio: the child arguments of a small and of a large transfer. A run is the
+    /// pair, and the figure is the difference of their instruction counts over the
+    /// difference of their volumes: what start-up and teardown cost (connect,
+    /// runtime, lookups) cancels out.
+    pub(crate) instructions: Option<(Vec<String>, Vec<String>)>,
+}
+
+/// One callgrind run of `case` (see `Case::instructions`): instructions per GiB.
+fn instructions_per_gib(case: &Case<'_>, kind: Loop, run: usize) -> Result<f64, String> {
+    let (small, large) = case.instructions.as_ref().expect("instruction args");
+    let dir = OUT
+        .get()
+        .map_or_else(|| PathBuf::from("target/bench"), Clone::clone)
+        .join("callgrind");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut counts = Vec::new();
+    for (size, args) in [("small", small), ("large", large)] {
+        if let Some(before) = &case.before {
+            before();
+        }
+        let tag: String = case
+            .label
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let file = dir.join(format!("{tag}.{}.{size}.{run}.out", kind.name()));
+        let (figures, ir) = run_child_callgrind(kind, case.child, args, &file)?;
+        let gib = *figures.get("gib").ok_or("the child reported no volume")?;
+        counts.push((gib, ir));
+    }
+    let [(gib_small, ir_small), (gib_large, ir_large)] = counts[..] else {
+        unreachable!("two sizes")
+    };
+    Ok((ir_large - ir_small) / (gib_large - gib_small))
 }
 
 /// Runs a case and adds its rows to `results`.
@@ -374,6 +465,7 @@ pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
         }
     }
     let mut runs: [Vec<HashMap<String, f64>>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let mut instructions: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     let started = Instant::now();
     let kinds: &[Loop] = if case.tokio {
         &[Loop::Ours, Loop::Default, Loop::Tokio]
@@ -394,6 +486,20 @@ pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
                     Some(after) => after().map(|()| figures),
                     None => Ok(figures),
                 });
+            // Interleaved with the timed runs: a callgrind run of the same loop.
+            if case.instructions.is_some()
+                && kind != Loop::Default
+                && run < INSTRUCTION_RUNS.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                match instructions_per_gib(&case, kind, run) {
+                    Ok(ir) => instructions[kind as usize].push(ir),
+                    Err(e) => eprintln!(
+                        "compare: {} {} callgrind run {run} FAILED: {e}",
+                        case.label,
+                        kind.name()
+                    ),
+                }
+            }
             match figures {
                 Ok(figures) => runs[kind as usize].push(figures),
                 Err(e) => {
@@ -436,14 +542,30 @@ pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
             pick(&runs[2]),
         );
     }
+    if instructions.iter().any(|v| !v.is_empty()) {
+        let [ours, default, tokio] = instructions;
+        results.add(
+            case.scenario,
+            &case.label,
+            report::figure("ir_per_gib", "client instructions per GiB (callgrind)"),
+            ours,
+            default,
+            tokio,
+        );
+    }
 }
 
 static FILTER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+static OUT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+/// Callgrind runs per loop for the cases with `Case::instructions`.
+static INSTRUCTION_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static TOKIO_READ: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn parent(opts: &Opts) {
     let _ = FILTER.set(opts.filter.clone());
     let _ = TOKIO_READ.set(opts.tokio_read.clone());
+    let _ = OUT.set(opts.out.clone());
+    INSTRUCTION_RUNS.store(opts.instructions, std::sync::atomic::Ordering::Relaxed);
     let started = Instant::now();
     std::fs::create_dir_all(&opts.out).expect("create the output directory");
     let mut results = Results::default();

@@ -54,11 +54,48 @@ pub(crate) fn malloc_heap() -> i64 {
     (info.uordblks + info.hblkhd) as i64
 }
 
-/// User + system CPU time of this process.
-pub(crate) fn cpu_time() -> Duration {
-    let usage = rusage();
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+/// What `getrusage(RUSAGE_SELF)` counts for the whole process (every thread), at
+/// one moment; subtract two for what happened in between.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Usage {
+    /// User + system CPU time.
+    pub(crate) cpu: Duration,
+    /// System CPU time alone (the kernel on the process's behalf).
+    pub(crate) sys: Duration,
+    /// Minor page faults (first touches of fresh memory, mostly).
+    pub(crate) minflt: u64,
+    /// Voluntary context switches: a thread blocked (waits, wakeups).
+    pub(crate) nvcsw: u64,
+    /// Involuntary ones: a thread was preempted (mostly the machine's load).
+    pub(crate) nivcsw: u64,
+}
+
+impl Usage {
+    pub(crate) fn now() -> Usage {
+        let usage = rusage();
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        Usage {
+            cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+            sys: tv(usage.ru_stime),
+            minflt: usage.ru_minflt as u64,
+            nvcsw: usage.ru_nvcsw as u64,
+            nivcsw: usage.ru_nivcsw as u64,
+        }
+    }
+}
+
+impl std::ops::Sub for Usage {
+    type Output = Usage;
+
+    fn sub(self, earlier: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu.saturating_sub(earlier.cpu),
+            sys: self.sys.saturating_sub(earlier.sys),
+            minflt: self.minflt.saturating_sub(earlier.minflt),
+            nvcsw: self.nvcsw.saturating_sub(earlier.nvcsw),
+            nivcsw: self.nivcsw.saturating_sub(earlier.nivcsw),
+        }
+    }
 }
 
 /// User + system CPU time of another process and of the children it has reaped
