@@ -131,6 +131,7 @@ async fn transfer_async(p: &Params) -> Figures {
             .expect("lookups")
     };
 
+    sys::perf_counting(true);
     let usage_before = sys::Usage::now();
     let started = Instant::now();
     let tasks: Vec<_> = (0..n)
@@ -197,6 +198,7 @@ async fn transfer_async(p: &Params) -> Figures {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let usage = sys::Usage::now() - usage_before;
+    sys::perf_counting(false);
     let figures = transfer_figures(n as f64 * len as f64, elapsed, usage);
     drop(volumes);
     finish(handle, driver, conn).await;

@@ -6,7 +6,7 @@
 //!                                [--out target/bench] [--svg docs/benchmarks-s2.svg]
 //!                                [--callgrind] [--guests 3] [--scratch DIR]
 //!                                [--filter CASE] [--tokio-read buf|copy]
-//!                                [--instructions RUNS]
+//!                                [--instructions RUNS] [--perf-stat]
 //! ```
 //!
 //! The parent process starts a private unprivileged libvirtd (as `tests/support`
@@ -179,6 +179,11 @@ pub(crate) struct Opts {
     /// `Case::instructions`). Needs valgrind. 0: off.
     #[arg(long, default_value_t = 0)]
     pub(crate) instructions: usize,
+    /// Run scenario 1 and 3's children under `perf stat`, counting their measured
+    /// part only: syscalls, context switches, page faults, task clock, and
+    /// instructions and cycles where the CPU's counters are visible.
+    #[arg(long)]
+    pub(crate) perf_stat: bool,
     /// Only cases whose label contains this (e.g. `upload N=1`).
     #[arg(long)]
     pub(crate) filter: Option<String>,
@@ -285,9 +290,23 @@ pub(crate) fn run_child(
                 .chain([file.into(), "--".into()])
                 .collect()
         }
-        None => Vec::new(),
+        // COMPARE_WRAP='CMD ARGS' runs every child behind CMD (split on spaces), each
+        // `{}` replaced by a file name of its own, e.g. for a perf stat or strace -c:
+        // COMPARE_WRAP='strace -f -c -o /tmp/s/{}.txt'.
+        None if PERF_STAT.load(std::sync::atomic::Ordering::Relaxed) && scenario == "transfer" => {
+            return run_child_perf_stat(kind, scenario, args);
+        }
+        None => env::var("COMPARE_WRAP")
+            .map(|wrap| {
+                let n = PROFILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let file = format!("{scenario}-{}-{n}", kind.name());
+                wrap.split_whitespace()
+                    .map(|word| word.replace("{}", &file).into())
+                    .collect()
+            })
+            .unwrap_or_default(),
     };
-    run_child_in(&wrapper, kind, scenario, args)
+    run_child_in(&wrapper, &[], kind, scenario, args)
 }
 
 /// Runs one child under callgrind (all its threads counted) and returns its figures
@@ -304,8 +323,84 @@ pub(crate) fn run_child_callgrind(
         "-q".into(),
         format!("--callgrind-out-file={}", file.display()).into(),
     ];
-    let figures = run_child_in(&wrapper, kind, scenario, args)?;
+    let figures = run_child_in(&wrapper, &[], kind, scenario, args)?;
     Ok((figures, callgrind_total(file)?))
+}
+
+/// What `--perf-stat` counts, where the machine has it: software events always,
+/// hardware counters (instructions, cycles) only where the CPU lets perf see them
+/// (not in this VM: "<not supported>", reported as missing).
+const PERF_EVENTS: [(&str, &str); 6] = [
+    ("task-clock", "perf_task_clock_ms"),
+    ("raw_syscalls:sys_enter", "perf_syscalls"),
+    ("context-switches", "perf_context_switches"),
+    ("page-faults", "perf_page_faults"),
+    ("instructions", "perf_instructions"),
+    ("cycles", "perf_cycles"),
+];
+
+/// Runs one child under `perf stat`, its counters enabled by the child around its
+/// measured part only (see `sys::perf_counting`); adds `<key>_per_gib` figures.
+fn run_child_perf_stat(
+    kind: Loop,
+    scenario: &str,
+    args: &[String],
+) -> Result<HashMap<String, f64>, String> {
+    use std::os::fd::AsRawFd;
+    let dir = OUT
+        .get()
+        .map_or_else(|| PathBuf::from("target/bench"), Clone::clone)
+        .join("perf-stat");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let n = PROFILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let stem = dir.join(format!("{scenario}-{}-{n}", kind.name()));
+    let fifo = |ext: &str| {
+        let path = stem.with_extension(ext);
+        sys::inheritable_fifo(&path)
+            .map(|file| (path, file))
+            .map_err(|e| format!("fifo: {e}"))
+    };
+    let ((ctl_path, ctl), (ack_path, ack)) = (fifo("ctl")?, fifo("ack")?);
+    let out = stem.with_extension("txt");
+    let events = PERF_EVENTS.map(|(event, _)| event).join(",");
+    let wrapper: Vec<std::ffi::OsString> = vec![
+        "perf".into(),
+        "stat".into(),
+        "-x,".into(),
+        "-D".into(),
+        "-1".into(),
+        format!("--control=fd:{},{}", ctl.as_raw_fd(), ack.as_raw_fd()).into(),
+        "-e".into(),
+        events.into(),
+        "-o".into(),
+        out.clone().into(),
+        "--".into(),
+    ];
+    let envs = [
+        ("COMPARE_PERF_CTL", ctl_path.as_os_str()),
+        ("COMPARE_PERF_ACK", ack_path.as_os_str()),
+    ];
+    let result = run_child_in(&wrapper, &envs, kind, scenario, args);
+    drop((ctl, ack));
+    let _ = std::fs::remove_file(&ctl_path);
+    let _ = std::fs::remove_file(&ack_path);
+    let mut figures = result?;
+    let gib = *figures.get("gib").ok_or("the child reported no volume")?;
+    let text = std::fs::read_to_string(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    // CSV lines: value,unit,event,...
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(',').collect();
+        let (Some(value), Some(event)) = (fields.first(), fields.get(2)) else {
+            continue;
+        };
+        let Some((_, key)) = PERF_EVENTS.iter().find(|(e, _)| e == event) else {
+            continue;
+        };
+        if let Ok(value) = value.parse::<f64>() {
+            figures.insert(format!("{key}_per_gib"), value / gib);
+        }
+    }
+    Ok(figures)
 }
 
 /// The instructions a callgrind output file counts in all.
@@ -325,6 +420,7 @@ pub(crate) fn callgrind_total(file: &std::path::Path) -> Result<f64, String> {
 /// if not empty, and returns its figures.
 fn run_child_in(
     wrapper: &[std::ffi::OsString],
+    envs: &[(&str, &std::ffi::OsStr)],
     kind: Loop,
     scenario: &str,
     args: &[String],
@@ -340,6 +436,7 @@ fn run_child_in(
         }
         None => Command::new(exe),
     };
+    command.envs(envs.iter().copied());
     let child = command
         .arg("--child")
         .arg(scenario)
@@ -557,6 +654,9 @@ pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
 
 static FILTER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
 static OUT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+/// `--perf-stat`: transfer children run under `perf stat`.
+pub(crate) static PERF_STAT: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 /// Callgrind runs per loop for the cases with `Case::instructions`.
 static INSTRUCTION_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static TOKIO_READ: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -566,6 +666,7 @@ fn parent(opts: &Opts) {
     let _ = TOKIO_READ.set(opts.tokio_read.clone());
     let _ = OUT.set(opts.out.clone());
     INSTRUCTION_RUNS.store(opts.instructions, std::sync::atomic::Ordering::Relaxed);
+    PERF_STAT.store(opts.perf_stat, std::sync::atomic::Ordering::Relaxed);
     let started = Instant::now();
     std::fs::create_dir_all(&opts.out).expect("create the output directory");
     let mut results = Results::default();

@@ -42,6 +42,27 @@ const THROUGHPUT: [Figure; 9] = [
     ),
 ];
 
+/// Under `--perf-stat`, what perf counted in the measured part.
+const PERF_FIGURES: [Figure; 6] = [
+    figure("perf_task_clock_ms_per_gib", "perf: task clock ms per GiB"),
+    figure("perf_syscalls_per_gib", "perf: client syscalls per GiB"),
+    figure(
+        "perf_context_switches_per_gib",
+        "perf: client context switches per GiB",
+    ),
+    figure("perf_page_faults_per_gib", "perf: client page faults per GiB"),
+    figure("perf_instructions_per_gib", "perf: client instructions per GiB"),
+    figure("perf_cycles_per_gib", "perf: client cycles per GiB"),
+];
+
+fn throughput_figures() -> Vec<Figure> {
+    let mut figures = THROUGHPUT.to_vec();
+    if crate::PERF_STAT.load(std::sync::atomic::Ordering::Relaxed) {
+        figures.extend(PERF_FIGURES);
+    }
+    figures
+}
+
 pub(crate) fn s1_label(dir: &str, n: usize, big: bool) -> String {
     if big {
         format!("{dir} {n}×64 MiB")
@@ -99,7 +120,7 @@ pub(crate) fn scenario1(opts: &Opts, env: &Env, results: &mut Results) {
                     label: s1_label(dir, n, big),
                     child: "transfer",
                     args: args(len),
-                    figures: THROUGHPUT.to_vec(),
+                    figures: throughput_figures(),
                     runs: runs(big),
                     // The async path at N=1 and N=16 (asyncpath::transfer).
                     tokio,
@@ -234,6 +255,7 @@ pub(crate) fn transfer(p: &Params) -> Figures {
             })
             .collect()
     };
+    sys::perf_counting(true);
     let usage_before = sys::Usage::now();
     let started = Instant::now();
     for i in 0..n {
@@ -287,6 +309,7 @@ pub(crate) fn transfer(p: &Params) -> Figures {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let usage = sys::Usage::now() - usage_before;
+    sys::perf_counting(false);
 
     for (i, outcome) in outcomes.iter().enumerate() {
         match outcome {

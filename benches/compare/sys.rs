@@ -184,3 +184,56 @@ pub(crate) fn kill_child(pid: u32) {
         }
     }
 }
+
+/// Counting under `perf stat` (`--perf-stat`): the parent runs the child behind
+/// `perf stat -D -1 --control fd:CTL,ACK`, with events disabled, and tells the child
+/// the fifos in `COMPARE_PERF_CTL` and `COMPARE_PERF_ACK`; the child enables the
+/// counters around its measured part only. Nothing happens without the variables.
+pub(crate) fn perf_counting(enable: bool) {
+    use std::io::{BufRead, Write};
+    let (Some(ctl), Some(ack)) = (
+        std::env::var_os("COMPARE_PERF_CTL"),
+        std::env::var_os("COMPARE_PERF_ACK"),
+    ) else {
+        return;
+    };
+    // Read-write opens of a fifo never block (Linux), unlike read-only ones.
+    let open = |path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .expect("perf's control fifo")
+    };
+    let mut ctl = open(&ctl);
+    ctl.write_all(if enable { b"enable\n" } else { b"disable\n" })
+        .expect("tell perf");
+    // perf answers "ack\n" once it has done it.
+    let mut line = String::new();
+    std::io::BufReader::new(open(&ack))
+        .read_line(&mut line)
+        .expect("perf's ack");
+}
+
+/// A fifo at `path`, opened read-write (never blocks) and inheritable (no
+/// close-on-exec), for perf's `--control fd:..`.
+pub(crate) fn inheritable_fifo(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let _ = std::fs::remove_file(path);
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("a NUL in the path"))?;
+    // SAFETY: mkfifo only reads the NUL-terminated path.
+    if unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    // SAFETY: fcntl on a descriptor we own; only its FD_CLOEXEC flag changes.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
+}
