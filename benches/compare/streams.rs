@@ -50,8 +50,14 @@ const PERF_FIGURES: [Figure; 6] = [
         "perf_context_switches_per_gib",
         "perf: client context switches per GiB",
     ),
-    figure("perf_page_faults_per_gib", "perf: client page faults per GiB"),
-    figure("perf_instructions_per_gib", "perf: client instructions per GiB"),
+    figure(
+        "perf_page_faults_per_gib",
+        "perf: client page faults per GiB",
+    ),
+    figure(
+        "perf_instructions_per_gib",
+        "perf: client instructions per GiB",
+    ),
     figure("perf_cycles_per_gib", "perf: client cycles per GiB"),
 ];
 
