@@ -109,6 +109,8 @@ impl Driver {
         tokio::pin!(sleep);
         let mut next = self.reactor.next_timeout();
         loop {
+            // The readiness this turn's dispatch answers, taken before it (so a
+            // wake-up that comes during the dispatch is not cleared with it).
             let guard = match next {
                 Some(timeout) if timeout.is_zero() => {
                     Requeue::default().await;
@@ -130,28 +132,22 @@ impl Driver {
                 }
                 None => Some(self.fd.readable().await?),
             };
+            // Readiness left set by an earlier turn that could not clear it (more
+            // work was pending then): taken now, so that this dispatch, which may
+            // take all there is, can clear it after. Left set, it would cost one
+            // more dispatch that finds nothing, each time.
+            let guard = match guard {
+                Some(guard) => Some(guard),
+                None => ready_now(&self.fd).await?,
+            };
             self.reactor.dispatch(&mut ())?;
             if self.reactor.take_stop_request() {
                 break;
             }
             next = self.reactor.next_timeout();
             // The epoll fd stays readable while the loop has work: clear the edge
-            // only when the next dispatch may wait. Readiness seen before this
-            // dispatch (by this turn or an earlier one that could not clear it) is
-            // stale once the dispatch has taken everything: left set, it would
-            // cost one more dispatch that finds nothing, each time.
+            // only when the next dispatch may wait.
             if next != Some(Duration::ZERO) {
-                let guard = match guard {
-                    Some(guard) => Some(guard),
-                    None => std::future::poll_fn(|cx| {
-                        std::task::Poll::Ready(match self.fd.poll_read_ready(cx) {
-                            std::task::Poll::Ready(ready) => Some(ready),
-                            std::task::Poll::Pending => None,
-                        })
-                    })
-                    .await
-                    .transpose()?,
-                };
                 if let Some(mut guard) = guard {
                     guard.clear_ready();
                 }
@@ -165,6 +161,19 @@ impl Driver {
             .await
             .map_err(|e| Error::Io(std::io::Error::other(e)))?
     }
+}
+
+/// The epoll fd's readiness if tokio has seen it readable, without waiting.
+async fn ready_now(
+    fd: &AsyncFd<OwnedFd>,
+) -> std::io::Result<Option<tokio::io::unix::AsyncFdReadyGuard<'_, OwnedFd>>> {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match fd.poll_read_ready(cx) {
+            std::task::Poll::Ready(ready) => ready.map(Some),
+            std::task::Poll::Pending => Ok(None),
+        })
+    })
+    .await
 }
 
 /// Where the driver's timer waits while libvirt has no timer: anywhere far.
