@@ -184,7 +184,8 @@ pub(crate) struct Opts {
     /// instructions and cycles where the CPU's counters are visible.
     #[arg(long)]
     pub(crate) perf_stat: bool,
-    /// Only cases whose label contains this (e.g. `upload N=1`).
+    /// Only cases whose label contains this (e.g. `upload N=1`, which also takes
+    /// `upload N=16`); a trailing `$` anchors it at the label's end (`N=1$`).
     #[arg(long)]
     pub(crate) filter: Option<String>,
     /// Ignored (cargo bench passes it).
@@ -595,7 +596,13 @@ fn callgrind_bulk(file: &std::path::Path) -> Result<f64, String> {
 /// Runs a case and adds its rows to `results`.
 pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
     if let Some(filter) = FILTER.get().and_then(Option::as_ref) {
-        if !case.label.contains(filter.as_str()) {
+        // A trailing `$` anchors the filter at the label's end: "N=1$" takes N=1,
+        // not N=16.
+        let wanted = match filter.strip_suffix('$') {
+            Some(end) => case.label.ends_with(end),
+            None => case.label.contains(filter.as_str()),
+        };
+        if !wanted {
             return;
         }
     }
