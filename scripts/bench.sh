@@ -6,6 +6,11 @@
 #   bash scripts/bench.sh --quick --runs 1   # a smoke test of the harness (~1 minute)
 #   bash scripts/bench.sh --only s2,s5 --runs 3
 #   bash scripts/bench.sh --only s6 --service-guests 8,24,48   # console service vs conserver
+#   # The async path against the mio path (docs/benchmarks.md, "Async path"): client
+#   # CPU per GiB, and the counts that do not depend on the machine's load: syscalls,
+#   # context switches and page faults of the measured part (perf stat, --perf-stat),
+#   # instructions per GiB under callgrind (--instructions RUNS, interleaved).
+#   bash scripts/bench.sh --only s1 --filter "N=1" --runs 9 --perf-stat --instructions 3
 #
 # Arguments go to `cargo bench --bench compare --` (see benches/compare/main.rs).
 # It needs nothing set up by hand: it installs missing packages (setup-host.sh),
@@ -19,11 +24,30 @@
 # With valgrind installed, scenario 2 also counts instructions per iteration.
 # Scenario 6 runs the release build of virt-consoled (built here) against a private
 # conserver (Debian's conserver-server, installed by setup-host.sh).
+# COMPARE_PERF=DIR records a perf profile of every child; COMPARE_WRAP='CMD ARGS'
+# runs every child behind CMD, `{}` in ARGS replaced by a file name of its own
+# (e.g. COMPARE_WRAP='perf trace -s -o /tmp/trace/{}.txt').
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PATH="$PATH:/usr/sbin:/sbin"
 
 bash scripts/setup-host.sh >/dev/null
+# The counting options need their tools: perf (Debian's linux-perf) and valgrind.
+need=()
+for arg in "$@"; do
+    case "$arg" in
+    --perf-stat) command -v perf >/dev/null || need+=(linux-perf) ;;
+    --instructions*) command -v valgrind >/dev/null || need+=(valgrind) ;;
+    esac
+done
+if [ "${#need[@]}" -gt 0 ]; then
+    sudo=()
+    [ "$(id -u)" -eq 0 ] || sudo=(sudo)
+    echo "bench: installing ${need[*]}"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
 bash testbed/build.sh >/dev/null
 
 parent=/dev/shm

@@ -131,7 +131,8 @@ async fn transfer_async(p: &Params) -> Figures {
             .expect("lookups")
     };
 
-    let cpu_before = sys::cpu_time();
+    sys::perf_counting(true);
+    let usage_before = sys::Usage::now();
     let started = Instant::now();
     let tasks: Vec<_> = (0..n)
         .map(|i| {
@@ -196,8 +197,9 @@ async fn transfer_async(p: &Params) -> Figures {
         assert_eq!(bytes, len, "transfer {i}");
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = (sys::cpu_time() - cpu_before).as_secs_f64();
-    let figures = transfer_figures(n as f64 * len as f64, elapsed, cpu);
+    let usage = sys::Usage::now() - usage_before;
+    sys::perf_counting(false);
+    let figures = transfer_figures(n as f64 * len as f64, elapsed, usage);
     drop(volumes);
     finish(handle, driver, conn).await;
     figures

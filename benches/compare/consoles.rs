@@ -68,6 +68,7 @@ pub(crate) fn scenario4(opts: &Opts, env: &mut Env, results: &mut Results) {
                     tokio: true,
                     before: None,
                     after: None,
+                    instructions: None,
                 },
                 results,
             );

@@ -54,6 +54,7 @@ pub(crate) fn scenario2(opts: &Opts, results: &mut Results) {
                     tokio: false,
                     before: None,
                     after: None,
+                    instructions: None,
                 },
                 results,
             );
@@ -70,6 +71,7 @@ pub(crate) fn scenario2(opts: &Opts, results: &mut Results) {
             tokio: false,
             before: None,
             after: None,
+            instructions: None,
         },
         results,
     );
@@ -135,16 +137,7 @@ fn callgrind_run(kind: Loop, what: &str, n: usize, out: &std::path::Path) -> Res
             String::from_utf8_lossy(&status.stderr)
         ));
     }
-    let text = std::fs::read_to_string(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let total: f64 = text
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("totals:")
-                .or_else(|| l.strip_prefix("summary:"))
-        })
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .ok_or("no totals in the callgrind output")?;
+    let total = crate::callgrind_total(&file)?;
     Ok(total / CALLGRIND_ITERATIONS as f64)
 }
 

@@ -7,6 +7,7 @@
 //!                                [--callgrind] [--guests 3] [--scratch DIR]
 //!                                [--filter CASE] [--tokio-read buf|copy]
 //!                                [--service-guests 8,24] [--consoled PATH]
+//!                                [--instructions RUNS] [--perf-stat]
 //! ```
 //!
 //! The parent process starts a private unprivileged libvirtd (as `tests/support`
@@ -176,7 +177,19 @@ pub(crate) struct Opts {
     /// `copy` (`AsyncRead::read` into a buffer of the child's).
     #[arg(long, default_value = "buf", value_parser = ["buf", "copy"])]
     pub(crate) tokio_read: String,
-    /// Only cases whose label contains this (e.g. `upload N=1`).
+    /// Also count the client's instructions per GiB under callgrind, this many runs
+    /// per loop, interleaved with the timed runs: scenario 1's cases that run the
+    /// async path, ours and tokio (a run is a small and a large transfer; see
+    /// `Case::instructions`). Needs valgrind. 0: off.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) instructions: usize,
+    /// Run scenario 1 and 3's children under `perf stat`, counting their measured
+    /// part only: syscalls, context switches, page faults, task clock, and
+    /// instructions and cycles where the CPU's counters are visible.
+    #[arg(long)]
+    pub(crate) perf_stat: bool,
+    /// Only cases whose label contains this (e.g. `upload N=1`, which also takes
+    /// `upload N=16`); a trailing `$` anchors it at the label's end (`N=1$`).
     #[arg(long)]
     pub(crate) filter: Option<String>,
     /// Guest counts for scenario 6 (the console service against conserver), in
@@ -283,23 +296,164 @@ pub(crate) fn run_child(
     scenario: &str,
     args: &[String],
 ) -> Result<HashMap<String, f64>, String> {
-    let started = Instant::now();
-    let daemon_before = DAEMON_PID.get().and_then(|&pid| sys::process_cpu_time(pid));
-    let exe = env::current_exe().expect("own path");
     // COMPARE_PERF=DIR profiles every child: perf record -g into DIR.
-    let mut command = match env::var_os("COMPARE_PERF") {
+    let wrapper: Vec<std::ffi::OsString> = match env::var_os("COMPARE_PERF") {
         Some(dir) => {
             let n = PROFILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let file = PathBuf::from(dir).join(format!("{scenario}-{}-{n}.perf", kind.name()));
-            let mut c = Command::new("perf");
-            c.args(["record", "-q", "-F", "1999", "-g", "-o"])
-                .arg(file)
-                .arg("--")
-                .arg(exe);
+            ["perf", "record", "-q", "-F", "1999", "-g", "-o"]
+                .map(Into::into)
+                .into_iter()
+                .chain([file.into(), "--".into()])
+                .collect()
+        }
+        // COMPARE_WRAP='CMD ARGS' runs every child behind CMD (split on spaces), each
+        // `{}` replaced by a file name of its own, e.g. for a perf stat or strace -c:
+        // COMPARE_WRAP='strace -f -c -o /tmp/s/{}.txt'.
+        None if PERF_STAT.load(std::sync::atomic::Ordering::Relaxed) && scenario == "transfer" => {
+            return run_child_perf_stat(kind, scenario, args);
+        }
+        None => env::var("COMPARE_WRAP")
+            .map(|wrap| {
+                let n = PROFILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let file = format!("{scenario}-{}-{n}", kind.name());
+                wrap.split_whitespace()
+                    .map(|word| word.replace("{}", &file).into())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    run_child_in(&wrapper, &[], kind, scenario, args)
+}
+
+/// Runs one child under callgrind (all its threads counted) and returns its figures
+/// and the instructions it executed in all, from its first to its last.
+pub(crate) fn run_child_callgrind(
+    kind: Loop,
+    scenario: &str,
+    args: &[String],
+    file: &std::path::Path,
+) -> Result<(HashMap<String, f64>, f64), String> {
+    let wrapper = vec![
+        "valgrind".into(),
+        "--tool=callgrind".into(),
+        "-q".into(),
+        format!("--callgrind-out-file={}", file.display()).into(),
+    ];
+    let figures = run_child_in(&wrapper, &[], kind, scenario, args)?;
+    Ok((figures, callgrind_total(file)?))
+}
+
+/// What `--perf-stat` counts, where the machine has it: software events always,
+/// hardware counters (instructions, cycles) only where the CPU lets perf see them
+/// (not in this VM: "<not supported>", reported as missing).
+const PERF_EVENTS: [(&str, &str); 6] = [
+    ("task-clock", "perf_task_clock_ms"),
+    ("raw_syscalls:sys_enter", "perf_syscalls"),
+    ("context-switches", "perf_context_switches"),
+    ("page-faults", "perf_page_faults"),
+    ("instructions", "perf_instructions"),
+    ("cycles", "perf_cycles"),
+];
+
+/// Runs one child under `perf stat`, its counters enabled by the child around its
+/// measured part only (see `sys::perf_counting`); adds `<key>_per_gib` figures.
+fn run_child_perf_stat(
+    kind: Loop,
+    scenario: &str,
+    args: &[String],
+) -> Result<HashMap<String, f64>, String> {
+    use std::os::fd::AsRawFd;
+    let dir = OUT
+        .get()
+        .map_or_else(|| PathBuf::from("target/bench"), Clone::clone)
+        .join("perf-stat");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let n = PROFILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let stem = dir.join(format!("{scenario}-{}-{n}", kind.name()));
+    let fifo = |ext: &str| {
+        let path = stem.with_extension(ext);
+        sys::inheritable_fifo(&path)
+            .map(|file| (path, file))
+            .map_err(|e| format!("fifo: {e}"))
+    };
+    let ((ctl_path, ctl), (ack_path, ack)) = (fifo("ctl")?, fifo("ack")?);
+    let out = stem.with_extension("txt");
+    let events = PERF_EVENTS.map(|(event, _)| event).join(",");
+    let wrapper: Vec<std::ffi::OsString> = vec![
+        "perf".into(),
+        "stat".into(),
+        "-x,".into(),
+        "-D".into(),
+        "-1".into(),
+        format!("--control=fd:{},{}", ctl.as_raw_fd(), ack.as_raw_fd()).into(),
+        "-e".into(),
+        events.into(),
+        "-o".into(),
+        out.clone().into(),
+        "--".into(),
+    ];
+    let envs = [
+        ("COMPARE_PERF_CTL", ctl_path.as_os_str()),
+        ("COMPARE_PERF_ACK", ack_path.as_os_str()),
+    ];
+    let result = run_child_in(&wrapper, &envs, kind, scenario, args);
+    drop((ctl, ack));
+    let _ = std::fs::remove_file(&ctl_path);
+    let _ = std::fs::remove_file(&ack_path);
+    let mut figures = result?;
+    let gib = *figures.get("gib").ok_or("the child reported no volume")?;
+    let text = std::fs::read_to_string(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    // CSV lines: value,unit,event,...
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(',').collect();
+        let (Some(value), Some(event)) = (fields.first(), fields.get(2)) else {
+            continue;
+        };
+        let Some((_, key)) = PERF_EVENTS.iter().find(|(e, _)| e == event) else {
+            continue;
+        };
+        if let Ok(value) = value.parse::<f64>() {
+            figures.insert(format!("{key}_per_gib"), value / gib);
+        }
+    }
+    Ok(figures)
+}
+
+/// The instructions a callgrind output file counts in all.
+pub(crate) fn callgrind_total(file: &std::path::Path) -> Result<f64, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no totals in {}", file.display()))
+}
+
+/// Runs one child, behind `wrapper` (a command and its arguments, e.g. a profiler)
+/// if not empty, and returns its figures.
+fn run_child_in(
+    wrapper: &[std::ffi::OsString],
+    envs: &[(&str, &std::ffi::OsStr)],
+    kind: Loop,
+    scenario: &str,
+    args: &[String],
+) -> Result<HashMap<String, f64>, String> {
+    let started = Instant::now();
+    let daemon_before = DAEMON_PID.get().and_then(|&pid| sys::process_cpu_time(pid));
+    let exe = env::current_exe().expect("own path");
+    let mut command = match wrapper.split_first() {
+        Some((program, wrapper_args)) => {
+            let mut c = Command::new(program);
+            c.args(wrapper_args).arg(exe);
             c
         }
         None => Command::new(exe),
     };
+    command.envs(envs.iter().copied());
     let child = command
         .arg("--child")
         .arg(scenario)
@@ -380,16 +534,96 @@ pub(crate) struct Case<'a> {
     pub(crate) before: Option<Box<dyn Fn() + 'a>>,
     /// After each run: check what the child left (e.g. uploaded bytes).
     pub(crate) after: Option<Box<dyn Fn() -> Result<(), String> + 'a>>,
+    /// Instructions per GiB under callgrind (`--instructions RUNS`), for ours and
+    /// tokio: the child arguments of a small and of a large transfer. A run is the
+    /// pair, and the figure is the difference of their instruction counts over the
+    /// difference of their volumes: what start-up and teardown cost (connect,
+    /// runtime, lookups) cancels out.
+    pub(crate) instructions: Option<(Vec<String>, Vec<String>)>,
+}
+
+/// One callgrind run of `case` (see `Case::instructions`): instructions per GiB, in
+/// all and outside the bulk passes over the data (see `callgrind_bulk`).
+fn instructions_per_gib(case: &Case<'_>, kind: Loop, run: usize) -> Result<(f64, f64), String> {
+    let (small, large) = case.instructions.as_ref().expect("instruction args");
+    let dir = OUT
+        .get()
+        .map_or_else(|| PathBuf::from("target/bench"), Clone::clone)
+        .join("callgrind");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut counts = Vec::new();
+    for (size, args) in [("small", small), ("large", large)] {
+        if let Some(before) = &case.before {
+            before();
+        }
+        let tag: String = case
+            .label
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let file = dir.join(format!("{tag}.{}.{size}.{run}.out", kind.name()));
+        let (figures, ir) = run_child_callgrind(kind, case.child, args, &file)?;
+        let gib = *figures.get("gib").ok_or("the child reported no volume")?;
+        let bulk = callgrind_bulk(&file)?;
+        counts.push((gib, ir, ir - bulk));
+    }
+    let [(gib_small, ir_small, other_small), (gib_large, ir_large, other_large)] = counts[..]
+    else {
+        unreachable!("two sizes")
+    };
+    let gib = gib_large - gib_small;
+    Ok((
+        (ir_large - ir_small) / gib,
+        (other_large - other_small) / gib,
+    ))
+}
+
+/// The instructions a callgrind output file counts in the passes over the data
+/// that both paths make alike: libc's `memcpy`/`memmove`/`memset` (callgrind
+/// counts each byte of their `rep movsb`/`rep stosb` as an instruction, so they
+/// weigh far more here than in cycles) and the benchmark's `data::check` and
+/// `data::fill`. What remains is the loop, libvirt's protocol and the async bridge.
+fn callgrind_bulk(file: &std::path::Path) -> Result<f64, String> {
+    let out = Command::new("callgrind_annotate")
+        .args(["--inclusive=no", "--threshold=100"])
+        .arg(file)
+        .output()
+        .map_err(|e| format!("callgrind_annotate: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let bulk = text
+        .lines()
+        .filter(|l| !l.contains("PROGRAM TOTALS"))
+        .filter(|l| {
+            ["memcpy", "memmove", "memset", "data::check", "data::fill"]
+                .iter()
+                .any(|f| l.contains(f))
+        })
+        .filter_map(|l| {
+            l.split_whitespace()
+                .next()?
+                .replace(',', "")
+                .parse::<f64>()
+                .ok()
+        })
+        .sum();
+    Ok(bulk)
 }
 
 /// Runs a case and adds its rows to `results`.
 pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
     if let Some(filter) = FILTER.get().and_then(Option::as_ref) {
-        if !case.label.contains(filter.as_str()) {
+        // A trailing `$` anchors the filter at the label's end: "N=1$" takes N=1,
+        // not N=16.
+        let wanted = match filter.strip_suffix('$') {
+            Some(end) => case.label.ends_with(end),
+            None => case.label.contains(filter.as_str()),
+        };
+        if !wanted {
             return;
         }
     }
     let mut runs: [Vec<HashMap<String, f64>>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    let mut instructions: [Vec<(f64, f64)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     let started = Instant::now();
     let kinds: &[Loop] = if case.tokio {
         &[Loop::Ours, Loop::Default, Loop::Tokio]
@@ -410,6 +644,20 @@ pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
                     Some(after) => after().map(|()| figures),
                     None => Ok(figures),
                 });
+            // Interleaved with the timed runs: a callgrind run of the same loop.
+            if case.instructions.is_some()
+                && kind != Loop::Default
+                && run < INSTRUCTION_RUNS.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                match instructions_per_gib(&case, kind, run) {
+                    Ok(ir) => instructions[kind as usize].push(ir),
+                    Err(e) => eprintln!(
+                        "compare: {} {} callgrind run {run} FAILED: {e}",
+                        case.label,
+                        kind.name()
+                    ),
+                }
+            }
             match figures {
                 Ok(figures) => runs[kind as usize].push(figures),
                 Err(e) => {
@@ -452,14 +700,46 @@ pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
             pick(&runs[2]),
         );
     }
+    if instructions.iter().any(|v| !v.is_empty()) {
+        let all = |i: usize| instructions[i].iter().map(|&(all, _)| all).collect();
+        let other = |i: usize| instructions[i].iter().map(|&(_, other)| other).collect();
+        results.add(
+            case.scenario,
+            &case.label,
+            report::figure("ir_per_gib", "client instructions per GiB (callgrind)"),
+            all(0),
+            all(1),
+            all(2),
+        );
+        results.add(
+            case.scenario,
+            &case.label,
+            report::figure(
+                "ir_other_per_gib",
+                "client instructions per GiB besides copies and checks (callgrind)",
+            ),
+            other(0),
+            other(1),
+            other(2),
+        );
+    }
 }
 
 static FILTER: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+static OUT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+/// `--perf-stat`: transfer children run under `perf stat`.
+pub(crate) static PERF_STAT: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+/// Callgrind runs per loop for the cases with `Case::instructions`.
+static INSTRUCTION_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static TOKIO_READ: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn parent(opts: &Opts) {
     let _ = FILTER.set(opts.filter.clone());
     let _ = TOKIO_READ.set(opts.tokio_read.clone());
+    let _ = OUT.set(opts.out.clone());
+    INSTRUCTION_RUNS.store(opts.instructions, std::sync::atomic::Ordering::Relaxed);
+    PERF_STAT.store(opts.perf_stat, std::sync::atomic::Ordering::Relaxed);
     let started = Instant::now();
     std::fs::create_dir_all(&opts.out).expect("create the output directory");
     let mut results = Results::default();

@@ -51,6 +51,7 @@ pub(crate) fn scenario5(opts: &Opts, env: &Env, results: &mut Results) {
                 tokio: false,
                 before: None,
                 after: None,
+                instructions: None,
             },
             results,
         );

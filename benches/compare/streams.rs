@@ -27,13 +27,47 @@ pub(crate) const S3_IDLE: &[usize] = &[0, 500, 1000, 2000];
 const S3_IDLE_QUICK: &[usize] = &[0, 100];
 pub(crate) const GIB: f64 = (1u64 << 30) as f64;
 
-const THROUGHPUT: [Figure; 5] = [
+const THROUGHPUT: [Figure; 9] = [
     figure("mibps", "aggregate MiB/s"),
     figure("cpu_per_gib", "client CPU s/GiB"),
     figure("daemon_cpu_per_gib", "daemon CPU s/GiB"),
     figure("iterations_per_gib", "loop iterations per GiB"),
     figure("maxrss_mib", "peak RSS MiB"),
+    figure("sys_per_gib", "client system CPU s/GiB (part of it)"),
+    figure("minflt_per_gib", "client minor page faults per GiB"),
+    figure("nvcsw_per_gib", "client voluntary context switches per GiB"),
+    figure(
+        "nivcsw_per_gib",
+        "client involuntary context switches per GiB",
+    ),
 ];
+
+/// Under `--perf-stat`, what perf counted in the measured part.
+const PERF_FIGURES: [Figure; 6] = [
+    figure("perf_task_clock_ms_per_gib", "perf: task clock ms per GiB"),
+    figure("perf_syscalls_per_gib", "perf: client syscalls per GiB"),
+    figure(
+        "perf_context_switches_per_gib",
+        "perf: client context switches per GiB",
+    ),
+    figure(
+        "perf_page_faults_per_gib",
+        "perf: client page faults per GiB",
+    ),
+    figure(
+        "perf_instructions_per_gib",
+        "perf: client instructions per GiB",
+    ),
+    figure("perf_cycles_per_gib", "perf: client cycles per GiB"),
+];
+
+fn throughput_figures() -> Vec<Figure> {
+    let mut figures = THROUGHPUT.to_vec();
+    if crate::PERF_STAT.load(std::sync::atomic::Ordering::Relaxed) {
+        figures.extend(PERF_FIGURES);
+    }
+    figures
+}
 
 pub(crate) fn s1_label(dir: &str, n: usize, big: bool) -> String {
     if big {
@@ -70,28 +104,32 @@ pub(crate) fn scenario1(opts: &Opts, env: &Env, results: &mut Results) {
     };
     for dir in ["download", "upload"] {
         for &(n, len, big) in &configs {
-            let mut args = vec![
-                format!("uri={}", env.uri),
-                format!("dir={dir}"),
-                format!("streams={n}"),
-                format!("len={len}"),
-                format!("source_size={}", env.source_size),
-                "idle=0".to_owned(),
-            ];
-            if dir == "upload" {
-                args.push(format!("prefix={}", upload_prefix(n, big)));
-            }
+            let args = |len: u64| {
+                let mut args = vec![
+                    format!("uri={}", env.uri),
+                    format!("dir={dir}"),
+                    format!("streams={n}"),
+                    format!("len={len}"),
+                    format!("source_size={}", env.source_size),
+                    "idle=0".to_owned(),
+                ];
+                if dir == "upload" {
+                    args.push(format!("prefix={}", upload_prefix(n, big)));
+                }
+                args
+            };
             let upload = dir == "upload";
+            let tokio = !big && TOKIO_STREAMS.contains(&n);
             run_case(
                 Case {
                     scenario: "Scenario 1: throughput and client CPU",
                     label: s1_label(dir, n, big),
                     child: "transfer",
-                    args,
-                    figures: THROUGHPUT.to_vec(),
+                    args: args(len),
+                    figures: throughput_figures(),
                     runs: runs(big),
                     // The async path at N=1 and N=16 (asyncpath::transfer).
-                    tokio: !big && TOKIO_STREAMS.contains(&n),
+                    tokio,
                     before: upload.then(|| {
                         Box::new(move || {
                             for i in 0..n {
@@ -107,6 +145,9 @@ pub(crate) fn scenario1(opts: &Opts, env: &Env, results: &mut Results) {
                             Ok(())
                         }) as Box<dyn Fn() -> Result<(), String>>
                     }),
+                    // Under callgrind (`--instructions`): 1/8 and 1/2 of the
+                    // volume, so that 3/8 of it (192 MiB) is counted.
+                    instructions: tokio.then(|| (args(len / 8), args(len / 2))),
                 },
                 results,
             );
@@ -137,6 +178,7 @@ pub(crate) fn scenario3(opts: &Opts, env: &Env, results: &mut Results) {
                 tokio: false,
                 before: None,
                 after: None,
+                instructions: None,
             },
             results,
         );
@@ -219,7 +261,8 @@ pub(crate) fn transfer(p: &Params) -> Figures {
             })
             .collect()
     };
-    let cpu_before = sys::cpu_time();
+    sys::perf_counting(true);
+    let usage_before = sys::Usage::now();
     let started = Instant::now();
     for i in 0..n {
         let mut stream = Stream::new(&conn).expect("stream");
@@ -271,7 +314,8 @@ pub(crate) fn transfer(p: &Params) -> Figures {
             .expect("run the transfers");
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = (sys::cpu_time() - cpu_before).as_secs_f64();
+    let usage = sys::Usage::now() - usage_before;
+    sys::perf_counting(false);
 
     for (i, outcome) in outcomes.iter().enumerate() {
         match outcome {
@@ -280,19 +324,25 @@ pub(crate) fn transfer(p: &Params) -> Figures {
         }
     }
     let bytes = n as f64 * len as f64;
-    let mut figures = transfer_figures(bytes, elapsed, cpu);
+    let mut figures = transfer_figures(bytes, elapsed, usage);
     figures.push(("iterations_per_gib", iterations as f64 / (bytes / GIB)));
     drop((volumes, pool, conn));
     let _ = reactor.shutdown(Duration::from_secs(5), &mut outcomes);
     figures
 }
 
-/// A transfer run's figures: throughput, client CPU per GiB, peak RSS, volume.
-pub(crate) fn transfer_figures(bytes: f64, elapsed: f64, cpu: f64) -> Figures {
+/// A transfer run's figures: throughput, client CPU per GiB, peak RSS, volume, and
+/// what `getrusage` counted per GiB (page faults, context switches).
+pub(crate) fn transfer_figures(bytes: f64, elapsed: f64, usage: sys::Usage) -> Figures {
+    let gib = bytes / GIB;
     vec![
         ("mibps", bytes / MIB as f64 / elapsed),
-        ("cpu_per_gib", cpu / (bytes / GIB)),
+        ("cpu_per_gib", usage.cpu.as_secs_f64() / gib),
+        ("sys_per_gib", usage.sys.as_secs_f64() / gib),
         ("maxrss_mib", sys::max_rss_kib() as f64 / 1024.0),
-        ("gib", bytes / GIB),
+        ("gib", gib),
+        ("minflt_per_gib", usage.minflt as f64 / gib),
+        ("nvcsw_per_gib", usage.nvcsw as f64 / gib),
+        ("nivcsw_per_gib", usage.nivcsw as f64 / gib),
     ]
 }

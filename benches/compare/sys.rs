@@ -54,11 +54,48 @@ pub(crate) fn malloc_heap() -> i64 {
     (info.uordblks + info.hblkhd) as i64
 }
 
-/// User + system CPU time of this process.
-pub(crate) fn cpu_time() -> Duration {
-    let usage = rusage();
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+/// What `getrusage(RUSAGE_SELF)` counts for the whole process (every thread), at
+/// one moment; subtract two for what happened in between.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Usage {
+    /// User + system CPU time.
+    pub(crate) cpu: Duration,
+    /// System CPU time alone (the kernel on the process's behalf).
+    pub(crate) sys: Duration,
+    /// Minor page faults (first touches of fresh memory, mostly).
+    pub(crate) minflt: u64,
+    /// Voluntary context switches: a thread blocked (waits, wakeups).
+    pub(crate) nvcsw: u64,
+    /// Involuntary ones: a thread was preempted (mostly the machine's load).
+    pub(crate) nivcsw: u64,
+}
+
+impl Usage {
+    pub(crate) fn now() -> Usage {
+        let usage = rusage();
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        Usage {
+            cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+            sys: tv(usage.ru_stime),
+            minflt: usage.ru_minflt as u64,
+            nvcsw: usage.ru_nvcsw as u64,
+            nivcsw: usage.ru_nivcsw as u64,
+        }
+    }
+}
+
+impl std::ops::Sub for Usage {
+    type Output = Usage;
+
+    fn sub(self, earlier: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu.saturating_sub(earlier.cpu),
+            sys: self.sys.saturating_sub(earlier.sys),
+            minflt: self.minflt.saturating_sub(earlier.minflt),
+            nvcsw: self.nvcsw.saturating_sub(earlier.nvcsw),
+            nivcsw: self.nivcsw.saturating_sub(earlier.nivcsw),
+        }
+    }
 }
 
 /// User + system CPU time of another process and of the children it has reaped
@@ -169,4 +206,57 @@ pub(crate) fn quickack(fd: std::os::fd::RawFd) {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
     }
+}
+
+/// Counting under `perf stat` (`--perf-stat`): the parent runs the child behind
+/// `perf stat -D -1 --control fd:CTL,ACK`, with events disabled, and tells the child
+/// the fifos in `COMPARE_PERF_CTL` and `COMPARE_PERF_ACK`; the child enables the
+/// counters around its measured part only. Nothing happens without the variables.
+pub(crate) fn perf_counting(enable: bool) {
+    use std::io::{BufRead, Write};
+    let (Some(ctl), Some(ack)) = (
+        std::env::var_os("COMPARE_PERF_CTL"),
+        std::env::var_os("COMPARE_PERF_ACK"),
+    ) else {
+        return;
+    };
+    // Read-write opens of a fifo never block (Linux), unlike read-only ones.
+    let open = |path| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .expect("perf's control fifo")
+    };
+    let mut ctl = open(&ctl);
+    ctl.write_all(if enable { b"enable\n" } else { b"disable\n" })
+        .expect("tell perf");
+    // perf answers "ack\n" once it has done it.
+    let mut line = String::new();
+    std::io::BufReader::new(open(&ack))
+        .read_line(&mut line)
+        .expect("perf's ack");
+}
+
+/// A fifo at `path`, opened read-write (never blocks) and inheritable (no
+/// close-on-exec), for perf's `--control fd:..`.
+pub(crate) fn inheritable_fifo(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let _ = std::fs::remove_file(path);
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("a NUL in the path"))?;
+    // SAFETY: mkfifo only reads the NUL-terminated path.
+    if unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    // SAFETY: fcntl on a descriptor we own; only its FD_CLOEXEC flag changes.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
 }

@@ -52,6 +52,9 @@ pub(crate) const CAPACITY: usize = 2 * PACKET;
 /// stream that is not remote after all).
 const RETRY: Duration = Duration::from_millis(5);
 
+/// Takes back a buffer the lane has sent in full (see [`LaneStream::set_recycle`]).
+pub(crate) type Recycle = Arc<dyn Fn(Vec<u8>) + Send + Sync>;
+
 /// A connection's lane. Cloning counts an owner; the thread ends when the last owner
 /// is gone and nothing is queued.
 pub(crate) struct Lane {
@@ -119,6 +122,8 @@ struct Queue {
     /// An abort is queued: what is left of a packet in flight is dropped.
     aborting: bool,
     scheduled: bool,
+    /// Where buffers sent in full go, instead of being freed.
+    recycle: Option<Recycle>,
 }
 
 enum Op {
@@ -203,6 +208,7 @@ impl Lane {
                 failed: false,
                 aborting: false,
                 scheduled: false,
+                recycle: None,
             },
         );
         drop(state);
@@ -297,6 +303,17 @@ impl LaneStream {
         queue.ops.push_back(Op::Data(std::mem::take(data)));
         self.lane.shared.schedule(&mut state, self.id);
         Ok(true)
+    }
+
+    /// Hands every buffer this stream's sends leave behind, once sent in full, to
+    /// `recycle` (called on the lane's thread, without the lane's lock), instead of
+    /// freeing it: a producer that queues owned buffers ([`send_owned`](Self::send_owned))
+    /// can then reuse them rather than allocate fresh memory (and fault its pages in)
+    /// for each packet.
+    pub(crate) fn set_recycle(&self, recycle: Recycle) {
+        if let Some(queue) = self.lane.shared.lock().queues.get_mut(&self.id) {
+            queue.recycle = Some(recycle);
+        }
     }
 
     /// Queues a hole, after the data queued so far.
@@ -443,7 +460,14 @@ impl Shared {
                 Op::Data(bytes) => {
                     let sent = send_packet(&raw, &bytes);
                     state = self.lock();
-                    if self.after_send(&mut state, id, bytes, sent) {
+                    let (retry, spent) = self.after_send(&mut state, id, bytes, sent);
+                    let recycle = state.queues.get(&id).and_then(|q| q.recycle.clone());
+                    if let (Some(recycle), Some(spent)) = (recycle, spent) {
+                        drop(state);
+                        recycle(spent);
+                        state = self.lock();
+                    }
+                    if retry {
                         drop(state);
                         std::thread::sleep(RETRY);
                         state = self.lock();
@@ -471,18 +495,20 @@ impl Shared {
     }
 
     /// Books a send's outcome: room for the stream, or its failure. True when libvirt
-    /// took nothing (-2), so the lane should pause before retrying.
+    /// took nothing (-2), so the lane should pause before retrying; and the buffer,
+    /// when it was sent in full.
     fn after_send(
         &self,
         state: &mut State,
         id: u64,
         mut bytes: Vec<u8>,
         sent: Result<usize>,
-    ) -> bool {
+    ) -> (bool, Option<Vec<u8>>) {
         let Some(queue) = state.queues.get_mut(&id) else {
-            return false;
+            return (false, None);
         };
         let mut retry = false;
+        let mut spent = None;
         match sent {
             Ok(n) => {
                 // An abort may have zeroed the count meanwhile.
@@ -492,6 +518,8 @@ impl Shared {
                     bytes.drain(..n);
                     queue.ops.push_front(Op::Data(bytes));
                     retry = n == 0;
+                } else if n == bytes.len() {
+                    spent = Some(bytes);
                 }
             }
             Err(error) => {
@@ -509,7 +537,7 @@ impl Shared {
             queue.inbox.waker().wake();
         }
         self.schedule(state, id);
-        retry
+        (retry, spent)
     }
 }
 

@@ -147,6 +147,7 @@ impl AsyncStream {
             shared: Arc::clone(&shared),
             buf: vec![0; PACKET],
             sparse,
+            recycling: false,
         };
         let token = reactor.insert(stream, Interest::READABLE, bridge)?;
         Ok(AsyncStream {
@@ -497,6 +498,8 @@ struct Bridge {
     /// What reads go into: handed over whole to `rx` when (nearly) full.
     buf: Vec<u8>,
     sparse: bool,
+    /// The stream's lane (if it has one) gives the chunks it sent back to `spare`.
+    recycling: bool,
 }
 
 impl Bridge {
@@ -552,6 +555,20 @@ impl Bridge {
     /// Sends from `tx` up to the budget or until the stream would block; finishes
     /// once `tx` is empty after a shutdown.
     fn send(&mut self, stream: &mut Stream) -> Result<Flow> {
+        if !self.recycling {
+            self.recycling = true;
+            if let Some(lane) = stream.lane() {
+                // The chunks `write_owned` hands over come back once sent, for the
+                // next writes: an upload then allocates (and faults in) no fresh
+                // 256 KiB buffer per chunk.
+                let shared = Arc::downgrade(&self.shared);
+                lane.set_recycle(Arc::new(move |buf| {
+                    if let Some(shared) = shared.upgrade() {
+                        recycle(&mut lock(&shared.inner).spare, buf);
+                    }
+                }));
+            }
+        }
         let mut moved = 0;
         while moved < BUDGET {
             // Taken out (not copied), so that no lock is held while libvirt is
