@@ -14,4 +14,5 @@ pub(crate) const CONSOLE_FORCE: u32 = sys::VIR_DOMAIN_CONSOLE_FORCE;
 /// `VIR_DOMAIN_START_PAUSED`.
 pub(crate) const DOMAIN_START_PAUSED: u32 = sys::VIR_DOMAIN_START_PAUSED;
 /// `VIR_CONNECT_LIST_DOMAINS_ACTIVE`.
+#[cfg(feature = "console-service")]
 pub(crate) const CONNECT_LIST_DOMAINS_ACTIVE: u32 = sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE;

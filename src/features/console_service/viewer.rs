@@ -150,15 +150,12 @@ impl Outbox {
     pub(crate) fn flush(&mut self, transport: &mut dyn Transport) -> io::Result<()> {
         while !self.queue.is_empty() {
             let (front, _) = self.queue.as_slices();
-            match io::Write::write(transport, front) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.queue.drain(..n);
-                    self.sent += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+            let len = front.len();
+            let n = write_some(transport, front)?;
+            self.queue.drain(..n);
+            self.sent += n as u64;
+            if n < len {
+                break; // it would block
             }
         }
         match io::Write::flush(transport) {
@@ -167,11 +164,33 @@ impl Outbox {
         }
     }
 
-    /// Queues `bytes` and writes as much as `transport` takes now.
+    /// Writes `bytes` as far as `transport` takes them now (straight from `bytes`
+    /// when nothing waits before them) and queues the rest.
     pub(crate) fn send(&mut self, bytes: &[u8], transport: &mut dyn Transport) -> io::Result<()> {
-        self.queue.extend(bytes);
+        let n = if self.queue.is_empty() {
+            write_some(transport, bytes)?
+        } else {
+            0
+        };
+        self.sent += n as u64;
+        self.queue.extend(&bytes[n..]);
         self.flush(transport)
     }
+}
+
+/// Writes from `bytes` until all went or `transport` would block; how much went.
+fn write_some(transport: &mut dyn Transport, bytes: &[u8]) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        match io::Write::write(transport, &bytes[sent..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(sent)
 }
 
 pub(crate) struct Viewer {
