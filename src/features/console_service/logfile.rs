@@ -3,7 +3,7 @@
 //! request (SIGHUP, after an external rotation).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Write as _};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -37,7 +37,8 @@ pub struct ConsoleLog {
     /// Bytes of the current line so far, timestamp included.
     line: u64,
     at_line_start: bool,
-    /// Written but not yet taken by the file system (after a write error).
+    /// Output not yet taken by the file: the chunk being written (one write per
+    /// chunk, not per line), or more while the file cannot be written.
     held: Vec<u8>,
     pub(crate) rotations: u64,
     pub(crate) written: u64,
@@ -85,8 +86,12 @@ impl ConsoleLog {
     pub fn write(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             if self.at_line_start && self.options.timestamps {
-                let stamp = format!("[{}] ", humantime::format_rfc3339_millis(SystemTime::now()));
-                self.put(stamp.as_bytes());
+                let before = self.held.len();
+                let now = humantime::format_rfc3339_millis(SystemTime::now());
+                let _ = write!(self.held, "[{now}] "); // into memory: cannot fail
+                let stamp = (self.held.len() - before) as u64;
+                self.size += stamp;
+                self.line += stamp;
             }
             let room = self.options.max_bytes.saturating_sub(self.line).max(1);
             let piece_end = match bytes.iter().position(|&b| b == b'\n') {
@@ -107,6 +112,7 @@ impl ConsoleLog {
                 }
             }
         }
+        self.flush_held();
     }
 
     /// Closes and opens the file again (after an outside rotation moved it).
@@ -124,6 +130,7 @@ impl ConsoleLog {
     }
 
     fn rotate(&mut self) {
+        self.flush_held(); // into the file being rotated
         self.file = None;
         let numbered = |n: usize| PathBuf::from(format!("{}.{n}", self.path.display()));
         for n in (1..self.options.keep).rev() {
@@ -145,18 +152,7 @@ impl ConsoleLog {
     fn put(&mut self, bytes: &[u8]) {
         self.size += bytes.len() as u64;
         self.line += bytes.len() as u64;
-        if !self.held.is_empty() || self.file.is_none() {
-            self.hold(bytes);
-            self.flush_held();
-            return;
-        }
-        if let Some(file) = &mut self.file {
-            if let Err(e) = file.write_all(bytes) {
-                // write_all may have written a part; the rest is unknown, so hold all.
-                self.hold(bytes);
-                self.failed(e);
-            }
-        }
+        self.hold(bytes);
     }
 
     fn hold(&mut self, bytes: &[u8]) {
@@ -171,6 +167,8 @@ impl ConsoleLog {
         if self.held.is_empty() {
             return;
         }
+        // write_all may have written a part before failing; the rest is unknown, so
+        // all of it stays.
         match file.write_all(&self.held) {
             Ok(()) => {
                 self.held.clear();
