@@ -108,6 +108,19 @@ enum Source {
     Control(Control),
 }
 
+impl Source {
+    /// What is registered with the poll.
+    fn io(&mut self) -> &mut dyn mio::event::Source {
+        match self {
+            Source::Listener { listener, .. } => listener,
+            Source::Viewer(viewer) => viewer.transport.source(),
+            Source::Handshake(h) => &mut h.stream,
+            Source::Web { conn, .. } => conn.source(),
+            Source::Control(control) => &mut control.stream,
+        }
+    }
+}
+
 struct Handshake {
     stream: TcpStream,
     id: u64,
@@ -564,9 +577,7 @@ impl Server {
             return;
         };
         self.unix_ready.remove(&console.listener);
-        if let Source::Listener { mut listener, .. } = self.sources.remove(console.listener) {
-            let _ = self.registry.deregister(&mut listener);
-        }
+        self.drop_source(console.listener);
         console.socket.remove();
         let text = notice(&format!("{name}: {why}"));
         for key in console.viewers {
@@ -767,13 +778,16 @@ impl Server {
             }
             let line_end = viewer.input.iter().position(|&b| b == b'\r' || b == b'\n');
             let upto = line_end.map_or(viewer.input.len(), |at| at + 1);
+            let was_full = viewer.input.len() >= INPUT_MAX;
             match session.mux.try_send(name, &viewer.input[..upto]) {
                 Ok(n) => {
                     viewer.input.drain(..n);
                     console.input_bytes += n as u64;
                     let line_ended = line_end.is_some() && n == upto;
                     console.floor.sent(key, line_ended, now);
-                    self.retry.insert(key); // it may have stopped being read
+                    if was_full && n > 0 {
+                        self.retry.insert(key); // its reading stopped: read on
+                    }
                     if n < upto {
                         self.stalled.insert(name.to_owned());
                         return;
@@ -794,6 +808,9 @@ impl Server {
                     let dropped = viewer.input.len();
                     viewer.input.clear();
                     console.floor.leave(key);
+                    if was_full {
+                        self.retry.insert(key);
+                    }
                     self.tell(key, &format!("input not sent ({dropped} bytes): {e}"));
                     return;
                 }
@@ -1111,20 +1128,11 @@ impl Server {
     fn add(&mut self, mut source: Source) -> Option<usize> {
         let entry = self.sources.vacant_entry();
         let key = entry.key();
-        let registered = {
-            let io: &mut dyn mio::event::Source = match &mut source {
-                Source::Viewer(viewer) => viewer.transport.source(),
-                Source::Handshake(h) => &mut h.stream,
-                Source::Web { conn, .. } => conn.source(),
-                Source::Control(control) => &mut control.stream,
-                Source::Listener { listener, .. } => listener,
-            };
-            self.registry.register(
-                io,
-                Token(FIRST_SOURCE + key),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-        };
+        let registered = self.registry.register(
+            source.io(),
+            Token(FIRST_SOURCE + key),
+            Interest::READABLE | Interest::WRITABLE,
+        );
         if let Err(e) = registered {
             log::warn!("cannot register a connection: {e}");
             return None;
@@ -1297,17 +1305,12 @@ impl Server {
         let old = self.sources.remove(key);
         let new_key = self.sources.insert(f(old)?);
         if new_key != key {
-            let source = &mut self.sources[new_key];
-            let io: &mut dyn mio::event::Source = match source {
-                Source::Viewer(viewer) => viewer.transport.source(),
-                _ => return Some(new_key),
-            };
             if let Err(e) = self.registry.reregister(
-                io,
+                self.sources[new_key].io(),
                 Token(FIRST_SOURCE + new_key),
                 Interest::READABLE | Interest::WRITABLE,
             ) {
-                log::warn!("cannot register a viewer again: {e}");
+                log::warn!("cannot register a connection again: {e}");
             }
         }
         Some(new_key)
@@ -1457,9 +1460,10 @@ impl Server {
             return;
         }
         self.retry.remove(&key);
-        match self.sources.remove(key) {
-            Source::Viewer(mut viewer) => {
-                let _ = self.registry.deregister(viewer.transport.source());
+        let mut source = self.sources.remove(key);
+        let _ = self.registry.deregister(source.io());
+        match source {
+            Source::Viewer(viewer) => {
                 if let Some(console) = self.consoles.get_mut(&viewer.console) {
                     console.viewers.remove(&key);
                     console.floor.leave(key);
@@ -1467,23 +1471,12 @@ impl Server {
                         console.exclusive = None;
                     }
                 }
-                let name = viewer.console;
-                self.pump(&name); // the floor may have come free
+                self.pump(&viewer.console); // the floor may have come free
             }
-            Source::Handshake(mut h) => {
-                self.pending.remove(&h.id);
-                let _ = self.registry.deregister(&mut h.stream);
-            }
-            Source::Web { mut conn, id, .. } => {
+            Source::Handshake(Handshake { id, .. }) | Source::Web { id, .. } => {
                 self.pending.remove(&id);
-                let _ = self.registry.deregister(conn.source());
             }
-            Source::Control(mut control) => {
-                let _ = self.registry.deregister(&mut control.stream);
-            }
-            Source::Listener { mut listener, .. } => {
-                let _ = self.registry.deregister(&mut listener);
-            }
+            Source::Control(_) | Source::Listener { .. } => {}
         }
     }
 
