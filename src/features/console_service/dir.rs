@@ -100,7 +100,8 @@ impl SocketDir {
 
     /// Binds `DIR/FILE` (e.g. `NAME.sock`), mode 0600. It is bound under a temporary
     /// name, made 0600, then renamed, so it never appears with wider permissions.
-    /// A stale socket of that name is replaced; any other file is an error.
+    /// A stale socket of that name is replaced; a live one, or any other file, is
+    /// an error.
     pub(crate) fn bind(&self, file: &str) -> io::Result<(UnixListener, BoundSocket)> {
         let path = self.socket_path(file)?;
         if let Ok(meta) = fs::symlink_metadata(&path) {
@@ -108,6 +109,13 @@ impl SocketDir {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
                     format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+            // Another service on the same directory keeps its sockets.
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{}: another process listens on it", path.display()),
                 ));
             }
         }
