@@ -417,6 +417,11 @@ impl Server {
                 }
                 self.attach(name);
             }
+            // A transient domain is removed before its stopped event is sent, but
+            // its console may end first, while a lookup still finds it.
+            LifecycleKind::Stopped if self.consoles.contains_key(name) => {
+                self.check_existence(name);
+            }
             LifecycleKind::Undefined => {
                 if matches!(self.consoles.get(name), Some(c) if matches!(c.state, State::Ended(_)))
                 {
