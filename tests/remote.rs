@@ -37,6 +37,7 @@ fn keepalive_daemon() -> PrivateDaemon {
         keepalive_count: Some(KEEPALIVE_COUNT),
         // Longer than any test, so the daemon never leaves on its own.
         idle_timeout_secs: 300,
+        ..DaemonConfig::default()
     })
 }
 

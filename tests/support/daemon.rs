@@ -80,6 +80,9 @@
 //!   the parent-death signal, but the temp dir (and any QEMU) stays; the next
 //!   `start` removes such dirs once their pid is gone and they are older than
 //!   10 minutes (killing processes that still mention them).
+//! * **TCP and network namespaces.** With [`DaemonConfig::tcp`] the daemon also
+//!   listens on TCP without authentication and readiness is probed there; with
+//!   [`DaemonConfig::netns`] it runs inside that namespace. Findings in hosts.rs.
 //! * Harmless noise in `libvirtd.log` at the default level (3 = warnings):
 //!   D-Bus unavailable, no dnsmasq, `/dev/kvm` permission denied, DMI udev
 //!   errors, and one "End of file while reading data" per readiness probe.
@@ -94,6 +97,7 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
@@ -141,6 +145,11 @@ pub struct DaemonConfig {
     /// `libvirtd --timeout`: the daemon exits after this many seconds without
     /// clients (and without running domains). 0 disables the timeout.
     pub idle_timeout_secs: u32,
+    /// Run the daemon inside this network namespace (`ip netns exec NS`).
+    pub netns: Option<String>,
+    /// Also listen on TCP at this address, without authentication
+    /// (`libvirtd --listen`, `auth_tcp = "none"`); readiness is then probed there.
+    pub tcp: Option<SocketAddr>,
 }
 
 impl Default for DaemonConfig {
@@ -149,6 +158,8 @@ impl Default for DaemonConfig {
             keepalive_interval: None,
             keepalive_count: None,
             idle_timeout_secs: 120,
+            netns: None,
+            tcp: None,
         }
     }
 }
@@ -212,11 +223,15 @@ impl PrivateDaemon {
     /// `qemu+unix:///session?socket=…`, `test` → `test+unix:///default?socket=…`,
     /// anything else → `<driver>+unix:///session?socket=…`.
     pub fn uri(&self, driver: &str) -> String {
-        let path = match driver {
-            "test" => "default",
-            _ => "session",
-        };
+        let path = driver_path(driver);
         format!("{driver}+unix:///{path}?socket={}", self.socket.display())
+    }
+
+    /// As [`uri`](Self::uri) over TCP (`qemu+tcp://ADDR:PORT/session`), when the
+    /// daemon listens on TCP.
+    pub fn tcp_uri(&self, driver: &str) -> Option<String> {
+        let addr = self.cfg.tcp?;
+        Some(format!("{driver}+tcp://{addr}/{}", driver_path(driver)))
     }
 
     /// The daemon's read-write UNIX socket.
@@ -352,6 +367,14 @@ impl PrivateDaemon {
         if let Some(count) = self.cfg.keepalive_count {
             conf.push_str(&format!("keepalive_count = {count}\n"));
         }
+        if let Some(addr) = self.cfg.tcp {
+            conf.push_str(&format!(
+                "listen_tls = 0\nlisten_tcp = 1\nauth_tcp = \"none\"\n\
+                 listen_addr = \"{}\"\ntcp_port = \"{}\"\n",
+                addr.ip(),
+                addr.port()
+            ));
+        }
         fs::write(self.root.join("config/libvirt/libvirtd.conf"), conf)?;
         // Without this the session QEMU driver spawns a virtlogd that outlives us.
         fs::write(
@@ -370,13 +393,24 @@ impl PrivateDaemon {
             .append(true)
             .open(self.stderr_path())?;
         let err = out.try_clone()?;
-        let mut cmd = Command::new(&self.setpriv);
+        // `ip netns exec` and setpriv exec, so the child's pid is libvirtd's.
+        let mut cmd = match &self.cfg.netns {
+            Some(netns) => {
+                let mut cmd = Command::new(find_program("ip")?);
+                cmd.args(["netns", "exec", netns]).arg(&self.setpriv);
+                cmd
+            }
+            None => Command::new(&self.setpriv),
+        };
         if let Some((uid, gid)) = self.run_as {
             cmd.arg(format!("--reuid={uid}"))
                 .arg(format!("--regid={gid}"))
                 .arg("--clear-groups");
         }
         cmd.args(["--pdeathsig", "KILL", "--"]).arg(&self.libvirtd);
+        if self.cfg.tcp.is_some() {
+            cmd.arg("--listen");
+        }
         if self.cfg.idle_timeout_secs > 0 {
             cmd.arg("--timeout")
                 .arg(self.cfg.idle_timeout_secs.to_string());
@@ -426,7 +460,7 @@ impl PrivateDaemon {
                     started,
                 ));
             }
-            match ping(&self.socket, deadline) {
+            match self.ping(deadline) {
                 Ok(()) => return Ok(()),
                 Err(e) => last_probe_error = e.to_string(),
             }
@@ -436,13 +470,45 @@ impl PrivateDaemon {
                     io::ErrorKind::TimedOut,
                     &format!(
                         "did not answer on {} within {:?} (last probe: {last_probe_error})",
-                        self.socket.display(),
+                        self.probed(),
                         START_TIMEOUT
                     ),
                     started,
                 ));
             }
             sleep(POLL);
+        }
+    }
+
+    /// Sends one keepalive PING where the daemon listens (TCP if it does) and
+    /// waits (until `deadline`) for the PONG.
+    fn ping(&self, deadline: Instant) -> io::Result<()> {
+        let remaining = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        };
+        match self.cfg.tcp {
+            Some(addr) => {
+                let stream = TcpStream::connect_timeout(&addr, remaining())?;
+                stream.set_read_timeout(Some(remaining()))?;
+                stream.set_write_timeout(Some(remaining()))?;
+                exchange_ping(stream)
+            }
+            None => {
+                let stream = UnixStream::connect(&self.socket)?;
+                stream.set_read_timeout(Some(remaining()))?;
+                stream.set_write_timeout(Some(remaining()))?;
+                exchange_ping(stream)
+            }
+        }
+    }
+
+    /// Where readiness is probed, for messages.
+    fn probed(&self) -> String {
+        match self.cfg.tcp {
+            Some(addr) => format!("tcp {addr}"),
+            None => self.socket.display().to_string(),
         }
     }
 
@@ -580,14 +646,16 @@ fn sweep_stale_roots(parent: &Path, uid: u32) {
     }
 }
 
-/// Sends one keepalive PING and waits (until `deadline`) for the PONG.
-fn ping(socket: &Path, deadline: Instant) -> io::Result<()> {
-    let mut stream = UnixStream::connect(socket)?;
-    let remaining = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
-    stream.set_read_timeout(Some(remaining))?;
-    stream.set_write_timeout(Some(remaining))?;
+/// The path of a `driver`'s URI: `test` → `default`, anything else → `session`.
+fn driver_path(driver: &str) -> &'static str {
+    match driver {
+        "test" => "default",
+        _ => "session",
+    }
+}
+
+/// Sends one keepalive PING on `stream` (timeouts set) and reads the PONG.
+fn exchange_ping(mut stream: impl Read + Write) -> io::Result<()> {
     // Length word (including itself), then the header: program, version,
     // procedure, type, serial, status; all big-endian u32.
     let mut msg = Vec::with_capacity(28);
@@ -663,7 +731,7 @@ fn chown_tree(path: &Path, daemon: &PrivateDaemon) -> io::Result<()> {
     Ok(())
 }
 
-fn find_program(name: &str) -> io::Result<PathBuf> {
+pub fn find_program(name: &str) -> io::Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let dirs = std::env::split_paths(&path).chain(
         ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/sbin"]
@@ -743,7 +811,7 @@ fn euid() -> u32 {
 
 /// Sends `sig` to `pid`; true if it was delivered.
 #[allow(unsafe_code)]
-fn send_signal(pid: u32, sig: libc::c_int) -> bool {
+pub fn send_signal(pid: u32, sig: libc::c_int) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };

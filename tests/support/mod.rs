@@ -5,6 +5,7 @@
 
 pub mod consoles;
 pub mod daemon;
+pub mod hosts;
 pub mod loop_thread;
 pub mod pool;
 pub mod raw;
