@@ -88,32 +88,73 @@ struct Measured {
     upload_mibps: f64,
 }
 
+/// The consoles of a run by name, on one connection's mux or several.
+struct Muxes {
+    all: Vec<ConsoleMux<()>>,
+    /// Guest name → index into `all`.
+    of: HashMap<String, usize>,
+}
+
+impl Muxes {
+    fn send(&self, name: &str, bytes: &[u8]) -> virt_reactor::Result<()> {
+        self.all[self.of[name]].send(name, bytes)
+    }
+}
+
+/// Child arguments: `uri=U[,U…]` (connections), `guests=[K:]NAME,…` (a guest on
+/// connection K, 0 if not given), `samples=`, `upload=` (bytes, on connection 0).
 pub(crate) fn latency(p: &Params) -> Figures {
     let mut reactor = p.kind.reactor::<()>();
-    let conn = p.kind.connect(p.str("uri"));
-    let guests: Vec<String> = p.str("guests").split(',').map(str::to_owned).collect();
+    let conns: Vec<Connect> = p.str("uri").split(',').map(|u| p.kind.connect(u)).collect();
+    let placed: Vec<(usize, String)> = p
+        .str("guests")
+        .split(',')
+        .map(|g| match g.split_once(':') {
+            Some((k, name)) => (k.parse().expect("a connection index"), name.to_owned()),
+            None => (0, g.to_owned()),
+        })
+        .collect();
+    let guests: Vec<String> = placed.iter().map(|(_, name)| name.clone()).collect();
     let samples: usize = p.num("samples");
     let upload_len: u64 = p.num("upload");
     let options = ConsoleOptions {
         force: true,
         ..ConsoleOptions::default()
     };
-    let (mux, events) = ConsoleMux::new(&mut reactor, &conn, options).expect("mux");
-    for name in &guests {
-        mux.attach(name).expect("attach");
+    // One mux per connection, their events merged into one channel.
+    let (merged, events) = crossbeam_channel::unbounded();
+    let mut all = Vec::new();
+    for conn in &conns {
+        let (mux, rx) = ConsoleMux::new(&mut reactor, conn, options.clone()).expect("mux");
+        let merged = merged.clone();
+        thread::spawn(move || rx.iter().try_for_each(|e| merged.send(e)));
+        all.push(mux);
+    }
+    drop(merged);
+    let muxes = Muxes {
+        of: placed.iter().map(|(k, name)| (name.clone(), *k)).collect(),
+        all,
+    };
+    for (k, name) in &placed {
+        muxes.all[*k].attach(name).expect("attach");
     }
     let handle = reactor.handle();
+    let muxes = Arc::new(muxes);
     let user = {
-        let (mux, conn) = (mux.clone(), conn.clone());
+        let (muxes, conn) = (Arc::clone(&muxes), conns[0].clone());
         thread::spawn(move || {
-            let measured = user(&mux, &events, &guests, samples, upload_len, &conn, &handle);
+            let measured = user(
+                &muxes, &events, &guests, samples, upload_len, &conn, &handle,
+            );
             handle.stop();
             measured
         })
     };
     reactor.run(&mut ()).expect("run the loop");
     let measured = user.join().expect("user thread");
-    mux.detach_all(&mut reactor, &mut ());
+    for mux in &muxes.all {
+        mux.detach_all(&mut reactor, &mut ());
+    }
     for _ in 0..10 {
         let _ = reactor.run_once(Some(Duration::from_millis(5)), &mut ());
     }
@@ -229,7 +270,7 @@ impl Screens<'_> {
 
 /// The user's side: warm up, then time echo rounds (until the upload ends, if any).
 fn user(
-    mux: &ConsoleMux<()>,
+    muxes: &Muxes,
     events: &Receiver<ConsoleEvent>,
     guests: &[String],
     samples: usize,
@@ -247,7 +288,8 @@ fn user(
     for name in guests {
         let mut ready = false;
         for k in 0..120 {
-            mux.send(name, format!("echo w{k}\n").as_bytes())
+            muxes
+                .send(name, format!("echo w{k}\n").as_bytes())
                 .expect("send");
             if screens
                 .wait_for(
@@ -263,7 +305,8 @@ fn user(
         }
         assert!(ready, "{name} never echoed");
         for k in 0..5 {
-            mux.send(name, format!("echo v{k}\n").as_bytes())
+            muxes
+                .send(name, format!("echo v{k}\n").as_bytes())
                 .expect("send");
             screens.wait_for(
                 name,
@@ -286,7 +329,7 @@ fn user(
             .iter()
             .map(|name| {
                 let at = Instant::now();
-                mux.send(name, line.as_bytes()).expect("send");
+                muxes.send(name, line.as_bytes()).expect("send");
                 (name, at)
             })
             .collect();

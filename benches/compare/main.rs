@@ -31,7 +31,10 @@
 //! among idle streams (`streams`), 4 console echo latency (`consoles`), 5 memory
 //! (`memory`), 6 the console service against conserver with `virsh console` per
 //! guest (`service`: no children; the parent runs both services and measures them
-//! from outside). `docs/benchmarks.md` has the figures and the reasoning.
+//! from outside), 7 console echo latency with the consoles spread over 3 hosts
+//! (network namespaces, a libvirtd on TCP each) against as many on one host
+//! (`multihost`; no children of the default loop). `docs/benchmarks.md` has the
+//! figures and the reasoning.
 
 mod asyncpath;
 mod consoles;
@@ -39,8 +42,11 @@ mod consoles;
 #[path = "../../tests/support/daemon.rs"]
 mod daemon;
 mod data;
+#[path = "../../tests/support/hosts.rs"]
+mod hosts;
 mod loops;
 mod memory;
+mod multihost;
 mod report;
 mod service;
 mod setup;
@@ -784,6 +790,10 @@ fn parent(opts: &Opts) {
     }
     if opts.wants("s6") {
         service::scenario6(opts, env.as_mut().expect("daemon"), &mut results);
+        partial(&results);
+    }
+    if opts.wants("s7") {
+        multihost::scenario7(opts, &mut results);
     }
     let libvirt = env
         .as_ref()

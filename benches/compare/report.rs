@@ -84,6 +84,8 @@ pub(crate) fn num(x: f64) -> String {
 fn columns(scenario: &str) -> (&'static str, &'static str, &'static str) {
     if scenario == crate::service::SCENARIO {
         ("virt-consoled", "conserver + virsh", "ours/theirs")
+    } else if scenario == crate::multihost::SCENARIO {
+        ("3 hosts", "1 host", "3 hosts/1 host")
     } else {
         ("ours", "default", "ours/default")
     }
