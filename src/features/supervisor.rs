@@ -100,6 +100,82 @@ impl SupervisorOptions {
     }
 }
 
+/// A connection as a user names it on a command line: `[LABEL=]URI`. The label
+/// names the host in output and qualifies its objects (`LABEL/NAME`) when a program
+/// serves several connections.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Letters, digits, `.`, `_`, `-` and `:`; never `/`.
+    pub label: String,
+    /// The libvirt URI.
+    pub uri: String,
+}
+
+impl Endpoint {
+    /// Parses `[LABEL=]URI`. Without a label, it is the URI's host (with its port),
+    /// or `local` for a URI without one. An `=` after the scheme belongs to the URI
+    /// (`qemu+unix:///session?socket=/run/s`).
+    ///
+    /// # Errors
+    ///
+    /// An empty URI or a label with other characters.
+    pub fn parse(spec: &str) -> Result<Endpoint> {
+        let (label, uri) = match spec.split_once('=') {
+            Some((label, uri)) if !label.contains("://") && !label.contains('?') => {
+                (label.to_owned(), uri)
+            }
+            _ => (default_label(spec), spec),
+        };
+        let bad = |why: &str| Err(Error::Service(format!("{spec:?}: {why}")));
+        if uri.is_empty() {
+            return bad("no URI");
+        }
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "._-:".contains(c);
+        if label.is_empty() || !label.chars().all(allowed) {
+            return bad("a label is letters, digits, '.', '_', '-' and ':'");
+        }
+        Ok(Endpoint {
+            label,
+            uri: uri.to_owned(),
+        })
+    }
+
+    /// Parses each of `specs`, refusing two with one label.
+    ///
+    /// # Errors
+    ///
+    /// As [`parse`](Self::parse); a label given twice.
+    pub fn parse_all<'a>(specs: impl IntoIterator<Item = &'a str>) -> Result<Vec<Endpoint>> {
+        let mut endpoints: Vec<Endpoint> = Vec::new();
+        for spec in specs {
+            let endpoint = Endpoint::parse(spec)?;
+            if endpoints.iter().any(|e| e.label == endpoint.label) {
+                return Err(Error::Service(format!(
+                    "two connections are labelled {:?}: name them LABEL=URI",
+                    endpoint.label
+                )));
+            }
+            endpoints.push(endpoint);
+        }
+        Ok(endpoints)
+    }
+}
+
+/// The host (and port) of `uri`, or `local`.
+fn default_label(uri: &str) -> String {
+    let authority = uri
+        .split_once("://")
+        .map_or("", |(_, rest)| rest.split(['/', '?']).next().unwrap_or(""));
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if host.is_empty() {
+        "local".to_owned()
+    } else {
+        host.to_owned()
+    }
+}
+
 /// A change of a supervised connection.
 #[derive(Clone)]
 #[non_exhaustive]
@@ -481,7 +557,33 @@ fn unsubscribe<S: 'static>(reactor: &mut Reactor<S>, subscriptions: Vec<Subscrip
 mod tests {
     use std::time::Duration;
 
-    use super::Backoff;
+    use super::{Backoff, Endpoint};
+
+    #[test]
+    fn endpoints_are_labelled_by_hand_or_by_their_host() {
+        let parsed = |spec: &str| Endpoint::parse(spec).map(|e| (e.label, e.uri)).ok();
+        let pair = |label: &str, uri: &str| Some((label.to_owned(), uri.to_owned()));
+        assert_eq!(
+            parsed("a=qemu+tcp://10.0.0.2/system"),
+            pair("a", "qemu+tcp://10.0.0.2/system")
+        );
+        assert_eq!(
+            parsed("qemu+ssh://root@node-1:2222/system"),
+            pair("node-1:2222", "qemu+ssh://root@node-1:2222/system")
+        );
+        assert_eq!(
+            parsed("qemu+unix:///session?socket=/run/s"),
+            pair("local", "qemu+unix:///session?socket=/run/s")
+        );
+        assert_eq!(
+            parsed("h1=test+unix:///default?socket=/s"),
+            pair("h1", "test+unix:///default?socket=/s")
+        );
+        assert!(Endpoint::parse("a/b=test:///default").is_err());
+        assert!(Endpoint::parse("x=").is_err());
+        let twice = Endpoint::parse_all(["test:///default", "qemu:///session"]);
+        assert!(twice.unwrap_err().to_string().contains("\"local\""));
+    }
 
     #[test]
     fn backoff_doubles_up_to_its_bound_and_jitter_only_shortens() {
