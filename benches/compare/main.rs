@@ -210,6 +210,9 @@ pub(crate) struct Opts {
     /// from the rest; `console` does not do that.
     #[arg(long)]
     pub(crate) quickack: bool,
+    /// Scenario 7: daemon restarts under a supervised connection.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) reconnects: usize,
     /// Ignored (cargo bench passes it).
     #[arg(long, hide = true)]
     pub(crate) bench: bool,

@@ -8,18 +8,30 @@
 //! in both cases, so both see the same load. "3 hosts" times G consoles of each
 //! host, "1 host" the 3 × G of host 1, all through `consoles::latency` (ours, one
 //! `ConsoleMux` per connection) over TCP.
+//!
+//! Then, in this process (its children are done), the time a supervised
+//! connection takes to come back: host 2's daemon is killed (SIGKILL) and
+//! restarted, `--reconnects` times; from the restarted daemon's first answer to
+//! `ConnectionEvent::Reconnected`, and to every console of host 2 attached again
+//! (a `ConsoleMux` on the new connection attaching each guest).
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::thread;
+use std::time::{Duration, Instant};
 
+use crossbeam_channel::Receiver;
 use virt::connect::Connect;
+use virt_reactor::console::{ConsoleEvent, ConsoleMux, ConsoleOptions};
+use virt_reactor::supervisor::{ConnectionEvent, Supervisor, SupervisorOptions};
 use virt_reactor::testbed::{GuestMode, Guests, Testbed};
+use virt_reactor::{Reactor, ReactorHandle};
 
 use crate::hosts::{self, Host};
 use crate::report::{figure, Figure, Results};
 use crate::{run_child, Loop, Opts};
 
 pub(crate) const SCENARIO: &str = "Scenario 7: consoles on 3 hosts against 1 host";
+pub(crate) const RECONNECT: &str = "Scenario 7: reconnect after a daemon restart";
 const HOSTS: usize = 3;
 
 const FIGURES: &[Figure] = &[
@@ -36,7 +48,7 @@ enum Layout {
 }
 
 pub(crate) fn scenario7(opts: &Opts, results: &mut Results) {
-    let hosts = match hosts::start(HOSTS) {
+    let mut hosts = match hosts::start(HOSTS) {
         Ok(hosts) => hosts,
         Err(e) => {
             eprintln!("compare: {SCENARIO}: cannot start the hosts (root needed): {e}");
@@ -154,7 +166,143 @@ pub(crate) fn scenario7(opts: &Opts, results: &mut Results) {
         HOSTS * per_host,
         HOSTS * per_host
     ));
+    if let Err(e) = reconnects(&mut hosts[1], &placed[1], opts.reconnects, results) {
+        eprintln!("compare: {RECONNECT}: FAILED: {e}");
+        results.note(format!("**Failed:** {RECONNECT}: {e}"));
+    }
     drop(guards);
+}
+
+/// How long a reconnect, or every console's re-attach, may take.
+const BACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Kills and restarts `host`'s daemon `rounds` times under a supervised
+/// connection, with the consoles of `names` attached; adds the figures.
+fn reconnects(
+    host: &mut Host,
+    names: &[String],
+    rounds: usize,
+    results: &mut Results,
+) -> Result<(), String> {
+    let mut reactor = Reactor::<()>::register().map_err(|e| format!("register: {e}"))?;
+    let handle = reactor.handle();
+    let (supervisor, events) = Supervisor::start(&mut reactor, SupervisorOptions::new(&host.uri()))
+        .map_err(|e| e.to_string())?;
+    let loop_thread = thread::spawn(move || {
+        reactor.run(&mut ())?;
+        reactor.shutdown(Duration::from_secs(10), &mut ())
+    });
+    let mut muxes = Vec::new();
+    let mut figures: [Vec<f64>; 3] = Default::default();
+    let outcome = (|| {
+        let conn = match next(&events)? {
+            ConnectionEvent::Connected { conn } => conn,
+            other => return Err(format!("first connection: {other:?}")),
+        };
+        muxes.push(attach_all(&handle, conn, names)?);
+        for round in 0..rounds {
+            let killed = Instant::now();
+            host.daemon.kill();
+            host.daemon.restart().map_err(|e| e.to_string())?;
+            let back = Instant::now();
+            let conn = loop {
+                match next(&events)? {
+                    ConnectionEvent::Reconnected { conn, .. } => break conn,
+                    ConnectionEvent::GaveUp { error } => return Err(error.to_string()),
+                    _ => {}
+                }
+            };
+            let reconnected = Instant::now();
+            muxes.push(attach_all(&handle, conn, names)?);
+            let attached = Instant::now();
+            let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1e3;
+            figures[0].push(ms(back, reconnected));
+            figures[1].push(ms(back, attached));
+            figures[2].push(ms(killed, back));
+            eprintln!(
+                "compare: {RECONNECT} round {round}: back after {:.0} ms, reconnected {:.0} ms \
+                 later, {} consoles attached {:.0} ms later",
+                ms(killed, back),
+                ms(back, reconnected),
+                names.len(),
+                ms(reconnected, attached)
+            );
+        }
+        Ok(())
+    })();
+    let (done_tx, done) = crossbeam_channel::bounded(1);
+    let _ = handle.execute(move |reactor, state| {
+        supervisor.stop(reactor);
+        for (mux, _) in &muxes {
+            mux.detach_all(reactor, state);
+        }
+        let _ = done_tx.send(());
+    });
+    let _ = done.recv_timeout(BACK_TIMEOUT);
+    handle.stop();
+    let _ = loop_thread.join();
+    outcome?;
+    let label = format!("{} consoles, default backoff", names.len());
+    for (figure, values) in [
+        figure("reconnect_ms", "daemon answers → reconnected, ms"),
+        figure("reattach_ms", "daemon answers → every console attached, ms"),
+        figure("restart_ms", "kill → restarted daemon answers, ms"),
+    ]
+    .into_iter()
+    .zip(figures)
+    {
+        results.add(RECONNECT, &label, figure, values, Vec::new(), Vec::new());
+    }
+    results.note(format!(
+        "{RECONNECT}: host 2's daemon killed (SIGKILL) and restarted at once, {rounds} \
+         times; a Supervisor (SupervisorOptions::new: backoff 200 ms doubling to 3 s, \
+         jitter 0.25) on its TCP URI; on each Reconnected a ConsoleMux on the new \
+         connection attaches the {} consoles. Cells: median (min–max) of the rounds.",
+        names.len()
+    ));
+    Ok(())
+}
+
+fn next(events: &Receiver<ConnectionEvent>) -> Result<ConnectionEvent, String> {
+    events
+        .recv_timeout(BACK_TIMEOUT)
+        .map_err(|e| format!("no connection event: {e}"))
+}
+
+/// A mux on `conn` (made on the loop thread) that attaches every guest of
+/// `names`; returns once all are attached.
+fn attach_all(
+    handle: &ReactorHandle<()>,
+    conn: Connect,
+    names: &[String],
+) -> Result<(ConsoleMux<()>, Receiver<ConsoleEvent>), String> {
+    let (made_tx, made) = crossbeam_channel::bounded(1);
+    handle
+        .execute(move |reactor, _| {
+            let _ = made_tx.send(ConsoleMux::new(reactor, &conn, ConsoleOptions::default()));
+        })
+        .map_err(|e| e.to_string())?;
+    let (mux, events) = made
+        .recv_timeout(BACK_TIMEOUT)
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    for name in names {
+        mux.attach(name).map_err(|e| e.to_string())?;
+    }
+    let mut waiting: Vec<&String> = names.iter().collect();
+    let deadline = Instant::now() + BACK_TIMEOUT;
+    while !waiting.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(ConsoleEvent::Attached { name }) => waiting.retain(|n| **n != name),
+            Ok(ConsoleEvent::AttachFailed { name, error }) => {
+                return Err(format!("attach {name}: {error}"))
+            }
+            Ok(_) => {}
+            Err(_) => return Err(format!("not attached in time: {waiting:?}")),
+        }
+    }
+    Ok((mux, events))
 }
 
 /// Boots `count` testbed guests `LABEL-1` … on `host`; they may still be booting.
