@@ -1,7 +1,8 @@
 //! One reactor across several hypervisor hosts: each host is a network namespace
 //! with its own libvirtd on TCP (`tests/support/hosts.rs`), its own testbed guests
 //! and its own pool. A daemon killed with SIGKILL ends only its own host's
-//! consoles, promptly, and the other hosts' consoles keep echoing.
+//! consoles, promptly, and the other hosts' consoles keep echoing; `virt-consoled`
+//! given the 3 hosts attaches that host's consoles again once its daemon is back.
 //!
 //! Every namespace, daemon, guest and directory is removed when the test ends,
 //! also after a failure (the hosts' drop), and a crashed run's leftovers are
@@ -9,10 +10,16 @@
 
 mod support;
 
-use std::thread::{self, JoinHandle};
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread::{self, sleep, JoinHandle};
 use std::time::{Duration, Instant};
 
 use support::consoles::{names, spawn_reactor, testbed, Transcript};
+use support::daemon::send_signal;
 use support::hosts::{self, Host};
 use virt::connect::Connect;
 use virt_reactor::console::{ConsoleEnd, ConsoleMux, ConsoleOptions};
@@ -25,6 +32,10 @@ const GUESTS: usize = 2;
 const LOSS_DEADLINE: Duration = Duration::from_secs(2);
 /// Detaching the consoles and stopping the reactor at the end.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// From a restarted daemon's first answer to its consoles attached again (issue 13).
+const BACK_DEADLINE: Duration = Duration::from_secs(5);
+/// Booting, attaching and one echo, under TCG on a loaded machine.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// A host's connection, its console mux and its guests.
 struct Side {
@@ -199,4 +210,235 @@ fn killing_one_hosts_daemon_ends_only_its_consoles() {
     }
     rig.teardown()
         .unwrap_or_else(|e| panic!("tearing the rig down: {e}"));
+}
+
+/// `virt-consoled` on `--uri LABEL=URI` for each host, its sockets in a private
+/// directory; SIGTERM, then SIGKILL, when dropped.
+struct Service {
+    child: Child,
+    dir: PathBuf,
+    /// Holds `dir` and the service's output.
+    work: PathBuf,
+}
+
+impl Service {
+    fn start(hosts: &[Host]) -> Service {
+        let work = std::env::temp_dir().join(format!("multi-host-consoled-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&work);
+        fs::create_dir_all(&work).expect("create the work directory");
+        let dir = work.join("consoles");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_virt-consoled"));
+        for host in hosts {
+            cmd.args(["--uri", &host.labelled_uri()]);
+        }
+        let child = cmd
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--exit-after", "600"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(work.join("stdout")).expect("stdout file"))
+            .stderr(fs::File::create(work.join("stderr")).expect("stderr file"))
+            .spawn()
+            .expect("spawn virt-consoled");
+        Service { child, dir, work }
+    }
+
+    fn logs(&self) -> String {
+        let read = |f: &str| fs::read_to_string(self.work.join(f)).unwrap_or_default();
+        format!(
+            "--- stdout ---\n{}--- stderr ---\n{}",
+            read("stdout"),
+            read("stderr")
+        )
+    }
+
+    /// `virt-consoled status`: each console's name and state.
+    fn console_states(&mut self) -> Vec<(String, String)> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("virt-consoled exited ({status})\n{}", self.logs());
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_virt-consoled"))
+            .arg("status")
+            .arg("--dir")
+            .arg(&self.dir)
+            .output()
+            .expect("run virt-consoled status");
+        if !out.status.success() {
+            return Vec::new(); // not listening yet
+        }
+        let status: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("status is JSON");
+        status["consoles"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                let field = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+                (field("name"), field("state"))
+            })
+            .collect()
+    }
+
+    /// Polls the status until `done` holds, panicking at `deadline` or as soon as
+    /// `check` returns an error.
+    fn wait(
+        &mut self,
+        what: &str,
+        deadline: Instant,
+        check: impl Fn(&[(String, String)]) -> Result<bool, String>,
+    ) {
+        loop {
+            let states = self.console_states();
+            match check(&states) {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(why) => panic!(
+                    "while waiting for {what}: {why}\n{states:?}\n{}",
+                    self.logs()
+                ),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not by the deadline; consoles: {states:?}\n{}",
+                self.logs()
+            );
+            sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Sends an echo line to console `name` through its socket and waits for the
+    /// guest's answer.
+    fn echo(&self, name: &str, tag: &str) {
+        let path = self.dir.join(format!("{name}.sock"));
+        let mut viewer = UnixStream::connect(&path)
+            .unwrap_or_else(|e| panic!("connect {}: {e}\n{}", path.display(), self.logs()));
+        viewer
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("read timeout");
+        let reply = format!("\n{tag}\r");
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        // Sent again each second: QEMU drops input until it notices a reader.
+        let mut next_send = Instant::now();
+        while !support::consoles::contains(&seen, reply.as_bytes()) {
+            assert!(
+                Instant::now() < deadline,
+                "{name} never echoed {tag}: {}\n{}",
+                support::consoles::tail_text(&seen, 300),
+                self.logs()
+            );
+            if Instant::now() >= next_send {
+                viewer
+                    .write_all(format!("echo {tag}\n").as_bytes())
+                    .expect("write to the console");
+                next_send = Instant::now() + Duration::from_secs(1);
+            }
+            let mut buf = [0; 4096];
+            match viewer.read(&mut buf) {
+                Ok(0) => panic!("{name}'s socket closed\n{}", self.logs()),
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        send_signal(self.child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        let _ = fs::remove_dir_all(&self.work);
+    }
+}
+
+fn state_of<'a>(states: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    states
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, s)| s.as_str())
+}
+
+/// Issue 13, part 3, end to end: `virt-consoled` serves the consoles of guests on 3
+/// hosts; `kill -9` of one host's daemon ends only that host's consoles (within
+/// 2 s), and within 5 s of the restarted daemon's return they are attached again
+/// and echo, as do the others throughout.
+#[test]
+fn consoled_attaches_a_restarted_hosts_consoles_again() {
+    virt::error::clear_error_callback();
+    let testbed = testbed();
+    let mut hosts = hosts::start(3).expect("start the hosts");
+    // One guest per host, booted before the service starts (it attaches running ones).
+    let mut booted = Vec::new();
+    for host in &hosts {
+        let conn = Connect::open(Some(&host.uri()))
+            .unwrap_or_else(|e| panic!("connect {}: {e}", host.uri()));
+        let guests = Guests::new();
+        let name = format!("{}-1", host.label);
+        guests.track(&conn, &name);
+        conn.create_domain_xml(&testbed.guest_xml(&name, GuestMode::Plain), 0)
+            .unwrap_or_else(|e| panic!("boot {name}: {e}\n{}", host.daemon.log_tail(20)));
+        booted.push((guests, conn));
+    }
+    let consoles: Vec<String> = hosts
+        .iter()
+        .map(|h| format!("{0}/{0}-1", h.label))
+        .collect();
+    let mut service = Service::start(&hosts);
+    service.wait(
+        "every console attached",
+        Instant::now() + SETTLE_TIMEOUT,
+        |s| Ok(consoles.iter().all(|c| state_of(s, c) == Some("attached"))),
+    );
+    for console in &consoles {
+        service.echo(console, "before");
+    }
+
+    let (victim, others) = (&consoles[1], [&consoles[0], &consoles[2]]);
+    let killed = Instant::now();
+    hosts[1].daemon.kill();
+    let others_attached =
+        |s: &[(String, String)]| match others.iter().find(|c| state_of(s, c) != Some("attached")) {
+            Some(c) => Err(format!("{c}, on a host that runs, is not attached")),
+            None => Ok(()),
+        };
+    service.wait(
+        "the killed host's console to end",
+        killed + LOSS_DEADLINE,
+        |s| {
+            others_attached(s)?;
+            Ok(state_of(s, victim).is_some_and(|state| state != "attached"))
+        },
+    );
+    eprintln!("{victim} ended {:.0?} after the kill", killed.elapsed());
+    for console in others {
+        service.echo(console, "while-one-is-down");
+    }
+
+    hosts[1]
+        .daemon
+        .restart()
+        .expect("restart the killed daemon");
+    let back = Instant::now();
+    service.wait("the console attached again", back + BACK_DEADLINE, |s| {
+        others_attached(s)?;
+        Ok(state_of(s, victim) == Some("attached"))
+    });
+    eprintln!(
+        "{victim} attached again {:.0?} after its daemon's return",
+        back.elapsed()
+    );
+    for console in &consoles {
+        service.echo(console, "after");
+    }
+    drop(service);
+    drop(booted);
 }
