@@ -4,7 +4,9 @@
 # Idempotent, and it changes no system configuration: it only installs missing
 # packages, the Rust toolchain of Cargo.toml's rust-version (with rustup) and
 # cargo-nextest. No /etc edits, no users, no system libvirtd: the tests start their
-# own private, unprivileged libvirtd (tests/support/daemon.rs). conserver (for
+# own private, unprivileged libvirtd (tests/support/daemon.rs); the multi-host
+# tests put such daemons in network namespaces they make and remove
+# (tests/support/hosts.rs, needs root). conserver (for
 # scenario 6 of the benchmark) runs the same way, a private instance per run with
 # its own configuration and a loopback port; if installing it starts Debian's
 # system service, this script stops and disables that service again.
@@ -14,6 +16,7 @@ PACKAGES=(
     libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
     pkg-config qemu-system-x86 busybox-static cpio gzip gcc procps
     util-linux # setpriv
+    iproute2 # ip netns: the multi-host test bed (tests/support/hosts.rs)
     chromium chromium-driver # the console service's browser test (tests/support/browser.rs)
     tmux # tests/console_mux_terminal.rs
     conserver-server conserver-client # benchmark scenario 6
@@ -67,7 +70,7 @@ if [[ " ${missing[*]} " == *" conserver-server "* ]]; then
     fi
 fi
 
-for tool in libvirtd setpriv chromium chromedriver tmux conserver console; do
+for tool in libvirtd setpriv ip virsh chromium chromedriver tmux conserver console; do
     if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null; then
         echo "setup-host: error: $tool not found after installing packages" >&2
         exit 1
