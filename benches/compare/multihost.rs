@@ -143,21 +143,7 @@ pub(crate) fn scenario7(opts: &Opts, results: &mut Results) {
             }
         }
     }
-    for &figure in FIGURES {
-        let pick = |rs: &[HashMap<String, f64>]| -> Vec<f64> {
-            rs.iter()
-                .map(|r| *r.get(figure.key).unwrap_or(&f64::NAN))
-                .collect()
-        };
-        results.add(
-            SCENARIO,
-            &label,
-            figure,
-            pick(&runs[0]),
-            pick(&runs[1]),
-            Vec::new(),
-        );
-    }
+    results.add_sides(SCENARIO, &label, FIGURES, &runs);
     results.note(format!(
         "Scenario 7: {HOSTS} hosts (network namespaces, a private libvirtd on TCP each); \
          host 1 runs {} testbed guests, hosts 2 and 3 {per_host} each; \"3 hosts\" times \

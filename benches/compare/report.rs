@@ -1,5 +1,6 @@
 //! Medians, tables, target checks, the raw figures and the scenario 2 plot.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -111,6 +112,26 @@ impl Results {
             default,
             tokio,
         });
+    }
+
+    /// Adds `figures` of two sides' runs (each run a child's figures), as the
+    /// table's two columns.
+    pub(crate) fn add_sides(
+        &mut self,
+        scenario: &'static str,
+        case: &str,
+        figures: &[Figure],
+        runs: &[Vec<HashMap<String, f64>>; 2],
+    ) {
+        for &figure in figures {
+            let pick = |rs: &[HashMap<String, f64>]| -> Vec<f64> {
+                rs.iter()
+                    .map(|r| *r.get(figure.key).unwrap_or(&f64::NAN))
+                    .collect()
+            };
+            let (a, b) = (pick(&runs[0]), pick(&runs[1]));
+            self.add(scenario, case, figure, a, b, Vec::new());
+        }
     }
 
     pub(crate) fn note(&mut self, note: String) {

@@ -207,21 +207,7 @@ pub(crate) fn scenario6(opts: &Opts, env: &mut Env, results: &mut Results) {
             opts.runs,
             started.elapsed().as_secs_f64()
         );
-        for &figure in FIGURES {
-            let pick = |rs: &[HashMap<String, f64>]| -> Vec<f64> {
-                rs.iter()
-                    .map(|r| *r.get(figure.key).unwrap_or(&f64::NAN))
-                    .collect()
-            };
-            results.add(
-                SCENARIO,
-                &label,
-                figure,
-                pick(&runs[0]),
-                pick(&runs[1]),
-                Vec::new(),
-            );
-        }
+        results.add_sides(SCENARIO, &label, FIGURES, &runs);
     }
     let _ = fs::remove_dir_all(&base);
     results.note(format!(
