@@ -143,11 +143,11 @@ pub(crate) fn latency(p: &Params) -> Figures {
     let user = {
         let (muxes, conn) = (Arc::clone(&muxes), conns[0].clone());
         thread::spawn(move || {
-            let measured = user(
+            // Also when the user panics (a guest gone): the child then fails at once.
+            let _stop = StopOnDrop(handle.clone());
+            user(
                 &muxes, &events, &guests, samples, upload_len, &conn, &handle,
-            );
-            handle.stop();
-            measured
+            )
         })
     };
     reactor.run(&mut ()).expect("run the loop");
@@ -159,6 +159,15 @@ pub(crate) fn latency(p: &Params) -> Figures {
         let _ = reactor.run_once(Some(Duration::from_millis(5)), &mut ());
     }
     echo_figures(measured.latencies_ms, measured.lost, measured.upload_mibps)
+}
+
+/// Stops the loop when dropped.
+struct StopOnDrop(ReactorHandle<()>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
 }
 
 /// The echo figures of a run: median and p99 latency, samples, lost echoes, and
