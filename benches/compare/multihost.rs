@@ -171,6 +171,10 @@ pub(crate) fn scenario7(opts: &Opts, results: &mut Results) {
     drop(guards);
 }
 
+/// How long the daemon stays dead before its restart: at once, and long enough
+/// for the backoff to have grown.
+const DOWNTIMES: [Duration; 2] = [Duration::ZERO, Duration::from_secs(3)];
+
 /// How long a reconnect, or every console's re-attach, may take.
 const BACK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -191,16 +195,18 @@ fn reconnects(
         reactor.shutdown(Duration::from_secs(10), &mut ())
     });
     let mut muxes = Vec::new();
-    let mut figures: [Vec<f64>; 3] = Default::default();
+    let mut figures: Vec<[Vec<f64>; 3]> = vec![Default::default(); DOWNTIMES.len()];
     let outcome = (|| {
         let conn = match next(&events)? {
             ConnectionEvent::Connected { conn } => conn,
             other => return Err(format!("first connection: {other:?}")),
         };
         muxes.push(attach_all(&handle, conn, names)?);
-        for round in 0..rounds {
+        for (round, k) in (0..rounds).flat_map(|r| (0..DOWNTIMES.len()).map(move |k| (r, k))) {
+            let (down, figures) = (DOWNTIMES[k], &mut figures[k]);
             let killed = Instant::now();
             host.daemon.kill();
+            thread::sleep(down);
             host.daemon.restart().map_err(|e| e.to_string())?;
             let back = Instant::now();
             let conn = loop {
@@ -218,8 +224,8 @@ fn reconnects(
             figures[1].push(ms(back, attached));
             figures[2].push(ms(killed, back));
             eprintln!(
-                "compare: {RECONNECT} round {round}: back after {:.0} ms, reconnected {:.0} ms \
-                 later, {} consoles attached {:.0} ms later",
+                "compare: {RECONNECT} round {round}, down {down:?}: back after {:.0} ms, \
+                 reconnected {:.0} ms later, {} consoles attached {:.0} ms later",
                 ms(killed, back),
                 ms(back, reconnected),
                 names.len(),
@@ -240,20 +246,22 @@ fn reconnects(
     handle.stop();
     let _ = loop_thread.join();
     outcome?;
-    let label = format!("{} consoles, default backoff", names.len());
-    for (figure, values) in [
-        figure("reconnect_ms", "daemon answers → reconnected, ms"),
-        figure("reattach_ms", "daemon answers → every console attached, ms"),
-        figure("restart_ms", "kill → restarted daemon answers, ms"),
-    ]
-    .into_iter()
-    .zip(figures)
-    {
-        results.add(RECONNECT, &label, figure, values, Vec::new(), Vec::new());
+    for (down, figures) in DOWNTIMES.iter().zip(figures) {
+        let label = format!("{} consoles, down {down:?}", names.len());
+        for (figure, values) in [
+            figure("reconnect_ms", "daemon answers → reconnected, ms"),
+            figure("reattach_ms", "daemon answers → every console attached, ms"),
+            figure("restart_ms", "kill → restarted daemon answers, ms"),
+        ]
+        .into_iter()
+        .zip(figures)
+        {
+            results.add(RECONNECT, &label, figure, values, Vec::new(), Vec::new());
+        }
     }
     results.note(format!(
-        "{RECONNECT}: host 2's daemon killed (SIGKILL) and restarted at once, {rounds} \
-         times; a Supervisor (SupervisorOptions::new: backoff 200 ms doubling to 3 s, \
+        "{RECONNECT}: host 2's daemon killed (SIGKILL) and restarted at once or after \
+         3 s down, {rounds} times each, alternating; a Supervisor (SupervisorOptions::new: backoff 200 ms doubling to 3 s, \
          jitter 0.25) on its TCP URI; on each Reconnected a ConsoleMux on the new \
          connection attaches the {} consoles. Cells: median (min–max) of the rounds.",
         names.len()
