@@ -247,7 +247,7 @@ fn reconnects(
     let _ = loop_thread.join();
     outcome?;
     for (down, figures) in DOWNTIMES.iter().zip(figures) {
-        let label = format!("{} consoles, down {down:?}", names.len());
+        let label = format!("{} consoles, down {} s", names.len(), down.as_secs());
         for (figure, values) in [
             figure("reconnect_ms", "daemon answers → reconnected, ms"),
             figure("reattach_ms", "daemon answers → every console attached, ms"),
