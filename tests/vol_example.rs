@@ -114,8 +114,8 @@ fn vol_downloads_several_volumes_and_names_the_missing_one() {
     );
     assert_eq!(
         run.code,
-        Some(1),
-        "exit code 1 when a transfer failed\n{}",
+        Some(5),
+        "exit code 5 when a volume is missing\n{}",
         run.all()
     );
     let ghost = run.line("ghost");
@@ -295,7 +295,7 @@ fn vol_download_leaves_devices_links_directories_and_files_alone() {
         ],
     );
     let all = run.all();
-    assert_eq!(run.code, Some(1), "{all}");
+    assert_eq!(run.code, Some(6), "{all}");
     let hint = " (--force writes over it)";
     for (name, target, kind, hint) in [
         ("a", &t.full, "character device", hint),
@@ -357,7 +357,7 @@ fn vol_download_with_force_writes_through_devices_and_links() {
         ],
     );
     let all = run.all();
-    assert_eq!(run.code, Some(1), "{all}");
+    assert_eq!(run.code, Some(6), "{all}");
     for name in ["a", "b", "c"] {
         assert!(
             run.line(name).starts_with(&format!("{name}: ok, ")),
@@ -418,7 +418,7 @@ fn vol_upload_from_a_stream_sends_exactly_the_length() {
     assert!(file_is(&bed.pool.path_of("a"), &expected), "4096 zeros");
 
     let run = run_vol(&bed, "upload", &["b", path(&zero)]);
-    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_eq!(run.code, Some(6), "{}", run.all());
     assert_eq!(
         run.line("b"),
         format!(
@@ -432,7 +432,7 @@ fn vol_upload_from_a_stream_sends_exactly_the_length() {
         "upload",
         &["--length", "4096", "c", path(&null), "d", path(&short)],
     );
-    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_eq!(run.code, Some(6), "{}", run.all());
     assert_eq!(
         run.line("c"),
         format!(
