@@ -8,5 +8,6 @@ pub mod daemon;
 pub mod loop_thread;
 pub mod pool;
 pub mod raw;
+pub mod vol;
 
 pub use raw::lock;
