@@ -102,7 +102,7 @@ pub use features::console_service;
 pub use features::testbed;
 #[cfg(feature = "tokio")]
 pub use features::tokio;
-pub use features::{console, volume};
+pub use features::{console, supervisor, volume};
 pub use streams::handler::{handler_fn, Flow, StreamCtx, StreamEnd, StreamHandler};
 pub use streams::reactor::{Reactor, ReactorHandle, SubscriptionId, DEFAULT_OUTBOX_CAPACITY};
 pub use streams::stream::{Received, Stream};

@@ -1,9 +1,10 @@
-//! The features built on the reactor: consoles, volume transfers, the connection
-//! close watch, and the test bed's tiny guests.
+//! The features built on the reactor: consoles, volume transfers, supervised
+//! connections, and the test bed's tiny guests.
 
 pub mod console;
 #[cfg(feature = "console-service")]
 pub mod console_service;
+pub mod supervisor;
 #[cfg(feature = "testbed")]
 pub mod testbed;
 #[cfg(feature = "tokio")]

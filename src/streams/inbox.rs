@@ -13,6 +13,8 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use virt::connect::Connect;
+
 use super::token::StreamToken;
 use crate::event_loop::driver::Waker;
 use crate::vocab::error::{Error, Result};
@@ -38,6 +40,9 @@ pub(crate) struct News {
     /// Lifecycle trampoline slots freed by a deregistration off the loop, by
     /// connection key.
     pub(crate) released: Vec<(usize, usize)>,
+    /// Remote lifecycle registrations the daemon answered: subscription, its
+    /// connection and slot, libvirt's callback id.
+    pub(crate) registered: Vec<(u64, Connect, usize, Result<i32>)>,
     /// Panics on worker threads, to return from the reactor's `run_once`.
     pub(crate) panics: Vec<Error>,
 }
@@ -51,6 +56,7 @@ impl News {
             && self.send_failed.is_empty()
             && self.ended.is_empty()
             && self.released.is_empty()
+            && self.registered.is_empty()
             && self.panics.is_empty()
     }
 }

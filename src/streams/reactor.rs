@@ -32,7 +32,9 @@ use crate::event_loop::connect::is_remote;
 use crate::event_loop::default_loop::DefaultLoop;
 use crate::event_loop::driver::Driver;
 use crate::event_loop::{DrainReport, EventLoop};
-use crate::sys::connection::{self as sys_connection, connection_key, LIFECYCLE_SLOTS};
+use crate::sys::connection::{
+    self as sys_connection, connection_key, LifecycleFn, LIFECYCLE_SLOTS,
+};
 use crate::sys::panic::payload_message;
 use crate::vocab::error::{Error, Result};
 use crate::vocab::events::{CloseReason, LifecycleEvent};
@@ -193,10 +195,14 @@ struct CloseSubscription<S> {
     handler: CloseHandler<S>,
 }
 
+/// What waits for a remote lifecycle registration's outcome.
+pub(crate) type Registered<S> = Box<dyn FnOnce(&mut Reactor<S>, &mut S, Result<()>) + Send>;
+
 struct Subscription<S> {
     conn: Connect,
     slot: usize,
-    libvirt_id: i32,
+    /// libvirt's callback id; `None` while a daemon is being asked for one.
+    libvirt_id: Option<i32>,
     /// `None` once it panicked: never called again.
     handler: Option<LifecycleHandler<S>>,
 }
@@ -262,7 +268,9 @@ pub struct Reactor<S: 'static = ()> {
     next_subscription: u64,
     lifecycle_slots: FxHashMap<usize, Slots>,
     /// Deregistrations running on worker threads, each holding its connection.
-    deregistering: usize,
+    daemon_calls: usize,
+    /// Who waits for a remote lifecycle registration, by subscription.
+    awaiting_registration: FxHashMap<u64, Registered<S>>,
     /// The first panic of the iteration under way.
     panicked: Option<Error>,
 }
@@ -328,7 +336,8 @@ impl<S: 'static> Reactor<S> {
             close_subscriptions: FxHashMap::default(),
             next_subscription: 0,
             lifecycle_slots: FxHashMap::default(),
-            deregistering: 0,
+            daemon_calls: 0,
+            awaiting_registration: FxHashMap::default(),
             panicked: None,
         }
     }
@@ -475,10 +484,11 @@ impl<S: 'static> Reactor<S> {
     ///
     /// # Errors
     ///
-    /// [`Error::SubscriptionLimit`] beyond that; libvirt's error, e.g. when the
-    /// driver has no domain events. On a remote connection this is a call to the
-    /// daemon: make it from [`ReactorHandle::spawn_blocking`]'s `then` only if a
-    /// wait is acceptable, as for any other libvirt call.
+    /// [`Error::SubscriptionLimit`] beyond that; for an in-process driver,
+    /// libvirt's error, e.g. when the driver has no domain events. On a remote
+    /// connection the registration is a call to the daemon, made on a worker thread
+    /// so that the loop never waits for it: events flow once the daemon has
+    /// answered, and a refusal is logged and ends the subscription.
     #[doc(alias = "virConnectDomainEventRegisterAny")]
     pub fn subscribe_lifecycle<F>(&mut self, conn: &Connect, handler: F) -> Result<SubscriptionId>
     where
@@ -494,28 +504,96 @@ impl<S: 'static> Reactor<S> {
         slots.claimed |= 1 << slot;
         let id = self.subscription_id();
         let inbox = Arc::clone(&self.inbox);
-        let registered = sys_connection::register_lifecycle(
-            conn,
+        let callback: LifecycleFn =
+            Box::new(move |event| inbox.post(|news| news.lifecycle.push((id, event))));
+        let mut subscription = Subscription {
+            conn: conn.clone(),
             slot,
-            Box::new(move |event| inbox.post(|news| news.lifecycle.push((id, event)))),
-        );
-        match registered {
-            Ok(libvirt_id) => {
-                self.subscriptions.insert(
-                    id,
-                    Subscription {
-                        conn: conn.clone(),
-                        slot,
-                        libvirt_id,
-                        handler: Some(Box::new(handler)),
-                    },
-                );
-                Ok(SubscriptionId(id))
+            libvirt_id: None,
+            handler: Some(Box::new(handler)),
+        };
+        if is_remote(conn) {
+            let (conn, inbox) = (conn.clone(), Arc::clone(&self.inbox));
+            std::thread::Builder::new()
+                .name("virt-reactor-subscribe".into())
+                .spawn(move || {
+                    let registered = sys_connection::register_lifecycle(&conn, slot, callback);
+                    inbox.post(|news| news.registered.push((id, conn, slot, registered)));
+                })
+                .map_err(|e| {
+                    self.release_slot(key, slot);
+                    Error::Io(e)
+                })?;
+            self.daemon_calls += 1;
+        } else {
+            match sys_connection::register_lifecycle(conn, slot, callback) {
+                Ok(libvirt_id) => subscription.libvirt_id = Some(libvirt_id),
+                Err(e) => {
+                    self.release_slot(key, slot);
+                    return Err(e);
+                }
             }
-            Err(e) => {
-                self.release_slot(key, slot);
-                Err(e)
+        }
+        self.subscriptions.insert(id, subscription);
+        Ok(SubscriptionId(id))
+    }
+
+    /// Has `then` called on the loop thread once the daemon answered the remote
+    /// registration of lifecycle subscription `id`, with its outcome. Gives `then`
+    /// back when no answer is awaited: the subscription is registered already.
+    pub(crate) fn when_registered(
+        &mut self,
+        id: SubscriptionId,
+        then: Registered<S>,
+    ) -> Option<Registered<S>> {
+        match self.subscriptions.get(&id.0) {
+            Some(subscription) if subscription.libvirt_id.is_none() => {
+                self.awaiting_registration.insert(id.0, then);
+                None
             }
+            _ => Some(then),
+        }
+    }
+
+    /// The daemon answered a remote registration made by `subscribe_lifecycle`.
+    fn registered(
+        &mut self,
+        id: u64,
+        conn: Connect,
+        slot: usize,
+        result: Result<i32>,
+        state: &mut S,
+    ) {
+        self.daemon_calls -= 1;
+        let waiter = self.awaiting_registration.remove(&id);
+        let outcome = match &result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(Error::Service(format!("lifecycle events refused: {e}"))),
+        };
+        match (self.subscriptions.get_mut(&id), result) {
+            (Some(subscription), Ok(libvirt_id)) => subscription.libvirt_id = Some(libvirt_id),
+            // Unsubscribed while the daemon was asked: undo the registration.
+            (None, Ok(libvirt_id)) => {
+                let undone = self.deregister(Subscription {
+                    conn,
+                    slot,
+                    libvirt_id: Some(libvirt_id),
+                    handler: None,
+                });
+                if let Err(e) = undone {
+                    log::warn!("lifecycle subscription {id}: {e}");
+                }
+            }
+            (subscription, Err(e)) => {
+                if subscription.is_some() {
+                    log::warn!("lifecycle subscription {id}: the daemon refused it: {e}");
+                    self.subscriptions.remove(&id);
+                }
+                self.release_slot(connection_key(&conn), slot);
+            }
+        }
+        if let Some(then) = waiter {
+            then(self, state, outcome);
         }
     }
 
@@ -579,6 +657,10 @@ impl<S: 'static> Reactor<S> {
             handler,
         } = subscription;
         drop(handler);
+        // Still being registered: `registered` undoes it when the daemon answers.
+        let Some(libvirt_id) = libvirt_id else {
+            return Ok(());
+        };
         // libvirt forgets the callback on the client side before it tells the
         // daemon, so the slot is free again whatever the daemon answers.
         let key = connection_key(&conn);
@@ -588,7 +670,7 @@ impl<S: 'static> Reactor<S> {
             return deregistered;
         }
         let inbox = Arc::clone(&self.inbox);
-        self.deregistering += 1;
+        self.daemon_calls += 1;
         std::thread::Builder::new()
             .name("virt-reactor-unsubscribe".into())
             .spawn(move || {
@@ -602,7 +684,7 @@ impl<S: 'static> Reactor<S> {
             })
             .map(drop)
             .map_err(|e| {
-                self.deregistering -= 1;
+                self.daemon_calls -= 1;
                 Error::Io(e)
             })
     }
@@ -755,16 +837,19 @@ impl<S: 'static> Reactor<S> {
                 log::warn!("shutdown: {e}");
             }
         }
-        // Aborts on lanes and remote deregistrations hold their connections until
-        // the daemon has answered.
-        while !self.ending.is_empty() || self.deregistering > 0 {
+        // Aborts on lanes, remote (de)registrations and retiring lanes hold their
+        // connections until the daemon has answered.
+        while !self.ending.is_empty()
+            || self.daemon_calls > 0
+            || self.retired.values().any(Retired::is_running)
+        {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 log::warn!(
                     "shutdown: {} stream(s) and {} subscription(s) still waiting for \
                      their daemon",
                     self.ending.len(),
-                    self.deregistering
+                    self.daemon_calls
                 );
                 return Err(Error::TimedOut);
             }
@@ -896,8 +981,11 @@ impl<S: 'static> Reactor<S> {
             self.deliver_lifecycle(id, &event, state);
         }
         for (connection, slot) in news.released.drain(..) {
-            self.deregistering -= 1;
+            self.daemon_calls -= 1;
             self.release_slot(connection, slot);
+        }
+        for (id, conn, slot, result) in news.registered.drain(..) {
+            self.registered(id, conn, slot, result, state);
         }
         for panic in news.panics.drain(..) {
             self.panicked.get_or_insert(panic);
