@@ -514,7 +514,7 @@ fn vol_exit_codes_name_each_kind_of_failure() {
         last["error"]
             .as_str()
             .unwrap()
-            .starts_with("not back in time"),
+            .starts_with("not back within 1s"),
         "{last}"
     );
 

@@ -1,137 +1,152 @@
-//! The connections `vol` works through, given as `[LABEL=]URI`, and their recovery
-//! once lost: a new connection is tried every [`RETRY_EVERY`] until `--retry-for`
-//! runs out.
+//! The connections `vol` works through, each a [`Supervisor`]: once lost, it is
+//! opened again (with backoff, off the loop) until `--retry-for` runs out.
 
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use virt::connect::Connect;
+use crossbeam_channel::Receiver;
 use virt::storage_pool::StoragePool;
+use virt_reactor::supervisor::{ConnectionEvent, Endpoint, Supervisor, SupervisorOptions};
+use virt_reactor::{Error, Reactor};
 
-/// How often a lost connection is tried again.
-const RETRY_EVERY: Duration = Duration::from_millis(500);
-
-/// A connection as given: `[LABEL=]URI`.
-#[derive(Clone, Debug)]
-pub struct Endpoint {
-    pub label: String,
-    pub uri: String,
+/// Where a host's connection is.
+enum Link {
+    /// The first connection is being opened.
+    Opening,
+    Up(StoragePool),
+    /// Lost; tried again until then.
+    Down {
+        until: Instant,
+    },
+    /// For good.
+    Gone,
 }
 
-impl FromStr for Endpoint {
-    type Err = String;
-
-    /// A label is what comes before the first `=`, if that holds no `:` or `/` (a
-    /// URI's query has `=` too).
-    fn from_str(text: &str) -> Result<Endpoint, String> {
-        let (label, uri) = match text.split_once('=') {
-            Some((label, uri)) if !label.contains([':', '/']) => (label.to_owned(), uri),
-            _ => (label_of(text), text),
-        };
-        if label.is_empty() || uri.is_empty() {
-            return Err(format!("{text}: expected [LABEL=]URI"));
-        }
-        Ok(Endpoint {
-            label,
-            uri: uri.to_owned(),
-        })
-    }
-}
-
-/// A URI's host name (with `:port`), or `local` for a URI without a host.
-fn label_of(uri: &str) -> String {
-    let Some((_, rest)) = uri.split_once("://") else {
-        return "local".to_owned();
-    };
-    let authority = rest.split(['/', '?']).next().unwrap_or("");
-    let host = authority.rsplit('@').next().unwrap_or("");
-    match host {
-        "" => "local".to_owned(),
-        host => host.to_owned(),
-    }
+/// What became of a host, for its transfers.
+pub enum Change {
+    /// Connected, the first time or again.
+    Up,
+    /// Not back in time, or the first connection failed: why.
+    Gone(Error),
 }
 
 /// One connection and the pool on it.
-pub struct Host {
+pub struct Host<S: 'static> {
     pub endpoint: Endpoint,
     /// Counts the connections opened: a transfer knows which one it ran on.
     pub generation: u32,
-    pool: Option<StoragePool>,
-    conn: Option<Connect>,
-    /// While lost: when to stop trying, and when to try next.
-    retry: Option<(Instant, Instant)>,
+    supervisor: Supervisor<S>,
+    events: Receiver<ConnectionEvent>,
+    link: Link,
+    retry_for: Duration,
 }
 
-/// What became of a lost host in [`Host::recover`].
-pub enum Recovery {
-    Waiting,
-    Back,
-    GaveUp(String),
-}
-
-impl Host {
-    pub fn new(endpoint: Endpoint) -> Host {
-        Host {
+impl<S: 'static> Host<S> {
+    /// Starts opening `endpoint`; a lost connection is retried for `retry_for`.
+    pub fn start(
+        reactor: &mut Reactor<S>,
+        endpoint: Endpoint,
+        retry_for: Duration,
+    ) -> virt_reactor::Result<Host<S>> {
+        let mut options = SupervisorOptions::new(&endpoint.uri);
+        if retry_for.is_zero() {
+            options.max_attempts = Some(0);
+        }
+        let (supervisor, events) = Supervisor::start(reactor, options)?;
+        Ok(Host {
             endpoint,
             generation: 0,
-            pool: None,
-            conn: None,
-            retry: None,
-        }
+            supervisor,
+            events,
+            link: Link::Opening,
+            retry_for,
+        })
     }
 
-    /// Opens the connection and finds the pool.
-    pub fn connect(&mut self, pool: &str) -> virt_reactor::Result<()> {
-        let conn = virt_reactor::connect(&self.endpoint.uri)?;
-        self.generation += 1;
-        let found = conn.lookup_storage_pool_by_name(pool);
-        self.conn = Some(conn);
-        self.pool = Some(found?);
-        self.retry = None;
-        Ok(())
+    /// Whether the first connection is still being opened.
+    pub fn is_opening(&self) -> bool {
+        matches!(self.link, Link::Opening)
     }
 
     /// The pool, while connected.
     pub fn pool(&self) -> Option<&StoragePool> {
-        self.pool.as_ref()
+        match &self.link {
+            Link::Up(pool) => Some(pool),
+            _ => None,
+        }
     }
 
-    /// Whether the connection is gone (a transfer's failure may be why).
+    /// Whether the connection is gone or going (a transfer's failure may be why).
     pub fn is_lost(&self) -> bool {
-        self.retry.is_some()
+        !matches!(self.link, Link::Up(_))
             || self
-                .conn
-                .as_ref()
+                .supervisor
+                .connection()
                 .is_none_or(|conn| !conn.is_alive().unwrap_or(false))
     }
 
-    /// Marks the connection lost: retried for `retry_for` from now.
-    pub fn lost(&mut self, retry_for: Duration) {
-        if self.retry.is_none() {
-            let now = Instant::now();
-            self.retry = Some((now + retry_for, now));
-        }
-        self.pool = None;
-        self.conn = None;
+    /// Whether a lost connection may come back.
+    pub fn may_return(&self) -> bool {
+        !matches!(self.link, Link::Gone) && !self.retry_for.is_zero()
     }
 
-    /// Tries the lost connection again if it is time.
-    pub fn recover(&mut self, pool: &str) -> Recovery {
-        let Some((until, next)) = self.retry else {
-            return Recovery::Back;
-        };
-        let now = Instant::now();
-        if now < next {
-            return Recovery::Waiting;
+    /// Takes in what the supervisor said since the last call, on the loop thread;
+    /// `pool` is the pool to find on each new connection.
+    pub fn poll(&mut self, reactor: &mut Reactor<S>, pool: &str) -> Option<Change> {
+        let mut change = None;
+        while let Ok(event) = self.events.try_recv() {
+            change = match event {
+                ConnectionEvent::Connected { conn } | ConnectionEvent::Reconnected { conn, .. } => {
+                    match conn.lookup_storage_pool_by_name(pool) {
+                        Ok(found) => {
+                            self.generation += 1;
+                            self.link = Link::Up(found);
+                            Some(Change::Up)
+                        }
+                        Err(e) => Some(self.give_up(reactor, Error::Libvirt(e))),
+                    }
+                }
+                ConnectionEvent::Lost { reason } => {
+                    log::info!("{}: connection lost ({reason})", self.endpoint.label);
+                    self.lost();
+                    change
+                }
+                ConnectionEvent::GaveUp { error } => Some(self.give_up(reactor, error)),
+                _ => change,
+            };
         }
-        match self.connect(pool) {
-            Ok(()) => Recovery::Back,
-            Err(e) if now >= until => Recovery::GaveUp(e.to_string()),
-            Err(e) => {
-                log::info!("{}: {e}", self.endpoint.label);
-                self.retry = Some((until, now + RETRY_EVERY));
-                Recovery::Waiting
+        if let Link::Down { until } = self.link {
+            if Instant::now() >= until {
+                let within = humantime::format_duration(self.retry_for);
+                let error = format!("not back within {within} (--retry-for)");
+                return Some(self.give_up(reactor, Error::Service(error)));
             }
         }
+        change
+    }
+
+    /// Marks the connection lost: it is waited for `--retry-for` from now.
+    pub fn lost(&mut self) {
+        if let Link::Opening | Link::Up(_) = self.link {
+            self.link = Link::Down {
+                until: Instant::now() + self.retry_for,
+            };
+        }
+    }
+
+    /// Whether the connection is being waited for.
+    pub fn is_down(&self) -> bool {
+        matches!(self.link, Link::Down { .. })
+    }
+
+    fn give_up(&mut self, reactor: &mut Reactor<S>, error: Error) -> Change {
+        self.supervisor.stop(reactor);
+        self.link = Link::Gone;
+        Change::Gone(error)
+    }
+
+    /// No more connections.
+    pub fn stop(&mut self, reactor: &mut Reactor<S>) {
+        self.supervisor.stop(reactor);
+        self.link = Link::Gone;
     }
 }

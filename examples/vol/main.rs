@@ -56,6 +56,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::json;
 use virt::storage_vol::StorageVol;
+use virt_reactor::supervisor::Endpoint;
 use virt_reactor::transfer::TransferStats;
 use virt_reactor::volume::{self, Origin, Target, VolumeRange};
 use virt_reactor::{CloseReason, Error, Reactor};
@@ -67,7 +68,7 @@ mod report;
 mod volumes;
 
 use checksum::{Algorithm, Digest};
-use hosts::{Endpoint, Host, Recovery};
+use hosts::{Change, Host};
 use report::{Display, End, Failure, Mode, Position};
 use volumes::Direction;
 
@@ -78,7 +79,7 @@ struct Args {
     direction: Direction,
     /// libvirt connection, `[LABEL=]URI`; repeat for several hosts
     #[arg(long, required = true, value_name = "[LABEL=]URI")]
-    uri: Vec<Endpoint>,
+    uri: Vec<String>,
     /// storage pool holding the volumes (on every host)
     #[arg(long)]
     pool: String,
@@ -211,15 +212,20 @@ fn main() -> ExitCode {
     env_logger::init();
     virt::error::clear_error_callback();
     let args = Args::parse();
-    let checked = check_arguments(&args).and_then(|()| jobs(&args));
-    let jobs = match checked {
-        Ok(jobs) => jobs,
+    let endpoints = Endpoint::parse_all(args.uri.iter().map(String::as_str));
+    let checked = endpoints.map_err(|e| e.to_string()).and_then(|endpoints| {
+        check_arguments(&args)?;
+        let jobs = jobs(&args, &endpoints)?;
+        Ok((endpoints, jobs))
+    });
+    let (endpoints, jobs) = match checked {
+        Ok(checked) => checked,
         Err(e) => {
             eprintln!("vol: {e}");
             return ExitCode::from(Failure::Arguments.code());
         }
     };
-    match run(&args, jobs) {
+    match run(&args, endpoints, jobs) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("vol: {e}");
@@ -242,28 +248,19 @@ fn check_arguments(args: &Args) -> Result<(), String> {
     if args.verify && args.direction == Direction::Download {
         return Err("--verify is for uploads".to_owned());
     }
-    let mut labels = HashMap::new();
-    for endpoint in &args.uri {
-        if let Some(uri) = labels.insert(&endpoint.label, &endpoint.uri) {
-            return Err(format!(
-                "{} and {} have one label, {}: give one as LABEL=URI",
-                uri, endpoint.uri, endpoint.label
-            ));
-        }
-    }
     check_duplicates(args)
 }
 
 /// The transfers, each with its host.
-fn jobs(args: &Args) -> Result<Vec<Job>, String> {
-    let several = args.uri.len() > 1;
+fn jobs(args: &Args, endpoints: &[Endpoint]) -> Result<Vec<Job>, String> {
+    let several = endpoints.len() > 1;
     args.pairs
         .chunks(2)
         .map(|pair| {
             let (name, file) = (&pair[0], &pair[1]);
             let (host, vol) = match name.split_once('/') {
                 Some((label, vol)) if several => {
-                    let host = args.uri.iter().position(|e| e.label == label);
+                    let host = endpoints.iter().position(|e| e.label == label);
                     let host = host.ok_or_else(|| format!("{name}: no --uri labelled {label}"))?;
                     (host, vol.to_owned())
                 }
@@ -350,25 +347,16 @@ fn destination_key(file: &Path) -> (PathBuf, Option<(u64, u64)>) {
 }
 
 /// Runs every transfer to its end and reports; returns the exit code.
-fn run(args: &Args, jobs: Vec<Job>) -> virt_reactor::Result<u8> {
+fn run(args: &Args, endpoints: Vec<Endpoint>, jobs: Vec<Job>) -> virt_reactor::Result<u8> {
     let mut reactor = Reactor::register()?;
     let names: Vec<String> = jobs.iter().map(|job| job.name.clone()).collect();
     let mut state = State {
         jobs,
         display: Display::new(args.progress, &names),
     };
-    let mut hosts: Vec<Host> = args.uri.iter().cloned().map(Host::new).collect();
-    for (index, host) in hosts.iter_mut().enumerate() {
-        if let Err(e) = host.connect(&args.pool) {
-            // A first connection that fails is no daemon that will come back.
-            let failure = match Failure::of(&e) {
-                Failure::NotFound => Failure::NotFound,
-                _ => Failure::Connection,
-            };
-            for job in jobs_of(&state, index, |_| true) {
-                end(args, &mut state, job, Err((failure, e.to_string())));
-            }
-        }
+    let mut hosts = Vec::new();
+    for endpoint in endpoints {
+        hosts.push(Host::start(&mut reactor, endpoint, args.retry_for)?);
     }
     let started = Instant::now();
 
@@ -376,18 +364,30 @@ fn run(args: &Args, jobs: Vec<Job>) -> virt_reactor::Result<u8> {
         for index in 0..state.jobs.len() {
             advance(args, &mut state, &mut hosts, &mut reactor, index);
         }
-        let waiting = recover(args, &mut state, &mut hosts);
         if state.jobs.iter().all(|job| job.phase == Phase::Ended) {
             break;
         }
-        let pending = state.jobs.iter().any(|job| job.step.is_some());
+        let pending = state.jobs.iter().any(|job| {
+            job.step.is_some()
+                || (matches!(job.phase, Phase::Ready { .. }) && !hosts[job.host].is_opening())
+        });
         if !pending {
+            // Hosts being waited for are checked against their deadline.
+            let waiting = hosts.iter().any(|h| h.is_opening() || h.is_down());
             let timeout = waiting.then_some(Duration::from_millis(100));
             reactor.run_once(timeout, &mut state)?;
+        }
+        for (index, host) in hosts.iter_mut().enumerate() {
+            if let Some(change) = host.poll(&mut reactor, &args.pool) {
+                changed(args, &mut state, index, change);
+            }
         }
     }
     state.display.finish();
     let code = summary(args, &state, started.elapsed().as_secs_f64());
+    for host in &mut hosts {
+        host.stop(&mut reactor);
+    }
     drop(hosts);
     let code = match reactor.shutdown(Duration::from_secs(5), &mut state) {
         Ok(_) => code,
@@ -400,6 +400,30 @@ fn run(args: &Args, jobs: Vec<Job>) -> virt_reactor::Result<u8> {
     Ok(code)
 }
 
+/// Host `host` is up (again): its waiting transfers resume; or it is gone: they
+/// fail, and so do those that never started.
+fn changed(args: &Args, state: &mut State, host: usize, change: Change) {
+    let waiting = |job: &Job| job.phase == Phase::Waiting;
+    match change {
+        Change::Up => {
+            for job in jobs_of(state, host, waiting) {
+                state.jobs[job].phase = Phase::Ready { resume: true };
+            }
+        }
+        Change::Gone(e) => {
+            let idle = |job: &Job| waiting(job) || matches!(job.phase, Phase::Ready { .. });
+            for job in jobs_of(state, host, idle) {
+                let failure = match (state.jobs[job].sent_any, Failure::of(&e)) {
+                    (true, _) => Failure::PartlyWritten,
+                    (false, Failure::NotFound) => Failure::NotFound,
+                    (false, _) => Failure::Connection,
+                };
+                end(args, state, job, Err((failure, e.to_string())));
+            }
+        }
+    }
+}
+
 /// The transfers on host `host` that `pick` picks.
 fn jobs_of(state: &State, host: usize, pick: impl Fn(&Job) -> bool) -> Vec<usize> {
     let jobs = state.jobs.iter().enumerate();
@@ -408,49 +432,19 @@ fn jobs_of(state: &State, host: usize, pick: impl Fn(&Job) -> bool) -> Vec<usize
         .collect()
 }
 
-/// Tries the lost hosts again: their waiting transfers resume once one is back, or
-/// fail when it gave up. Whether some host is still being waited for.
-fn recover(args: &Args, state: &mut State, hosts: &mut [Host]) -> bool {
-    let mut waiting = false;
-    for (index, host) in hosts.iter_mut().enumerate() {
-        let jobs = jobs_of(state, index, |job| job.phase == Phase::Waiting);
-        if jobs.is_empty() {
-            continue;
-        }
-        match host.recover(&args.pool) {
-            Recovery::Waiting => waiting = true,
-            Recovery::Back => {
-                for job in jobs {
-                    state.jobs[job].phase = Phase::Ready { resume: true };
-                }
-            }
-            Recovery::GaveUp(error) => {
-                for job in jobs {
-                    let failure = match state.jobs[job].sent_any {
-                        true => Failure::PartlyWritten,
-                        false => Failure::Connection,
-                    };
-                    let error = format!("not back in time: {error}");
-                    end(args, state, job, Err((failure, error)));
-                }
-            }
-        }
-    }
-    waiting
-}
-
 /// Takes transfer `index` a step on: starts what is ready, acts on how a stream
 /// ended.
 fn advance(
     args: &Args,
     state: &mut State,
-    hosts: &mut [Host],
+    hosts: &mut [Host<State>],
     reactor: &mut Reactor<State>,
     index: usize,
 ) {
     let job = &mut state.jobs[index];
     let host = job.host;
     let result = match (job.phase, job.step.take()) {
+        (Phase::Ready { .. }, _) if hosts[host].is_opening() => return,
         (Phase::Ready { resume }, _) => start(args, state, &hosts[host], reactor, index, resume),
         (_, None) => return,
         (_, Some(Step::Compared(matched))) => {
@@ -492,7 +486,7 @@ fn range(args: &Args) -> VolumeRange {
 }
 
 /// Transfer `index`'s volume on its host.
-fn volume(state: &State, host: &Host, index: usize) -> virt_reactor::Result<StorageVol> {
+fn volume(state: &State, host: &Host<State>, index: usize) -> virt_reactor::Result<StorageVol> {
     let pool = host.pool().ok_or(Error::ConnectionClosed {
         reason: CloseReason::Client,
     })?;
@@ -503,7 +497,7 @@ fn volume(state: &State, host: &Host, index: usize) -> virt_reactor::Result<Stor
 fn start(
     args: &Args,
     state: &mut State,
-    host: &Host,
+    host: &Host<State>,
     reactor: &mut Reactor<State>,
     index: usize,
     resume: bool,
@@ -603,7 +597,7 @@ fn start(
 fn upload_from(
     args: &Args,
     state: &mut State,
-    host: &Host,
+    host: &Host<State>,
     reactor: &mut Reactor<State>,
     index: usize,
     from: u64,
@@ -652,7 +646,7 @@ fn upload_from(
 fn read_back(
     args: &Args,
     state: &mut State,
-    host: &Host,
+    host: &Host<State>,
     reactor: &mut Reactor<State>,
     index: usize,
 ) -> virt_reactor::Result<()> {
@@ -711,16 +705,16 @@ fn on_progress(index: usize) -> impl FnMut(&mut State, TransferStats) + Send + '
 
 /// Transfer `index` failed with `e`: a lost connection waits for its host to come
 /// back (when `--retry-for` allows), anything else ends it.
-fn failed(args: &Args, state: &mut State, host: &mut Host, index: usize, e: Error) {
+fn failed(args: &Args, state: &mut State, host: &mut Host<State>, index: usize, e: Error) {
     let job = &mut state.jobs[index];
     let ours = job.generation == host.generation;
     let lost = matches!(e, Error::ConnectionClosed { .. }) || (ours && host.is_lost());
     if lost {
         if ours {
-            host.lost(args.retry_for);
+            host.lost();
         }
         let resumable = !(job.upload && matches!(job.local, Local::Std));
-        if resumable && !args.retry_for.is_zero() {
+        if resumable && host.may_return() {
             // Its host is back already if another transfer saw the loss first.
             job.phase = match ours {
                 true => Phase::Waiting,
