@@ -10,10 +10,12 @@
 mod support;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -53,6 +55,9 @@ struct Background {
     child: Child,
     lines: Receiver<String>,
     reader: JoinHandle<Vec<String>>,
+    /// Standard output, read as it comes (a pipe left full would stop vol).
+    stdout: JoinHandle<Vec<u8>>,
+    stdout_len: Arc<AtomicU64>,
 }
 
 impl Background {
@@ -62,6 +67,19 @@ impl Background {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the vol example");
+        let mut out = child.stdout.take().unwrap();
+        let stdout_len = Arc::new(AtomicU64::new(0));
+        let stdout = {
+            let len = Arc::clone(&stdout_len);
+            thread::spawn(move || {
+                let (mut all, mut buf) = (Vec::new(), vec![0; 64 * 1024]);
+                while let Ok(n @ 1..) = out.read(&mut buf) {
+                    all.extend_from_slice(&buf[..n]);
+                    len.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                all
+            })
+        };
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
         let reader = thread::spawn(move || {
@@ -76,7 +94,14 @@ impl Background {
             child,
             lines,
             reader,
+            stdout,
+            stdout_len,
         }
+    }
+
+    /// Bytes read from its standard output so far.
+    fn stdout_len(&self) -> u64 {
+        self.stdout_len.load(Ordering::Relaxed)
     }
 
     fn pid(&self) -> Pid {
@@ -96,12 +121,17 @@ impl Background {
         }
     }
 
-    fn finish(self) -> Run {
-        let output = self.child.wait_with_output().expect("wait for vol");
-        let stderr = self.reader.join().expect("the stderr reader").join("\n");
-        let mut run = Run::new(&output);
-        run.stderr = stderr;
-        run
+    /// Waits for its end: how it ended, and its standard output.
+    fn finish(mut self) -> (Run, Vec<u8>) {
+        let status = self.child.wait().expect("wait for vol");
+        let stdout = self.stdout.join().expect("the stdout reader");
+        let stderr = self.reader.join().expect("the stderr reader");
+        let run = Run {
+            code: status.code(),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: stderr.join("\n"),
+        };
+        (run, stdout)
     }
 }
 
@@ -243,7 +273,7 @@ fn vol_resumes_a_download_a_killed_daemon_cut() {
 
     let first = Background::spawn(vol_command(&bed, "download", &["big", path(&file)]));
     cut(&mut bed, &first, || len_of(&part) >= MIB);
-    let run = first.finish();
+    let (run, _) = first.finish();
     assert_eq!(run.code, Some(4), "connection lost: {}", run.all());
     assert!(
         run.line("big").contains("its .part is kept for --resume"),
@@ -289,7 +319,7 @@ fn vol_resumes_an_upload_a_killed_daemon_cut() {
 
     let first = Background::spawn(vol_command(&bed, "upload", &["big", path(&source)]));
     cut(&mut bed, &first, || first_mib_uploaded(&volume_file, &data));
-    let run = first.finish();
+    let (run, _) = first.finish();
     assert_eq!(run.code, Some(3), "partly written: {}", run.all());
     assert!(
         !file_is(&volume_file, &data),
@@ -349,9 +379,18 @@ fn states(lines: &[Value], name: &str) -> Vec<String> {
     states
 }
 
+/// Which transfer a test cuts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Download,
+    /// A download to standard output.
+    Stdout,
+    Upload,
+}
+
 /// Kills the daemon mid-transfer and starts it again: the same vol process
 /// reconnects, resumes from where it was and passes its checksum.
-fn survives_in_process(verb: &str) {
+fn survives_in_process(way: Way) {
     let mut bed = Bed::start("example");
     // The daemon starts the pool itself when it comes back.
     bed.pool
@@ -363,52 +402,47 @@ fn survives_in_process(verb: &str) {
     fs::write(&source, &data).unwrap();
     let expected = sha256sum(&source);
     let file = bed.out("big");
-    let (vol, moved): (_, Box<dyn Fn() -> bool>) = match verb {
-        "download" => {
-            let vol = bed.pool.volume_with("big", &data);
-            let part = part_of(&file);
-            (vol, Box::new(move || len_of(&part) >= MIB))
-        }
-        _ => {
-            let vol = bed.pool.create_volume("big", LEN as u64);
-            let (volume_file, data) = (bed.pool.path_of("big"), data.clone());
-            (
-                vol,
-                Box::new(move || first_mib_uploaded(&volume_file, &data)),
-            )
-        }
+    let vol = match way {
+        Way::Upload => bed.pool.create_volume("big", LEN as u64),
+        _ => bed.pool.volume_with("big", &data),
     };
-    let local = if verb == "download" { &file } else { &source };
-    let mut args = vec![
-        "--retry-for",
-        "60s",
-        "--progress",
-        "json",
-        "--checksum",
-        "sha256",
-    ];
-    if verb == "upload" {
+    let volume_file = bed.pool.path_of("big");
+    let (verb, local) = match way {
+        Way::Download => ("download", path(&file)),
+        Way::Stdout => ("download", "-"),
+        Way::Upload => ("upload", path(&source)),
+    };
+    let mut args = vec!["--retry-for", "60s", "--progress", "json"];
+    args.extend(["--checksum", "sha256"]);
+    if way == Way::Upload {
         args.push("--verify");
     }
-    args.extend(["big", path(local)]);
+    args.extend(["big", local]);
 
     let process = Background::spawn(vol_command(&bed, verb, &args));
+    let part = part_of(&file);
+    let moved = || match way {
+        Way::Download => len_of(&part) >= MIB,
+        Way::Stdout => process.stdout_len() >= MIB,
+        Way::Upload => first_mib_uploaded(&volume_file, &data),
+    };
     cut(&mut bed, &process, moved);
     process.wait_line("waiting state", |line| {
         line.contains(r#""state":"waiting""#)
     });
-    let incomplete = match verb {
-        "download" => !file.exists(),
-        _ => !file_is(&bed.pool.path_of("big"), &data),
+    let incomplete = match way {
+        Way::Download => !file.exists(),
+        Way::Stdout => process.stdout_len() < LEN as u64,
+        Way::Upload => !file_is(&volume_file, &data),
     };
     assert!(incomplete, "precondition: cut mid-transfer");
     restart(&mut bed);
-    let run = process.finish();
-    assert_eq!(run.code, Some(0), "{}", run.all());
+    let (run, stdout) = process.finish();
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
 
     let lines = json_lines(&run.stderr);
     let mut through = vec!["running", "waiting", "resumed", "running"];
-    if verb == "upload" {
+    if way == Way::Upload {
         through.insert(2, "comparing");
         through.push("verifying");
     }
@@ -422,11 +456,12 @@ fn survives_in_process(verb: &str) {
     assert_eq!(last["total"], LEN as u64);
     let from = last["resumed_from"].as_u64().unwrap();
     assert!(from > 0 && from < LEN as u64, "{last}");
-    let copy = match verb {
-        "download" => file,
-        _ => bed.pool.path_of("big"),
+    let copied = match way {
+        Way::Download => file_is(&file, &data),
+        Way::Stdout => stdout == data,
+        Way::Upload => file_is(&volume_file, &data),
     };
-    assert!(file_is(&copy, &data), "byte-exact");
+    assert!(copied, "byte-exact");
 
     drop(vol);
     drop(bed);
@@ -434,12 +469,17 @@ fn survives_in_process(verb: &str) {
 
 #[test]
 fn vol_download_survives_a_daemon_restart_in_process() {
-    survives_in_process("download");
+    survives_in_process(Way::Download);
+}
+
+#[test]
+fn vol_download_to_stdout_survives_a_daemon_restart_in_process() {
+    survives_in_process(Way::Stdout);
 }
 
 #[test]
 fn vol_upload_survives_a_daemon_restart_in_process() {
-    survives_in_process("upload");
+    survives_in_process(Way::Upload);
 }
 
 #[test]
@@ -503,7 +543,7 @@ fn vol_exit_codes_name_each_kind_of_failure() {
         ],
     ));
     cut(&mut bed, &process, || len_of(&part) >= MIB);
-    let run = process.finish();
+    let (run, _) = process.finish();
     assert_eq!(run.code, Some(4), "{}", run.all());
     let lines = json_lines(&run.stderr);
     assert_eq!(states(&lines, "big"), ["running", "waiting", "ended"]);

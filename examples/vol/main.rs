@@ -518,6 +518,8 @@ fn start(
     let job = &mut state.jobs[index];
     state.display.sized(index, job.total, total);
     job.total = total;
+    // What went out before a loss (standard output cannot be read again).
+    let done = job.done();
     job.stats = TransferStats::default();
     let continued = match (&job.local, resume, args.direction) {
         // What went out is out: the digest goes on from there.
@@ -540,9 +542,15 @@ fn start(
                 Local::Std => {
                     let file = std::io::stdout().as_fd().try_clone_to_owned()?;
                     if resume {
-                        range.offset += job.done();
-                        range.length = total - job.done();
-                        job.base = job.done();
+                        job.base = done;
+                        if done == total {
+                            // All of it went out; only libvirt's last word was lost.
+                            job.phase = Phase::Transferring;
+                            job.step = Some(Step::Transferred(Ok(TransferStats::default())));
+                            return Ok(());
+                        }
+                        range.offset += done;
+                        range.length = total - done;
                     }
                     Target::Writer {
                         file: File::from(file),
