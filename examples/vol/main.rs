@@ -452,7 +452,7 @@ fn advance(
         }
         (_, Some(Step::Transferred(Ok(stats)))) => {
             job.stats = stats;
-            match args.verify && job.total > 0 {
+            match args.verify && job.done() > 0 {
                 true => read_back(args, state, &hosts[host], reactor, index),
                 false => {
                     end(args, state, index, Ok(()));
@@ -504,15 +504,15 @@ fn start(
 ) -> virt_reactor::Result<()> {
     state.jobs[index].generation = host.generation;
     let vol = volume(state, host, index)?;
+    // For progress: a source's size as it looks (the upload checks it again).
     let total = match (args.length, args.direction, &state.jobs[index].local) {
         (0, Direction::Download, _) => vol.info()?.capacity.saturating_sub(args.offset),
-        (0, Direction::Upload, Local::Path(path)) => std::fs::metadata(path)?.len(),
-        (0, Direction::Upload, Local::Std) => std::io::stdin()
-            .as_fd()
-            .try_clone_to_owned()
-            .map(File::from)?
-            .metadata()?
-            .len(),
+        (0, Direction::Upload, Local::Path(path)) => std::fs::metadata(path).map_or(0, |m| m.len()),
+        (0, Direction::Upload, Local::Std) => {
+            File::from(std::io::stdin().as_fd().try_clone_to_owned()?)
+                .metadata()
+                .map_or(0, |m| m.len())
+        }
         (length, ..) => length,
     };
     let job = &mut state.jobs[index];
@@ -662,8 +662,9 @@ fn read_back(
     let job = &mut state.jobs[index];
     let digest = algorithm(args).map(Digest::new);
     job.check = digest.clone();
+    // All that was uploaded: a device's size shows only as it is read.
     let range = VolumeRange {
-        length: job.total,
+        length: job.done(),
         ..range(args)
     };
     let tap = digest.map(|d| Box::new(d) as Box<dyn volume::Tap>);
