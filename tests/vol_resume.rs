@@ -646,3 +646,37 @@ fn vol_works_through_several_connections() {
     drop(vols);
     bed.finish();
 }
+
+/// A sparse upload over a volume that held data: libvirt's `dir` backend passes
+/// over a hole without clearing what was there, so the volume read back is not
+/// what was sent, and `--verify` says so with its own code.
+#[test]
+fn vol_verify_catches_a_volume_that_is_not_what_was_sent() {
+    let bed = Bed::start("example");
+    let old = pattern(7600, 4 * MIB as usize);
+    let vol = bed.pool.volume_with("v", &old);
+    let source = bed.out("sparse");
+    let data = pattern(7601, MIB as usize);
+    support::pool::sparse_file(&source, 4 * MIB, &[(0, &data)]);
+
+    let run = run_vol(
+        &bed,
+        "upload",
+        &["--sparse", "--verify", "v", path(&source)],
+    );
+    assert_eq!(run.code, Some(7), "{}", run.all());
+    let line = run.line("v");
+    assert!(
+        line.starts_with("v: failed: read back, the volume's sha256 is "),
+        "{line}"
+    );
+    let (at, len) = (2 * MIB, 64 * KIB);
+    assert_eq!(
+        read_range(&bed.pool.path_of("v"), at, len),
+        old[at as usize..(at + len) as usize],
+        "the old data is still where the source has a hole"
+    );
+
+    drop(vol);
+    bed.finish();
+}
