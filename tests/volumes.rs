@@ -558,6 +558,7 @@ fn a_resumable_download_continues_its_part_which_it_locks() {
             &mut bed.reactor,
             &vol,
             target(true),
+            VolumeRange::default(),
             Some(Box::new(tap.clone())),
         )
         .expect("resume the download");
@@ -586,6 +587,63 @@ fn a_resumable_download_continues_its_part_which_it_locks() {
     assert!(file_is(&file, &data), "byte-exact");
     assert!(!part.exists(), "the .part became the file");
     assert_eq!(tap.value(), Sha::of(&data), "the tap saw all of it");
+
+    drop(vol);
+    bed.finish();
+}
+
+/// A sparse download resumed from a `.part` that has holes keeps every hole, and
+/// its tap sees the holes on disk as zeros.
+#[test]
+fn a_resumed_sparse_download_keeps_its_holes() {
+    let mut bed = Bed::start("sparse-resume");
+    const LEN: u64 = 8 * MIB;
+    let layout = [(MIB, MIB), (5 * MIB, MIB)];
+    let vol = bed.pool.create_volume("v", LEN);
+    let volume_file = bed.pool.path_of("v");
+    for (i, &(offset, len)) in layout.iter().enumerate() {
+        support::pool::write_at(
+            &volume_file,
+            offset,
+            &pattern(4300 + i as u64, len as usize),
+        );
+    }
+    let whole = read_range(&volume_file, 0, LEN);
+    let file = bed.out("v");
+    // What an earlier download left: a hole, the first extent, a hole.
+    let first = &whole[MIB as usize..2 * MIB as usize];
+    support::pool::sparse_file(&bed.out("v.part"), 3 * MIB, &[(MIB, first)]);
+
+    let tap = Sha::default();
+    let target = volume::Target::Resumable {
+        path: file.clone(),
+        resume: true,
+    };
+    let sparse = VolumeRange {
+        sparse: true,
+        ..VolumeRange::default()
+    };
+    let index = bed.state.as_mut().len();
+    let started = bed
+        .state
+        .download_with(
+            &mut bed.reactor,
+            &vol,
+            target,
+            sparse,
+            Some(Box::new(tap.clone())),
+        )
+        .expect("resume the download");
+    assert_eq!(started.resumed_from, 3 * MIB);
+    bed.drive(BATCH_LIMIT, "resumed sparse download", |_, t| t.all_ended());
+    assert_eq!(
+        bed.state.ok(index).data_bytes,
+        MIB,
+        "only the second extent"
+    );
+    assert_eq!(data_extents(&file), layout.to_vec(), "holes kept");
+    assert!(file_is(&file, &whole), "byte-exact");
+    assert_eq!(tap.value(), Sha::of(&whole), "the tap saw all of it");
 
     drop(vol);
     bed.finish();

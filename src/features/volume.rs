@@ -590,28 +590,17 @@ impl Destination {
         };
         let error = |e| file_error(part, e);
         file.set_len(start).map_err(error)?;
-        file.seek(SeekFrom::Start(start)).map_err(error)?;
-        let Some(tap) = tap else { return Ok(()) };
-        let origin = Origin::Reader {
-            file: file.try_clone().map_err(error)?,
-            name: part.clone(),
-        };
-        let mut prefix = Source::open(origin, start)?;
-        let mut buf = vec![0; 256 * 1024];
-        loop {
-            match prefix.next_section().map_err(error)? {
-                (_, 0) => return Ok(()),
-                (true, length) => {
-                    let want = buf.len().min(usize::try_from(length).unwrap_or(usize::MAX));
-                    let n = prefix.read_data(&mut buf[..want]).map_err(error)?;
-                    tap.data(&buf[..n]);
-                }
-                (false, length) => {
-                    prefix.skip_hole(length).map_err(error)?;
-                    tap.hole(length);
-                }
-            }
+        if let Some(tap) = tap {
+            // A clone shares the file offset, which the hole probes move: seek after.
+            let origin = Origin::Reader {
+                file: file.try_clone().map_err(error)?,
+                name: part.clone(),
+            };
+            // Its errors name the file already.
+            tap_all(Source::open(origin, start)?, tap).map_err(Error::Io)?;
         }
+        file.seek(SeekFrom::Start(start)).map_err(error)?;
+        Ok(())
     }
 
     fn path(&self) -> &Path {
@@ -703,6 +692,25 @@ impl Destination {
         } = self
         {
             let _ = fs::remove_file(part);
+        }
+    }
+}
+
+/// Feeds all of `source` to `tap`, holes as holes.
+fn tap_all(mut source: Source, tap: &mut dyn Tap) -> io::Result<()> {
+    let mut buf = vec![0; 256 * 1024];
+    loop {
+        match source.next_section()? {
+            (_, 0) => return Ok(()),
+            (true, length) => {
+                let want = buf.len().min(usize::try_from(length).unwrap_or(usize::MAX));
+                let n = source.read_data(&mut buf[..want])?;
+                tap.data(&buf[..n]);
+            }
+            (false, length) => {
+                source.skip_hole(length)?;
+                tap.hole(length);
+            }
         }
     }
 }

@@ -404,17 +404,17 @@ impl Tracker {
             .map(|token| (index, token))
     }
 
-    /// Starts a tracked `volume::download_with` of all of `vol` into `target`,
+    /// Starts a tracked `volume::download_with` of `range` of `vol` into `target`,
     /// with `tap`.
     pub fn download_with<S: AsMut<Tracker> + 'static>(
         &mut self,
         reactor: &mut Reactor<S>,
         vol: &StorageVol,
         target: volume::Target,
+        range: VolumeRange,
         tap: Option<Box<dyn volume::Tap>>,
     ) -> virt_reactor::Result<volume::Started> {
         let index = self.add();
-        let range = VolumeRange::default();
         volume::download_with(
             reactor,
             vol,
