@@ -440,7 +440,7 @@ impl Server {
             if let Some(console) = self.consoles.get_mut(&key) {
                 console.state = State::Ended(why.to_owned());
             }
-            self.tell_all(&key, &format!("console ended: {why}; reconnecting"));
+            self.tell_all(&key, &format!("console ended: {why}"));
         }
     }
 
@@ -526,11 +526,15 @@ impl Server {
             match event {
                 ConsoleEvent::Attached { .. } => self.attached(&key),
                 ConsoleEvent::Output { bytes, .. } => self.output(&key, &bytes),
-                ConsoleEvent::Ended { end, .. } => {
-                    // The host's supervisor reports the loss and reconnects.
-                    let lost = matches!(end, ConsoleEnd::ConnectionLost(_));
-                    self.ended(&key, end.to_string(), !lost);
+                // The host's supervisor reports the loss too, and reconnects.
+                ConsoleEvent::Ended {
+                    end: ConsoleEnd::ConnectionLost(reason),
+                    ..
+                } => {
+                    let why = self.hosts.lost(&key, &reason.to_string());
+                    self.ended(&key, why, false);
                 }
+                ConsoleEvent::Ended { end, .. } => self.ended(&key, end.to_string(), true),
                 ConsoleEvent::AttachFailed { error, .. } => self.attach_failed(&key, &error),
             }
         }
