@@ -989,7 +989,10 @@ fn a_restarted_daemon_gets_its_consoles_back_while_the_other_host_carries_on() {
     for viewer in [&mut *ra1, &mut *ra2] {
         viewer.expect("console ended: connection to a lost", LOSS_TIMEOUT, &server);
     }
-    eprintln!("host a's viewers told {:?} after the kill", killed.elapsed());
+    eprintln!(
+        "host a's viewers told {:?} after the kill",
+        killed.elapsed()
+    );
     rb1.send("echo b-while-a-is-down\n");
     rb1.expect("\nb-while-a-is-down\r", ECHO_TIMEOUT, &server);
     let status = server.status(&a.dir);
@@ -1008,9 +1011,16 @@ fn a_restarted_daemon_gets_its_consoles_back_while_the_other_host_carries_on() {
     a.daemon.restart().expect("restart host a's daemon");
     let back = Instant::now();
     ra1.expect("a/ra-1: console attached", RETURN_TIMEOUT, &server);
-    eprintln!("a/ra-1 attached again {:?} after the restart", back.elapsed());
+    eprintln!(
+        "a/ra-1 attached again {:?} after the restart",
+        back.elapsed()
+    );
     server.wait_gone(ra2_socket);
-    ra2.expect("guest gone while the connection was down", LOG_TIMEOUT, &server);
+    ra2.expect(
+        "guest gone while the connection was down",
+        LOG_TIMEOUT,
+        &server,
+    );
     ra1.send("echo a-is-back\n");
     ra1.expect("\na-is-back\r", ECHO_TIMEOUT, &server);
     let status = server.status(&a.dir);
@@ -1039,8 +1049,11 @@ fn kill_guest(daemon: &PrivateDaemon, name: &str) {
         })
         .collect();
     assert_eq!(pids.len(), 1, "QEMU of {name}: {pids:?}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), nix::sys::signal::SIGKILL)
-        .expect("kill QEMU");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0]),
+        nix::sys::signal::SIGKILL,
+    )
+    .expect("kill QEMU");
 }
 
 /// The web page in headless Chromium: it lists the console, opens it in the
