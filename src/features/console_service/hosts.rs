@@ -9,7 +9,7 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 use virt::connect::Connect;
 
-use super::server::Libvirt;
+use super::libvirt::Libvirt;
 use super::status::HostStatus;
 use crate::features::console::{ConsoleEvent, ConsoleMux, ConsoleOptions};
 use crate::features::supervisor::{ConnectionEvent, Endpoint, Supervisor, SupervisorOptions};
