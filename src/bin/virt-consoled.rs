@@ -1,9 +1,11 @@
-//! `virt-consoled`: every guest console of a libvirt connection on one thread, for
-//! many viewers, with scrollback, logs and a browser terminal.
+//! `virt-consoled`: every guest console of one or more libvirt connections on one
+//! thread, for many viewers, with scrollback, logs and a browser terminal.
+//! Connections lost are opened again, and their consoles attached again.
 //!
 //! ```text
-//! virt-consoled --uri qemu:///system [--domain NAME ...] [--dir DIR] [--log-dir DIR]
-//!               [--tcp 127.0.0.1:7000] [--web 127.0.0.1:8080] [--token-file FILE]
+//! virt-consoled --uri [LABEL=]URI [--uri ...] [--domain NAME ...] [--dir DIR]
+//!               [--log-dir DIR] [--tcp 127.0.0.1:7000] [--web 127.0.0.1:8080]
+//!               [--token-file FILE] [--keepalive-interval S] [--keepalive-count N]
 //! virt-consoled status [--dir DIR]      # the running service's status, as JSON
 //! ```
 //!
@@ -19,11 +21,13 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use virt_reactor::console_service::{self, default_dir, LogOptions, ServiceOptions};
+use virt_reactor::supervisor::{Backoff, Endpoint};
+use virt_reactor::KeepAlive;
 
 #[derive(Parser)]
 #[command(
     name = "virt-consoled",
-    about = "Serve every guest console of a libvirt connection from one thread",
+    about = "Serve every guest console of libvirt connections from one thread",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -45,9 +49,24 @@ enum Command {
 
 #[derive(Args)]
 struct Serve {
-    /// The libvirt connection whose guests are served.
-    #[arg(long, default_value = "qemu:///system")]
-    uri: String,
+    /// A libvirt connection whose guests are served, as [LABEL=]URI; repeat for
+    /// several hosts, whose consoles are then named LABEL/NAME. LABEL defaults to
+    /// the URI's host.
+    #[arg(
+        long = "uri",
+        value_name = "[LABEL=]URI",
+        default_value = "qemu:///system"
+    )]
+    uris: Vec<String>,
+    /// Seconds of silence before a keepalive ping on a remote connection.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5, value_parser = at_least_one)]
+    keepalive_interval: u64,
+    /// Unanswered pings after which a remote connection is lost (and reopened).
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = at_least_one)]
+    keepalive_count: u64,
+    /// The longest wait between attempts to reconnect, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value = "3", value_parser = seconds)]
+    reconnect_max: Duration,
     /// Serve only this domain (repeat for more); default: every domain, including
     /// those that start later.
     #[arg(long = "domain", value_name = "NAME")]
@@ -113,7 +132,17 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: Serve) -> Result<(), String> {
-    let mut options = ServiceOptions::new(&args.uri);
+    let connections = Endpoint::parse_all(args.uris.iter().map(String::as_str))
+        .map_err(|e| format!("--uri {e}"))?;
+    let mut options = ServiceOptions::new(connections);
+    options.keepalive = KeepAlive {
+        interval: Duration::from_secs(args.keepalive_interval),
+        count: u32::try_from(args.keepalive_count).unwrap_or(u32::MAX),
+    };
+    options.backoff = Backoff {
+        max: args.reconnect_max,
+        ..Backoff::DEFAULT
+    };
     options.domains = args.domains;
     options.dir = args.dir;
     options.scrollback = args.scrollback;

@@ -105,7 +105,8 @@ impl SupervisorOptions {
 /// serves several connections.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
-    /// Letters, digits, `.`, `_`, `-` and `:`; never `/`.
+    /// Letters, digits, `.`, `_`, `-` and `:`, not starting with `.`: a usable file
+    /// name.
     pub label: String,
     /// The libvirt URI.
     pub uri: String,
@@ -131,8 +132,8 @@ impl Endpoint {
             return bad("no URI");
         }
         let allowed = |c: char| c.is_ascii_alphanumeric() || "._-:".contains(c);
-        if label.is_empty() || !label.chars().all(allowed) {
-            return bad("a label is letters, digits, '.', '_', '-' and ':'");
+        if label.is_empty() || label.starts_with('.') || !label.chars().all(allowed) {
+            return bad("a label is letters, digits, '.', '_', '-' and ':', not first a '.'");
         }
         Ok(Endpoint {
             label,
@@ -581,6 +582,7 @@ mod tests {
         );
         assert!(Endpoint::parse("a/b=test:///default").is_err());
         assert!(Endpoint::parse("x=").is_err());
+        assert!(Endpoint::parse("..=test:///default").is_err());
         let twice = Endpoint::parse_all(["test:///default", "qemu:///session"]);
         assert!(twice.unwrap_err().to_string().contains("\"local\""));
     }

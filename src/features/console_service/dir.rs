@@ -29,6 +29,8 @@ pub(crate) struct SocketDir {
     path: PathBuf,
     /// This run made it, so it removes it at exit (if empty).
     created: bool,
+    /// Per-host subdirectories this run made, removed at exit (if empty).
+    subdirs: Vec<PathBuf>,
 }
 
 /// A socket file this run bound: removed only if it is still the same file.
@@ -67,6 +69,7 @@ impl SocketDir {
                 Ok(SocketDir {
                     path,
                     created: false,
+                    subdirs: Vec::new(),
                 })
             }
             Err(e) => Err(fail(e.to_string())),
@@ -80,6 +83,7 @@ impl SocketDir {
         let mut dir = SocketDir {
             path: path.to_owned(),
             created: true,
+            subdirs: Vec::new(),
         };
         // The umask may have taken bits off; fix them on what we made, not on
         // whatever a link put there since.
@@ -98,12 +102,16 @@ impl SocketDir {
         &self.path
     }
 
-    /// Binds `DIR/FILE` (e.g. `NAME.sock`), mode 0600. It is bound under a temporary
+    /// Binds `DIR/FILE` (e.g. `NAME.sock`, or `LABEL/NAME.sock` in a host's
+    /// subdirectory, made mode 0700), mode 0600. It is bound under a temporary
     /// name, made 0600, then renamed, so it never appears with wider permissions.
     /// A stale socket of that name is replaced; a live one, or any other file, is
     /// an error.
-    pub(crate) fn bind(&self, file: &str) -> io::Result<(UnixListener, BoundSocket)> {
+    pub(crate) fn bind(&mut self, file: &str) -> io::Result<(UnixListener, BoundSocket)> {
         let path = self.socket_path(file)?;
+        if let Some(parent) = path.parent().filter(|p| *p != self.path) {
+            self.subdir(parent)?;
+        }
         if let Ok(meta) = fs::symlink_metadata(&path) {
             if !meta.file_type().is_socket() {
                 return Err(io::Error::new(
@@ -141,7 +149,21 @@ impl SocketDir {
         }
     }
 
-    /// `DIR/FILE`, for names that make a safe file name that fits `sun_path`.
+    /// Makes the subdirectory `path` of ours (mode 0700) if it is missing. Inside our
+    /// private directory nobody else can have put anything there.
+    fn subdir(&mut self, path: &Path) -> io::Result<()> {
+        match fs::DirBuilder::new().mode(0o700).create(path) {
+            Ok(()) => {
+                self.subdirs.push(path.to_owned());
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+            Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        }
+    }
+
+    /// `DIR/FILE` or `DIR/SUB/FILE`, for names that make safe file names and fit
+    /// `sun_path`.
     fn socket_path(&self, file: &str) -> io::Result<PathBuf> {
         let bad = |why: &str| {
             Err(io::Error::new(
@@ -149,7 +171,10 @@ impl SocketDir {
                 format!("{file:?} {why}"),
             ))
         };
-        if file.is_empty() || file.starts_with('.') || file.contains(['/', '\0']) {
+        let parts: Vec<&str> = file.split('/').collect();
+        let unusable =
+            |part: &&str| part.is_empty() || part.starts_with('.') || part.contains('\0');
+        if parts.len() > 2 || parts.iter().any(unusable) {
             return bad("is not usable as a file name");
         }
         let path = self.path.join(file);
@@ -178,6 +203,11 @@ impl Drop for SocketDir {
         // Our sockets are gone already; a directory this run made goes too, but only
         // if empty: what someone else put there is not ours to delete.
         let _ = fs::remove_file(self.staging());
+        for subdir in &self.subdirs {
+            if let Err(e) = fs::remove_dir(subdir) {
+                log::warn!("cannot remove {}: {e}", subdir.display());
+            }
+        }
         if self.created {
             if let Err(e) = fs::remove_dir(&self.path) {
                 log::warn!("cannot remove {}: {e}", self.path.display());

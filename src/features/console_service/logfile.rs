@@ -54,6 +54,10 @@ impl ConsoleLog {
     /// The file cannot be opened (or is a symbolic link).
     pub fn open(name: &str, options: &LogOptions) -> io::Result<Self> {
         let path = options.dir.join(format!("{name}.log"));
+        // `LABEL/NAME` with several hosts: a subdirectory per host.
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent)?;
+        }
         let file = open_append(&path)?;
         let size = file.metadata()?.len();
         Ok(ConsoleLog {

@@ -36,6 +36,8 @@
 mod accept;
 mod dir;
 mod floor;
+mod hosts;
+mod libvirt;
 mod logfile;
 mod options;
 mod scrollback;
@@ -56,10 +58,13 @@ use signal_hook_mio::v1_0::Signals;
 
 pub use self::dir::default_dir;
 use self::dir::SocketDir;
+use self::libvirt::Libvirt;
 pub use self::logfile::{ConsoleLog, LogOptions};
 pub use self::options::ServiceOptions;
-use self::server::{Libvirt, Server, LIBVIRT, SIGNALS};
-pub use self::status::{ConsoleStatus, LogStatus, ScrollbackStatus, Status, ViewerStatus};
+use self::server::{Server, LIBVIRT, SIGNALS};
+pub use self::status::{
+    ConsoleStatus, HostStatus, LogStatus, ScrollbackStatus, Status, ViewerStatus,
+};
 use self::token::Token;
 pub use self::viewer::COMMAND;
 use crate::streams::reactor::Reactor;
@@ -174,7 +179,7 @@ pub fn run(options: ServiceOptions) -> Result<()> {
             Err(e @ Error::CallbackPanicked { .. }) => log::error!("{e}"),
             Err(e) => break Err(e),
         }
-        if let Err(e) = server.after_dispatch() {
+        if let Err(e) = server.after_dispatch(&mut reactor) {
             break Err(failed(e));
         }
         if quit {
@@ -187,7 +192,7 @@ pub fn run(options: ServiceOptions) -> Result<()> {
     };
 
     let shutting_down = Instant::now();
-    let finished = server.shut_down(&mut reactor);
+    server.shut_down(&mut reactor);
     let drain = DAEMON_GRACE
         .saturating_sub(shutting_down.elapsed())
         .max(MIN_DRAIN);
@@ -195,7 +200,7 @@ pub fn run(options: ServiceOptions) -> Result<()> {
         log::warn!("libvirt did not answer within {drain:?} ({e}); exiting without a clean close");
     }
     drop(server); // removes the directory if this run made it
-    outcome.and(finished.map_err(failed))
+    outcome
 }
 
 type Listeners = (Option<StdTcpListener>, Option<StdTcpListener>);

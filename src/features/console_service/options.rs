@@ -6,13 +6,20 @@ use std::time::Duration;
 
 use super::dir::default_dir;
 use super::logfile::LogOptions;
+use crate::event_loop::connect::KeepAlive;
+use crate::features::supervisor::{Backoff, Endpoint};
 
 /// What the service serves, and how.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct ServiceOptions {
-    /// The libvirt connection whose guests are served.
-    pub uri: String,
+    /// The libvirt connections whose guests are served, one per host. With several,
+    /// consoles are named `LABEL/NAME`.
+    pub connections: Vec<Endpoint>,
+    /// Keepalive on remote connections: how a frozen daemon is noticed.
+    pub keepalive: KeepAlive,
+    /// The waits between attempts to connect again after a connection was lost.
+    pub backoff: Backoff,
     /// Serve only these domains; empty serves all, including those that start later.
     pub domains: Vec<String>,
     /// The sockets' directory: created mode 0700 if missing (and then removed at
@@ -45,11 +52,14 @@ pub struct ServiceOptions {
 }
 
 impl ServiceOptions {
-    /// The defaults: every domain of `uri`, sockets in [`default_dir`], 64 KiB of
-    /// scrollback, no log, 1 MiB per viewer, no TCP, no web, signals handled.
-    pub fn new(uri: &str) -> Self {
+    /// The defaults for `connections`: every domain, sockets in [`default_dir`],
+    /// 64 KiB of scrollback, no log, 1 MiB per viewer, no TCP, no web, signals
+    /// handled, [`KeepAlive::DEFAULT`] and [`Backoff::DEFAULT`].
+    pub fn new(connections: Vec<Endpoint>) -> Self {
         ServiceOptions {
-            uri: uri.to_owned(),
+            connections,
+            keepalive: KeepAlive::DEFAULT,
+            backoff: Backoff::DEFAULT,
             domains: Vec::new(),
             dir: default_dir(),
             scrollback: 64 * 1024,

@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
@@ -16,6 +15,8 @@ use virt::error::ErrorNumber;
 use super::accept::{out_of_fds, transient, Quiet, Reserve, ACCEPT_BUDGET};
 use super::dir::{BoundSocket, SocketDir};
 use super::floor::{Floor, Turn};
+use super::hosts::{Change, Hosts};
+use super::libvirt::{Existence, Libvirt, Listing};
 use super::logfile::ConsoleLog;
 use super::options::ServiceOptions;
 use super::scrollback::Scrollback;
@@ -25,10 +26,9 @@ use super::status::{
 use super::token::Token as Secret;
 use super::viewer::{notice, Command, Cut, Outbox, Piece, Role, Viewer, HELP};
 use super::web::{Site, WebConn, WebStep};
-use crate::event_loop::connect::connect;
-use crate::features::console::{ConsoleEnd, ConsoleEvent, ConsoleMux, ConsoleOptions};
-use crate::streams::reactor::{Reactor, ReactorHandle, SubscriptionId};
-use crate::sys::flags::CONNECT_LIST_DOMAINS_ACTIVE;
+use crate::features::console::{ConsoleEnd, ConsoleEvent, ConsoleOptions};
+use crate::features::supervisor::SupervisorOptions;
+use crate::streams::reactor::{Reactor, ReactorHandle};
 use crate::vocab::error::Error;
 use crate::vocab::events::LifecycleKind;
 
@@ -57,37 +57,6 @@ const CONTROL_LINE_MAX: usize = 4096;
 const CONTROL_OUT_MAX: usize = 4 << 20;
 /// Existence checks after failed attaches, per end of a console.
 const RECHECKS: u8 = 3;
-/// Shutting down: how long to wait for the set-up to finish.
-pub(crate) const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
-
-/// The reactor's state: what reaches the loop thread through libvirt's events and
-/// `spawn_blocking`.
-#[derive(Default)]
-pub(crate) struct Libvirt {
-    /// The set-up's outcome, once it is known.
-    pub(crate) setup: Option<Result<Session, String>>,
-    /// Domains that started, stopped or were undefined, in order.
-    lifecycle: Vec<(String, LifecycleKind)>,
-    /// Whether domains whose console ended still exist.
-    checked: Vec<(String, Existence)>,
-    /// Lifecycle events of the connection's domains.
-    subscription: Option<SubscriptionId>,
-}
-
-/// What became of a domain whose console ended.
-#[derive(Debug)]
-enum Existence {
-    Gone,
-    Stopped,
-    Running,
-}
-
-/// The connection and its consoles.
-pub(crate) struct Session {
-    conn: Connect,
-    mux: ConsoleMux<Libvirt>,
-    events: Receiver<ConsoleEvent>,
-}
 
 /// What a slab entry on the poll is.
 enum Source {
@@ -177,7 +146,7 @@ pub(crate) struct Server {
     refused: Quiet,
     sources: Slab<Source>,
     consoles: BTreeMap<String, Console>,
-    session: Option<Session>,
+    hosts: Hosts,
     /// Viewers with more to read.
     retry: BTreeSet<usize>,
     /// Consoles whose input queue was full.
@@ -185,8 +154,6 @@ pub(crate) struct Server {
     next_peer: u64,
     viewers_cut: u64,
     pub(crate) libvirt: Libvirt,
-    /// The set-up has reported (ready or failed).
-    setup_finished: bool,
     /// Shutting down: consoles that attach now are not served.
     closing: bool,
     scratch: Vec<u8>,
@@ -219,13 +186,12 @@ impl Server {
             refused: Quiet::default(),
             sources: Slab::new(),
             consoles: BTreeMap::new(),
-            session: None,
+            hosts: Hosts::default(),
             retry: BTreeSet::new(),
             stalled: BTreeSet::new(),
             next_peer: 1,
             viewers_cut: 0,
             libvirt: Libvirt::default(),
-            setup_finished: false,
             closing: false,
             scratch: vec![0; 16 * 1024],
         })
@@ -260,28 +226,20 @@ impl Server {
         Ok(())
     }
 
-    /// Starts connecting, off the loop.
+    /// Starts connecting to every host, off the loop.
     pub(crate) fn start(&mut self, reactor: &mut Reactor<Libvirt>) -> crate::Result<()> {
-        let uri = self.options.uri.clone();
-        let console_options = ConsoleOptions {
+        let mut supervision = SupervisorOptions::new("");
+        supervision.keepalive = self.options.keepalive;
+        supervision.backoff = self.options.backoff;
+        self.hosts = Hosts::start(reactor, &self.options.connections, &supervision)?;
+        Ok(())
+    }
+
+    fn console_options(&self) -> ConsoleOptions {
+        ConsoleOptions {
             force: self.options.force,
             ..ConsoleOptions::default()
-        };
-        let domains = self.options.domains.clone();
-        reactor.handle().spawn_blocking(
-            move || connect(&uri).map_err(|e| format!("{uri}: {e}")),
-            move |reactor, libvirt, connected| {
-                let session = connected.and_then(|conn| {
-                    let (mux, events) = ConsoleMux::new(reactor, &conn, console_options)
-                        .map_err(|e| format!("consoles: {e}"))?;
-                    Ok(Session { conn, mux, events })
-                });
-                libvirt.setup = Some(session.and_then(|session| {
-                    watch_running(reactor, libvirt, &session, domains)?;
-                    Ok(session)
-                }));
-            },
-        )
+        }
     }
 
     /// How long the poll may sleep as far as the server is concerned.
@@ -334,12 +292,15 @@ impl Server {
 
     /// After libvirt's dispatch: the set-up's outcome, console events, lifecycle
     /// events, retried input, deadlines. Returns an error that ends the service.
-    pub(crate) fn after_dispatch(&mut self) -> Result<(), String> {
+    pub(crate) fn after_dispatch(&mut self, reactor: &mut Reactor<Libvirt>) -> Result<(), String> {
         self.accept_ready();
-        self.take_setup()?;
-        self.console_events()?;
-        for (name, kind) in std::mem::take(&mut self.libvirt.lifecycle) {
-            self.lifecycle(&name, kind);
+        self.console_events();
+        self.host_changes(reactor)?;
+        for (host, domain, kind) in std::mem::take(&mut self.libvirt.lifecycle) {
+            self.lifecycle(host, &domain, kind);
+        }
+        for (host, listed) in std::mem::take(&mut self.libvirt.listed) {
+            self.listed(host, listed);
         }
         for (name, existence) in std::mem::take(&mut self.libvirt.checked) {
             self.checked(&name, existence);
@@ -369,14 +330,96 @@ impl Server {
         Ok(())
     }
 
-    /// The set-up's outcome, once it has come.
-    fn take_setup(&mut self) -> Result<(), String> {
-        let Some(outcome) = self.libvirt.setup.take() else {
-            return Ok(());
-        };
-        self.setup_finished = true;
-        self.session = Some(outcome?);
+    /// What became of the hosts' connections. Fails if a first connection failed.
+    fn host_changes(&mut self, reactor: &mut Reactor<Libvirt>) -> Result<(), String> {
+        let console_options = self.console_options();
+        for change in self.hosts.changes(reactor, &console_options) {
+            match change {
+                Change::Up { host } => self.list_domains(host),
+                Change::Down { host, why } => self.host_down(host, &why),
+                Change::Failed { why } => return Err(why),
+            }
+        }
         Ok(())
+    }
+
+    /// Lists a host's domains on a worker; [`listed`](Self::listed) attaches.
+    fn list_domains(&self, host: usize) {
+        let Some(session) = self.hosts.get(host).and_then(|h| h.session.as_ref()) else {
+            return;
+        };
+        let conn = session.conn.clone();
+        let spawned = self.handle.spawn_blocking(
+            move || list_domains(&conn),
+            move |_, libvirt: &mut Libvirt, listed| libvirt.listed.push((host, listed)),
+        );
+        if let Err(e) = spawned {
+            log::error!("cannot list domains: {e}");
+        }
+    }
+
+    /// A host's domains, right after it connected: its running domains are
+    /// attached (again), consoles of domains that vanished meanwhile go, and those
+    /// that exist but do not run wait for them to start.
+    fn listed(&mut self, host: usize, listed: Listing) {
+        let label = self.hosts.get(host).map(|h| h.endpoint.label.clone());
+        let domains: BTreeMap<String, bool> = match listed {
+            Ok(domains) => domains.into_iter().collect(),
+            Err(e) => {
+                log::error!("{}: list domains: {e}", label.unwrap_or_default());
+                return;
+            }
+        };
+        let served: Vec<(String, String)> = self
+            .consoles
+            .keys()
+            .filter_map(|key| match self.hosts.locate(key) {
+                Some((h, domain)) if h == host => Some((key.clone(), domain.to_owned())),
+                _ => None,
+            })
+            .collect();
+        for (key, domain) in &served {
+            match domains.get(domain) {
+                Some(true) => self.attach(key),
+                Some(false) => {}
+                None => {
+                    log::warn!("{key}: the domain vanished while the connection was down");
+                    self.unserve(key, "guest gone while the connection was down");
+                }
+            }
+        }
+        let mut attaching = 0;
+        for (domain, _) in domains.iter().filter(|(_, &running)| running) {
+            let key = self.hosts.key(host, domain);
+            if !self.consoles.contains_key(&key) && self.wanted(domain) {
+                self.attach(&key);
+                attaching += 1;
+            }
+        }
+        if attaching > 0 {
+            log::info!("attaching {attaching} console(s)");
+        } else if self.consoles.is_empty() {
+            log::info!("no matching domain runs yet; waiting for one to start");
+        }
+    }
+
+    /// A host's connection was lost: each of its consoles ended, its viewers stay.
+    fn host_down(&mut self, host: usize, why: &str) {
+        let keys: Vec<String> = self
+            .consoles
+            .iter()
+            .filter(|(key, console)| {
+                !matches!(console.state, State::Ended(_))
+                    && self.hosts.locate(key).is_some_and(|(h, _)| h == host)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in keys {
+            if let Some(console) = self.consoles.get_mut(&key) {
+                console.state = State::Ended(why.to_owned());
+            }
+            self.tell_all(&key, &format!("console ended: {why}"));
+        }
     }
 
     /// Reopens every log (SIGHUP).
@@ -391,22 +434,29 @@ impl Server {
         log::info!("reopened {reopened} log(s)");
     }
 
-    fn attach(&self, name: &str) {
-        if self.closing || !self.wanted(name) {
+    /// Attaches the console named `key`, if its host is connected.
+    fn attach(&self, key: &str) {
+        if self.closing || !self.wanted(key) {
             return;
         }
-        if let Some(session) = &self.session {
-            if let Err(e) = session.mux.attach(name) {
-                log::warn!("{name}: cannot attach: {e}");
+        if let Some((session, domain)) = self.hosts.session_of(key) {
+            if let Err(e) = session.mux.attach(domain) {
+                log::warn!("{key}: cannot attach: {e}");
             }
         }
     }
 
-    fn wanted(&self, name: &str) -> bool {
-        self.options.domains.is_empty() || self.options.domains.iter().any(|d| d == name)
+    /// Whether `--domain` asks for the console `key`: by its name, or by its
+    /// domain's on any host.
+    fn wanted(&self, key: &str) -> bool {
+        let domain = self.hosts.locate(key).map_or(key, |(_, domain)| domain);
+        self.options.domains.is_empty()
+            || self.options.domains.iter().any(|d| d == key || d == domain)
     }
 
-    fn lifecycle(&mut self, name: &str, kind: LifecycleKind) {
+    fn lifecycle(&mut self, host: usize, domain: &str, kind: LifecycleKind) {
+        let key = self.hosts.key(host, domain);
+        let name = key.as_str();
         match kind {
             LifecycleKind::Started => {
                 log::info!("{name}: started");
@@ -432,29 +482,40 @@ impl Server {
         }
     }
 
-    /// Serves what the consoles reported. Fails when the connection to libvirt was
-    /// lost.
-    fn console_events(&mut self) -> Result<(), String> {
-        let events: Vec<ConsoleEvent> = match &self.session {
-            Some(session) => session.events.try_iter().collect(),
-            None => return Ok(()),
-        };
-        let mut lost = Ok(());
-        for event in events {
+    /// Serves what the consoles of every connected host reported.
+    fn console_events(&mut self) {
+        let events: Vec<(String, ConsoleEvent)> = self
+            .hosts
+            .sessions()
+            .flat_map(|(host, session)| {
+                let hosts = &self.hosts;
+                session.events.try_iter().map(move |event| {
+                    let domain = match &event {
+                        ConsoleEvent::Attached { name }
+                        | ConsoleEvent::Output { name, .. }
+                        | ConsoleEvent::Ended { name, .. }
+                        | ConsoleEvent::AttachFailed { name, .. } => name,
+                    };
+                    (hosts.key(host, domain), event)
+                })
+            })
+            .collect();
+        for (key, event) in events {
             match event {
-                ConsoleEvent::Attached { name } => self.attached(&name),
-                ConsoleEvent::Output { name, bytes } => self.output(&name, &bytes),
-                ConsoleEvent::Ended { name, end } => {
-                    let why = end.to_string();
-                    if let ConsoleEnd::ConnectionLost(reason) = end {
-                        lost = Err(format!("the connection to libvirt was lost ({reason})"));
-                    }
-                    self.ended(&name, why);
+                ConsoleEvent::Attached { .. } => self.attached(&key),
+                ConsoleEvent::Output { bytes, .. } => self.output(&key, &bytes),
+                // The host's supervisor reports the loss too, and reconnects.
+                ConsoleEvent::Ended {
+                    end: ConsoleEnd::ConnectionLost(reason),
+                    ..
+                } => {
+                    let why = self.hosts.lost(&key, &reason.to_string());
+                    self.ended(&key, why, false);
                 }
-                ConsoleEvent::AttachFailed { name, error } => self.attach_failed(&name, &error),
+                ConsoleEvent::Ended { end, .. } => self.ended(&key, end.to_string(), true),
+                ConsoleEvent::AttachFailed { error, .. } => self.attach_failed(&key, &error),
             }
         }
-        lost
     }
 
     fn attached(&mut self, name: &str) {
@@ -516,7 +577,7 @@ impl Server {
 
     /// A console ended: its viewers stay (the guest may start again) unless the
     /// domain is gone, which a worker finds out.
-    fn ended(&mut self, name: &str, why: String) {
+    fn ended(&mut self, name: &str, why: String, check: bool) {
         let Some(console) = self.consoles.get_mut(name) else {
             log::info!("{name}: console ended ({why})");
             return;
@@ -525,7 +586,9 @@ impl Server {
         console.state = State::Ended(why.clone());
         console.checks = 0;
         self.tell_all(name, &format!("console ended: {why}"));
-        self.check_existence(name);
+        if check {
+            self.check_existence(name);
+        }
     }
 
     /// Finds out on a worker whether the domain of a console that ended still
@@ -534,8 +597,10 @@ impl Server {
         if self.closing {
             return;
         }
-        let Some(session) = &self.session else { return };
-        let (conn, owned) = (session.conn.clone(), name.to_owned());
+        let Some((session, domain)) = self.hosts.session_of(name) else {
+            return;
+        };
+        let (conn, owned) = (session.conn.clone(), domain.to_owned());
         let spawned = self
             .handle
             .spawn_blocking(move || existence(&conn, &owned), {
@@ -758,7 +823,9 @@ impl Server {
     /// Sends waiting input to the console, writer by writer, as the floor allows.
     fn pump(&mut self, name: &str) {
         let now = Instant::now();
-        let Some(session) = &self.session else { return };
+        let Some((session, domain)) = self.hosts.session_of(name) else {
+            return;
+        };
         loop {
             let Some(console) = self.consoles.get_mut(name) else {
                 return;
@@ -784,7 +851,7 @@ impl Server {
             let line_end = viewer.input.iter().position(|&b| b == b'\r' || b == b'\n');
             let upto = line_end.map_or(viewer.input.len(), |at| at + 1);
             let was_full = viewer.input.len() >= INPUT_MAX;
-            match session.mux.try_send(name, &viewer.input[..upto]) {
+            match session.mux.try_send(domain, &viewer.input[..upto]) {
                 Ok(n) => {
                     viewer.input.drain(..n);
                     console.input_bytes += n as u64;
@@ -1431,6 +1498,7 @@ impl Server {
             })
             .collect();
         Status {
+            hosts: self.hosts.status(),
             consoles,
             viewers_cut: self.viewers_cut,
         }
@@ -1487,38 +1555,16 @@ impl Server {
 
     /// Clean shutdown: stop listening, finish the consoles, tell and close the
     /// viewers, remove the sockets.
-    pub(crate) fn shut_down(&mut self, reactor: &mut Reactor<Libvirt>) -> Result<(), String> {
+    pub(crate) fn shut_down(&mut self, reactor: &mut Reactor<Libvirt>) {
         self.closing = true;
         for listener in [self.tcp.take(), self.web.take()].into_iter().flatten() {
             let mut listener = listener;
             let _ = self.registry.deregister(&mut listener);
         }
-        let mut result = Ok(());
-        // The set-up may still be connecting.
-        let deadline = Instant::now() + SHUTDOWN_WAIT;
-        while !self.setup_finished {
-            if let Err(e) = reactor.run_once(Some(Duration::from_millis(20)), &mut self.libvirt) {
-                log::warn!("{e}");
-            }
-            if let Err(e) = self.take_setup() {
-                log::warn!("set-up failed during shutdown: {e}");
-            }
-            if Instant::now() > deadline {
-                result = Err("timed out waiting for the set-up to finish".to_owned());
-                break;
-            }
-        }
         // Deregistering from lifecycle events is a call to the daemon: the reactor
         // makes it off the loop.
-        if let Some(subscription) = self.libvirt.subscription.take() {
-            if let Err(e) = reactor.unsubscribe(subscription) {
-                log::warn!("lifecycle events: {e}");
-            }
-        }
-        if let Some(mux) = self.session.as_ref().map(|s| s.mux.clone()) {
-            mux.detach_all(reactor, &mut self.libvirt);
-        }
-        let _ = self.console_events();
+        self.hosts.stop(reactor, &mut self.libvirt);
+        self.console_events();
         let names: Vec<String> = self.consoles.keys().cloned().collect();
         for name in names {
             self.unserve(&name, "the service is shutting down");
@@ -1531,8 +1577,7 @@ impl Server {
             let _ = self.registry.deregister(&mut listener);
             socket.remove();
         }
-        self.session = None;
-        result
+        self.hosts.close();
     }
 }
 
@@ -1592,53 +1637,15 @@ fn reply(result: Result<(), String>) -> String {
     text
 }
 
-/// On the loop thread, once connected: subscribes to lifecycle events, then lists
-/// and attaches the running domains from a worker. Subscribe first, then list: a
-/// domain starting in between is seen twice, and attaching twice is harmless.
-fn watch_running(
-    reactor: &mut Reactor<Libvirt>,
-    libvirt: &mut Libvirt,
-    session: &Session,
-    domains: Vec<String>,
-) -> Result<(), String> {
-    let subscription = reactor
-        .subscribe_lifecycle(&session.conn, |libvirt: &mut Libvirt, event| {
-            libvirt.lifecycle.push((event.domain.clone(), event.kind));
-        })
-        .map_err(|e| format!("lifecycle events: {e}"))?;
-    libvirt.subscription = Some(subscription);
-    let (conn, mux) = (session.conn.clone(), session.mux.clone());
-    reactor
-        .handle()
-        .spawn_blocking(
-            move || attach_running(&conn, &mux, &domains),
-            |_, _, attached: Result<usize, String>| match attached {
-                Ok(0) => log::info!("no matching domain runs yet; waiting for one to start"),
-                Ok(n) => log::info!("attaching {n} console(s)"),
-                Err(e) => log::error!("{e}"),
-            },
-        )
-        .map_err(|e| e.to_string())
-}
-
-/// On a worker thread: attaches to the running `domains` (all if empty).
-fn attach_running(
-    conn: &Connect,
-    mux: &ConsoleMux<Libvirt>,
-    domains: &[String],
-) -> Result<usize, String> {
-    let running = conn
-        .list_all_domains(CONNECT_LIST_DOMAINS_ACTIVE)
+/// On a worker thread: every domain of `conn`, and whether it runs.
+fn list_domains(conn: &Connect) -> Listing {
+    let domains = conn
+        .list_all_domains(0)
         .map_err(|e| format!("list domains: {e}"))?;
-    let mut attached = 0;
-    for domain in running {
-        let Ok(name) = domain.name() else { continue };
-        if domains.is_empty() || domains.contains(&name) {
-            mux.attach(&name).map_err(|e| e.to_string())?;
-            attached += 1;
-        }
-    }
-    Ok(attached)
+    Ok(domains
+        .into_iter()
+        .filter_map(|domain| Some((domain.name().ok()?, domain.is_active().ok()?)))
+        .collect())
 }
 
 /// On a worker thread: whether the domain `name` still exists, and runs.

@@ -5,10 +5,31 @@ use serde::{Deserialize, Serialize};
 /// The whole service, as `{"cmd":"status"}` answers it.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Status {
+    /// Every libvirt connection, one per host.
+    pub hosts: Vec<HostStatus>,
     /// Every console the service knows, attached or not, by name.
     pub consoles: Vec<ConsoleStatus>,
     /// Viewers cut off since the start for falling too far behind.
     pub viewers_cut: u64,
+}
+
+/// One libvirt connection.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HostStatus {
+    /// Its label: the prefix of its consoles' names when there are several hosts.
+    pub label: String,
+    /// Its URI.
+    pub uri: String,
+    /// `connecting`, `connected` or `reconnecting`.
+    pub state: String,
+    /// Seconds in that state.
+    pub for_secs: f64,
+    /// While reconnecting, the attempt under way or next.
+    pub attempt: u32,
+    /// While reconnecting, why the connection was lost.
+    pub lost: Option<String>,
+    /// Times it was connected again.
+    pub reconnects: u32,
 }
 
 /// One console.
