@@ -1,7 +1,8 @@
-//! `vol` transfers that survive, against a private libvirtd: standard input and
+//! `vol` transfers that survive, against private libvirtds: standard input and
 //! output with checksums, transfers cut by `kill -9` of the daemon and resumed by a
-//! new process or by the same one once the daemon is back, machine-readable
-//! progress, several connections, and an exit code for each kind of failure.
+//! new process or by the same one once the daemon is back, an upload verified by
+//! reading it back, machine-readable progress, several connections (one of them
+//! lost and back), and an exit code for each kind of failure.
 //!
 //! A cut lands mid-transfer without relying on timing: once the transfer has moved
 //! its first MiB, vol is stopped (SIGSTOP), the daemon killed, and vol continued;
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
+use support::daemon::PrivateDaemon;
 use support::pool::{file_is, pattern, read_range, same_content, Bed, DirPool, KIB, MIB};
 use support::vol::{bare_command, path, report_line, run_vol, vol_command, Run};
 
@@ -138,14 +140,14 @@ impl Background {
 /// Waits (up to a minute) until `moved` says the transfer moved its first bytes,
 /// then kills the daemon while vol is stopped, so the kill is surely mid-transfer;
 /// vol then goes on and finds its connection gone.
-fn cut(bed: &mut Bed, vol: &Background, moved: impl Fn() -> bool) {
+fn cut(daemon: &mut PrivateDaemon, vol: &Background, moved: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !moved() {
         assert!(Instant::now() < deadline, "the transfer did not start");
         thread::sleep(Duration::from_millis(5));
     }
     kill(vol.pid(), Signal::SIGSTOP).expect("stop vol");
-    bed.daemon.kill();
+    daemon.kill();
     kill(vol.pid(), Signal::SIGCONT).expect("continue vol");
 }
 
@@ -272,7 +274,7 @@ fn vol_resumes_a_download_a_killed_daemon_cut() {
     let part = part_of(&file);
 
     let first = Background::spawn(vol_command(&bed, "download", &["big", path(&file)]));
-    cut(&mut bed, &first, || len_of(&part) >= MIB);
+    cut(&mut bed.daemon, &first, || len_of(&part) >= MIB);
     let (run, _) = first.finish();
     assert_eq!(run.code, Some(4), "connection lost: {}", run.all());
     assert!(
@@ -318,7 +320,9 @@ fn vol_resumes_an_upload_a_killed_daemon_cut() {
     let volume_file = bed.pool.path_of("big");
 
     let first = Background::spawn(vol_command(&bed, "upload", &["big", path(&source)]));
-    cut(&mut bed, &first, || first_mib_uploaded(&volume_file, &data));
+    cut(&mut bed.daemon, &first, || {
+        first_mib_uploaded(&volume_file, &data)
+    });
     let (run, _) = first.finish();
     assert_eq!(run.code, Some(3), "partly written: {}", run.all());
     assert!(
@@ -426,7 +430,7 @@ fn survives_in_process(way: Way) {
         Way::Stdout => process.stdout_len() >= MIB,
         Way::Upload => first_mib_uploaded(&volume_file, &data),
     };
-    cut(&mut bed, &process, moved);
+    cut(&mut bed.daemon, &process, moved);
     process.wait_line("waiting state", |line| {
         line.contains(r#""state":"waiting""#)
     });
@@ -542,7 +546,7 @@ fn vol_exit_codes_name_each_kind_of_failure() {
             path(&file),
         ],
     ));
-    cut(&mut bed, &process, || len_of(&part) >= MIB);
+    cut(&mut bed.daemon, &process, || len_of(&part) >= MIB);
     let (run, _) = process.finish();
     assert_eq!(run.code, Some(4), "{}", run.all());
     let lines = json_lines(&run.stderr);
@@ -679,4 +683,88 @@ fn vol_verify_catches_a_volume_that_is_not_what_was_sent() {
 
     drop(vol);
     bed.finish();
+}
+
+/// Two hosts (two daemons), a transfer from each; one host's daemon is killed and
+/// restarted mid-transfer: only its transfer waits and resumes, the other's goes on
+/// untouched, and both arrive whole.
+#[test]
+fn vol_a_lost_host_touches_only_its_own_transfers() {
+    let mut bed = Bed::start("example");
+    let mut other = PrivateDaemon::start().expect("start a second libvirtd");
+    let other_conn = support::pool::connect(&other);
+    let other_pool = DirPool::create(&other, &other_conn, "example");
+    other_pool
+        .pool
+        .set_autostart(true)
+        .expect("autostart the pool");
+    let (a, b) = (pattern(7700, LEN), pattern(7701, LEN));
+    let vol_a = bed.pool.volume_with("big", &a);
+    let vol_b = other_pool.volume_with("big", &b);
+    let (file_a, file_b) = (bed.out("a"), bed.out("b"));
+    let (uri_a, uri_b) = (
+        format!("a={}", bed.daemon.uri("qemu")),
+        format!("b={}", other.uri("qemu")),
+    );
+    let args = [
+        "--uri",
+        &uri_a,
+        "--uri",
+        &uri_b,
+        "--pool",
+        "example",
+        "--retry-for",
+        "60s",
+        "--progress",
+        "json",
+        "--checksum",
+        "sha256",
+        "a/big",
+        path(&file_a),
+        "b/big",
+        path(&file_b),
+    ];
+
+    let process = Background::spawn(bare_command("download", &args));
+    let part_b = part_of(&file_b);
+    cut(&mut other, &process, || len_of(&part_b) >= MIB);
+    process.wait_line("b/big waiting", |line| {
+        line.contains(r#""state":"waiting""#) && line.contains(r#""transfer":"b/big""#)
+    });
+    other.restart().expect("restart the second daemon");
+    let (run, _) = process.finish();
+    assert_eq!(run.code, Some(0), "{}", run.stderr);
+
+    let lines = json_lines(&run.stderr);
+    assert_eq!(
+        states(&lines, "a/big"),
+        ["running", "ended"],
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        states(&lines, "b/big"),
+        ["running", "waiting", "resumed", "running", "ended"],
+        "{}",
+        run.stderr
+    );
+    let ended = |name: &str| {
+        lines
+            .iter()
+            .find(|l| l["transfer"] == name && l["state"] == "ended")
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        ended("a/big")["checksum"],
+        sha256sum(&bed.pool.path_of("big")).as_str()
+    );
+    assert_eq!(
+        ended("b/big")["checksum"],
+        sha256sum(&other_pool.path_of("big")).as_str()
+    );
+    assert!(file_is(&file_a, &a) && file_is(&file_b, &b), "byte-exact");
+
+    drop((vol_a, vol_b, other_pool, other_conn));
+    drop(bed);
 }
