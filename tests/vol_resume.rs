@@ -690,7 +690,7 @@ fn vol_verify_catches_a_volume_that_is_not_what_was_sent() {
 /// untouched, and both arrive whole.
 #[test]
 fn vol_a_lost_host_touches_only_its_own_transfers() {
-    let mut bed = Bed::start("example");
+    let bed = Bed::start("example");
     let mut other = PrivateDaemon::start().expect("start a second libvirtd");
     let other_conn = support::pool::connect(&other);
     let other_pool = DirPool::create(&other, &other_conn, "example");
