@@ -28,7 +28,8 @@
 //!
 //! `--checksum` computes a digest of the range as it flows (a resumed prefix
 //! included, read from the `.part` or from the volume), prints it as `HEX  NAME` on
-//! standard error and adds it to the report. `--verify` (uploads; sha256 unless
+//! standard error (in the last JSON line with `--progress json`) and adds it to the
+//! report. `--verify` (uploads; sha256 unless
 //! `--checksum` says otherwise) reads the volume back afterwards and compares the
 //! digests.
 //!
@@ -42,7 +43,7 @@
 //! connection, or it was lost and not back in time; 5 volume or pool not found;
 //! 6 local I/O error (a file that cannot be read or written, or is in the way);
 //! 7 checksum mismatch after an upload. When transfers fail in different ways, the
-//! first of 7, 3, 4, 5, 6, 1 is the code.
+//! first of 7, 3, 4, 5, 6, 1 is the code. `docs/vol.md` is the manual.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -527,10 +528,7 @@ fn start(
         _ => algorithm(args).map(Digest::new),
     };
     job.digest = continued;
-    let tap = job
-        .digest
-        .clone()
-        .map(|d| Box::new(d) as Box<dyn volume::Tap>);
+    let tap = tap(&job.digest);
     match (args.direction, &job.local) {
         (Direction::Download, local) => {
             let mut range = range(args);
@@ -565,9 +563,7 @@ fn start(
                 range,
                 tap,
                 on_progress(index),
-                move |state: &mut State, result| {
-                    state.jobs[index].step = Some(Step::Transferred(result));
-                },
+                step(index, Step::Transferred),
             )?;
             let job = &mut state.jobs[index];
             job.phase = Phase::Transferring;
@@ -588,9 +584,7 @@ fn start(
                 path,
                 range(args),
                 tap,
-                move |state: &mut State, matched| {
-                    state.jobs[index].step = Some(Step::Compared(matched));
-                },
+                step(index, Step::Compared),
             )?;
             job.phase = Phase::Comparing;
             state.state(index, "comparing", json!({}));
@@ -630,10 +624,7 @@ fn upload_from(
             name: PathBuf::from("-"),
         },
     };
-    let tap = job
-        .digest
-        .clone()
-        .map(|d| Box::new(d) as Box<dyn volume::Tap>);
+    let tap = tap(&job.digest);
     let vol = volume(state, host, index)?;
     volume::upload_with(
         reactor,
@@ -643,9 +634,7 @@ fn upload_from(
         from,
         tap,
         on_progress(index),
-        move |state: &mut State, result| {
-            state.jobs[index].step = Some(Step::Transferred(result));
-        },
+        step(index, Step::Transferred),
     )?;
     Ok(())
 }
@@ -667,7 +656,7 @@ fn read_back(
         length: job.done(),
         ..range(args)
     };
-    let tap = digest.map(|d| Box::new(d) as Box<dyn volume::Tap>);
+    let tap = tap(&digest);
     volume::download_with(
         reactor,
         &vol,
@@ -675,9 +664,7 @@ fn read_back(
         range,
         tap,
         |_: &mut State, _| {},
-        move |state: &mut State, result| {
-            state.jobs[index].step = Some(Step::ReadBack(result));
-        },
+        step(index, Step::ReadBack),
     )?;
     job.phase = Phase::Verifying;
     state.state(index, "verifying", json!({}));
@@ -698,6 +685,19 @@ fn verified(args: &Args, state: &mut State, index: usize) {
         _ => Ok(()),
     };
     end(args, state, index, outcome);
+}
+
+/// `digest` as a transfer's tap.
+fn tap(digest: &Option<Digest>) -> Option<Box<dyn volume::Tap>> {
+    digest.clone().map(|d| Box::new(d) as Box<dyn volume::Tap>)
+}
+
+/// The end of one of transfer `index`'s streams, as the step `as_step` makes of it.
+fn step<T: 'static>(
+    index: usize,
+    as_step: fn(virt_reactor::Result<T>) -> Step,
+) -> impl FnOnce(&mut State, virt_reactor::Result<T>) + Send + 'static {
+    move |state, result| state.jobs[index].step = Some(as_step(result))
 }
 
 /// Moves transfer `index` along.
