@@ -12,6 +12,12 @@
 //! Both directions check the range against the volume before they start, and count
 //! the bytes: a source that ends early, or a volume that sends fewer bytes than
 //! asked, fails the transfer.
+//!
+//! To survive a lost connection: a [`Target::Resumable`] download writes a
+//! predictable `FILE.part`, locked while written and kept when the download fails,
+//! and continues it later from its length; [`compare`] reads a volume back to find
+//! how much of an upload it holds, and [`upload_with`] sends the rest. A [`Tap`]
+//! sees every byte of the range in order, a resumed prefix included, for a checksum.
 
 use std::fs::{self, File, FileType, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
