@@ -2,7 +2,9 @@
 //!
 //! With no arguments it opens libvirt's in-process test driver, drives a short
 //! lifecycle itself (define, start, suspend, resume, destroy, undefine), and exits
-//! once every event has arrived. With `--uri` it watches a real daemon until Ctrl-C:
+//! once every event has arrived. With `--uri` it watches a real daemon until Ctrl-C,
+//! through a supervised connection: when the daemon goes away (or freezes past
+//! keepalive) it says so, reconnects with backoff, and the events flow again.
 //!
 //! ```text
 //! cargo run --example events
@@ -20,8 +22,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use virt::connect::Connect;
+use virt_reactor::supervisor::{ConnectionEvent, Supervisor, SupervisorOptions};
 use virt_reactor::{
-    CloseReason, DrainReport, LifecycleEvent, LifecycleKind, Reactor, ReactorHandle, SubscriptionId,
+    DrainReport, LifecycleEvent, LifecycleKind, Reactor, ReactorHandle, SubscriptionId,
 };
 
 /// The scripted demo's domain, on `test:///default`.
@@ -190,46 +193,54 @@ fn wait_for_demo_events(rx: &Receiver<LifecycleEvent>, timeout: Duration) -> Res
     Ok(())
 }
 
-/// Why the watch ended.
-enum Stop {
-    Interrupted,
-    Closed(CloseReason),
-}
-
-/// Prints the events of `uri` until Ctrl-C or until the connection closes.
+/// Prints the events of `uri` until Ctrl-C, reconnecting whenever the connection
+/// is lost; ends with an error only if the first connection fails.
 fn watch(handle: &ReactorHandle<()>, uri: &str) -> Result<()> {
-    let (tx, rx) = mpsc::channel();
-    let interrupted = tx.clone();
+    let (interrupt, interrupted) = crossbeam_channel::bounded(1);
     ctrlc::set_handler(move || {
-        let _ = interrupted.send(Stop::Interrupted);
+        let _ = interrupt.try_send(());
     })
     .map_err(|e| format!("installing the Ctrl-C handler: {e}"))?;
 
-    let conn = virt_reactor::connect(uri).context(format!("opening {uri}"))?;
-    let closing = conn.clone();
-    let close_watch = on_loop(handle, move |reactor| {
-        reactor.subscribe_close(&closing, move |_, reason| {
-            let _ = tx.send(Stop::Closed(reason));
-        })
+    let options = SupervisorOptions::new(uri);
+    let (supervisor, events) = on_loop(handle, move |reactor| {
+        let (supervisor, events) = Supervisor::start(reactor, options)?;
+        // Before the connection is announced: live by then.
+        supervisor.subscribe_lifecycle(reactor, |_, event| println!("{event}"))?;
+        Ok((supervisor, events))
     })
-    .context("watching the connection")?;
-    let subscription = subscribe(handle, &conn, |_, event| println!("{event}"))?;
-    println!("watching {uri}; press Ctrl-C to stop");
+    .context("starting the connection")?;
 
-    match rx.recv() {
-        Ok(Stop::Interrupted) => {
-            println!("interrupted, shutting down");
-            unsubscribe(handle, subscription)?;
-            unsubscribe(handle, close_watch)?;
-            drop(conn);
-            Ok(())
+    let outcome = loop {
+        crossbeam_channel::select! {
+            recv(interrupted) -> _ => {
+                println!("interrupted, shutting down");
+                break Ok(());
+            }
+            recv(events) -> event => match event {
+                Ok(ConnectionEvent::Connected { .. }) => {
+                    println!("watching {uri}; press Ctrl-C to stop");
+                }
+                Ok(ConnectionEvent::Lost { reason }) => {
+                    println!("connection lost ({reason}); reconnecting");
+                }
+                Ok(ConnectionEvent::Reconnecting { attempt, delay, error }) => {
+                    let failed = error.map(|e| format!(" ({e})")).unwrap_or_default();
+                    println!("attempt {attempt} in {delay:.1?}{failed}");
+                }
+                Ok(ConnectionEvent::Reconnected { attempts, down, .. }) => {
+                    println!("reconnected after {attempts} attempt(s), {down:.1?} down");
+                }
+                Ok(ConnectionEvent::GaveUp { error }) => break Err(format!("{uri}: {error}")),
+                Ok(other) => println!("{other:?}"),
+                Err(_) => break Err("the supervisor went away".to_owned()),
+            },
         }
-        Ok(Stop::Closed(reason)) => {
-            // Deregistering may fail now that the daemon is gone; the loop's shutdown
-            // logs it.
-            drop(conn);
-            Err(format!("the connection to {uri} closed: {reason}"))
-        }
-        Err(_) => Err("the close watch and Ctrl-C handler both went away".to_owned()),
-    }
+    };
+    on_loop(handle, move |reactor| {
+        supervisor.stop(reactor);
+        Ok(())
+    })
+    .context("stopping the connection")?;
+    outcome
 }

@@ -30,7 +30,7 @@ use virt_reactor::volume::VolumeRange;
 #[path = "common/volumes.rs"]
 mod volumes;
 
-use volumes::{bar, Direction, Location};
+use volumes::{bar, Direction};
 
 #[derive(Parser)]
 #[command(about = "Download or upload many libvirt storage volumes at once, from tokio")]
@@ -51,6 +51,17 @@ struct Args {
     /// download: the volumes; upload: the files
     #[arg(required = true, value_name = "VOL|FILE")]
     items: Vec<String>,
+}
+
+/// Where the volumes are: the connection and the pool.
+#[derive(clap::Args)]
+struct Location {
+    /// libvirt connection URI
+    #[arg(long)]
+    uri: String,
+    /// storage pool holding the volumes
+    #[arg(long)]
+    pool: String,
 }
 
 /// One transfer: the volume, the file, and which way.

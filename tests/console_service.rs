@@ -41,6 +41,10 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 const ECHO_TIMEOUT: Duration = Duration::from_secs(20);
 /// The server's log shows what it did (a client attached or left).
 const LOG_TIMEOUT: Duration = Duration::from_secs(10);
+/// The issue's bound for telling a host's viewers that its connection was lost.
+const LOSS_TIMEOUT: Duration = Duration::from_secs(2);
+/// The issue's bound for attaching a host's consoles again once its daemon is back.
+const RETURN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Hostile clients per test: closing, churning.
 const CLIENTS: usize = 200;
 /// How long clients churn.
@@ -935,6 +939,121 @@ fn a_stopped_guest_keeps_its_viewers_until_it_starts_again() {
     viewer.expect("\nafter-restart\r", ECHO_TIMEOUT, &server);
     let status = server.terminate();
     assert!(status.success(), "exit status {status}\n{}", server.logs());
+}
+
+/// Two hosts (two daemons) served at once, their consoles named `LABEL/NAME`. One
+/// daemon is killed: only its consoles end, each viewer is told within 2 s, the other
+/// host's console echoes on. One of its guests dies while it is down. It restarts:
+/// within 5 s its running guest's console is attached again for the viewers that
+/// stayed, and the vanished guest's socket goes.
+#[test]
+fn a_restarted_daemon_gets_its_consoles_back_while_the_other_host_carries_on() {
+    let mut a = PausedGuest::new("ra-1");
+    a.add("ra-2");
+    let b = PausedGuest::new("rb-1");
+    let (uri_a, uri_b) = (format!("a={}", a.uri), format!("b={}", b.uri));
+    let args = [
+        "--uri",
+        &uri_a,
+        "--uri",
+        &uri_b,
+        "--dir",
+        path_str(&a.dir),
+        "--keepalive-interval",
+        "1",
+        "--keepalive-count",
+        "2",
+        "--reconnect-max",
+        "1",
+        "--exit-after",
+        "600",
+    ];
+    let mut server = Server::start(&args, &a.work);
+    let mut viewers = Vec::new();
+    for (host, name) in [(&a, "ra-1"), (&a, "ra-2"), (&b, "rb-1")] {
+        let label = if std::ptr::eq(host, &a) { "a" } else { "b" };
+        let key = format!("{label}/{name}");
+        let socket = server.wait_socket(&a.dir, &key);
+        let mut viewer = Client::unix(&socket, &key);
+        server.wait_attached(&key, 1, 1);
+        resume(&host.conn, name);
+        viewer.expect(&format!("{BANNER} name={name}"), BOOT_TIMEOUT, &server);
+        viewers.push((socket, viewer));
+    }
+    let [(_, ra1), (ra2_socket, ra2), (_, rb1)] = &mut viewers[..] else {
+        unreachable!()
+    };
+
+    a.daemon.kill();
+    let killed = Instant::now();
+    for viewer in [&mut *ra1, &mut *ra2] {
+        viewer.expect("console ended: connection to a lost", LOSS_TIMEOUT, &server);
+    }
+    eprintln!(
+        "host a's viewers told {:?} after the kill",
+        killed.elapsed()
+    );
+    rb1.send("echo b-while-a-is-down\n");
+    rb1.expect("\nb-while-a-is-down\r", ECHO_TIMEOUT, &server);
+    let status = server.status(&a.dir);
+    let host = |label: &str| {
+        status["hosts"]
+            .as_array()
+            .and_then(|hosts| hosts.iter().find(|h| h["label"] == label))
+            .cloned()
+            .unwrap_or_else(|| panic!("no host {label}: {status}"))
+    };
+    assert_eq!(host("a")["state"], "reconnecting", "{status}");
+    assert_eq!(host("b")["state"], "connected", "{status}");
+
+    // ra-2's QEMU dies while its daemon is away: back, the daemon drops it.
+    kill_guest(&a.daemon, "ra-2");
+    a.daemon.restart().expect("restart host a's daemon");
+    let back = Instant::now();
+    ra1.expect("a/ra-1: console attached", RETURN_TIMEOUT, &server);
+    eprintln!(
+        "a/ra-1 attached again {:?} after the restart",
+        back.elapsed()
+    );
+    server.wait_gone(ra2_socket);
+    ra2.expect(
+        "guest gone while the connection was down",
+        LOG_TIMEOUT,
+        &server,
+    );
+    ra1.send("echo a-is-back\n");
+    ra1.expect("\na-is-back\r", ECHO_TIMEOUT, &server);
+    let status = server.status(&a.dir);
+    let a_host = status["hosts"]
+        .as_array()
+        .and_then(|hosts| hosts.iter().find(|h| h["label"] == "a"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(a_host["state"], "connected", "{status}");
+    assert_eq!(a_host["reconnects"], 1, "{status}");
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}\n{}", server.logs());
+}
+
+/// SIGKILLs the QEMU process of guest `name` of `daemon`.
+fn kill_guest(daemon: &PrivateDaemon, name: &str) {
+    let needle = format!("guest={name},");
+    let root = daemon.root().display().to_string();
+    let pids: Vec<i32> = fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &i32| {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.contains(&needle) && cmdline.contains(&root)
+        })
+        .collect();
+    assert_eq!(pids.len(), 1, "QEMU of {name}: {pids:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0]),
+        nix::sys::signal::SIGKILL,
+    )
+    .expect("kill QEMU");
 }
 
 /// The web page in headless Chromium: it lists the console, opens it in the

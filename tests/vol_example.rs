@@ -2,72 +2,18 @@
 //! several downloads with one missing volume among them, a sparse download, and
 //! bad input: destinations that must not be replaced, sources of unknown size,
 //! ranges past the end, one file for two downloads, a daemon lost mid-upload.
-//!
-//! The example is run through `cargo run --example vol` (cargo builds it if needed,
-//! with the profile of this test build).
 
 mod support;
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::pool::{allocated, data_extents, file_is, pattern, read_range, Bed, KIB, MIB};
+use support::vol::{path, run_vol, vol_command, Run};
 use virt::storage_vol::StorageVol;
-
-/// The command that runs `vol VERB --uri URI --pool example ARGS...` on the bed's
-/// daemon (every test's pool is `example`).
-fn vol_command(bed: &Bed, verb: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO"));
-    command
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["run", "--quiet", "--example", "vol"]);
-    if !cfg!(debug_assertions) {
-        command.arg("--release");
-    }
-    let uri = bed.daemon.uri("qemu");
-    command
-        .args(["--", verb, "--uri", &uri, "--pool", "example"])
-        .args(args);
-    command
-}
-
-/// Runs `vol VERB --uri URI --pool example ARGS...` to its end.
-fn run_vol(bed: &Bed, verb: &str, args: &[&str]) -> Run {
-    let output = vol_command(bed, verb, args)
-        .output()
-        .expect("run the vol example");
-    Run::new(&output)
-}
-
-/// How a run of the example exited and what it printed.
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn new(output: &Output) -> Run {
-        Run {
-            code: output.status.code(),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
-    }
-
-    /// Both outputs, for assertion messages.
-    fn all(&self) -> String {
-        format!("stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr)
-    }
-
-    /// Its report line about volume `name`.
-    fn line(&self, name: &str) -> &str {
-        report_line(&self.stdout, name)
-    }
-}
 
 /// Volumes `names` in the bed's pool, the i-th holding `pattern(seed + i, len)`,
 /// and what they hold.
@@ -81,19 +27,6 @@ fn volumes(bed: &Bed, names: &[&str], seed: u64, len: usize) -> (Vec<StorageVol>
         .map(|(name, data)| bed.pool.volume_with(name, data))
         .collect();
     (vols, data)
-}
-
-/// The line of the example's report about volume `name`.
-fn report_line<'a>(stdout: &'a str, name: &str) -> &'a str {
-    let prefix = format!("{name}: ");
-    stdout
-        .lines()
-        .find(|line| line.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("no report line for {name} in:\n{stdout}"))
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
 }
 
 #[test]
@@ -114,8 +47,8 @@ fn vol_downloads_several_volumes_and_names_the_missing_one() {
     );
     assert_eq!(
         run.code,
-        Some(1),
-        "exit code 1 when a transfer failed\n{}",
+        Some(5),
+        "exit code 5 when a volume is missing\n{}",
         run.all()
     );
     let ghost = run.line("ghost");
@@ -295,7 +228,7 @@ fn vol_download_leaves_devices_links_directories_and_files_alone() {
         ],
     );
     let all = run.all();
-    assert_eq!(run.code, Some(1), "{all}");
+    assert_eq!(run.code, Some(6), "{all}");
     let hint = " (--force writes over it)";
     for (name, target, kind, hint) in [
         ("a", &t.full, "character device", hint),
@@ -357,7 +290,7 @@ fn vol_download_with_force_writes_through_devices_and_links() {
         ],
     );
     let all = run.all();
-    assert_eq!(run.code, Some(1), "{all}");
+    assert_eq!(run.code, Some(6), "{all}");
     for name in ["a", "b", "c"] {
         assert!(
             run.line(name).starts_with(&format!("{name}: ok, ")),
@@ -418,7 +351,7 @@ fn vol_upload_from_a_stream_sends_exactly_the_length() {
     assert!(file_is(&bed.pool.path_of("a"), &expected), "4096 zeros");
 
     let run = run_vol(&bed, "upload", &["b", path(&zero)]);
-    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_eq!(run.code, Some(6), "{}", run.all());
     assert_eq!(
         run.line("b"),
         format!(
@@ -432,7 +365,7 @@ fn vol_upload_from_a_stream_sends_exactly_the_length() {
         "upload",
         &["--length", "4096", "c", path(&null), "d", path(&short)],
     );
-    assert_eq!(run.code, Some(1), "{}", run.all());
+    assert_eq!(run.code, Some(6), "{}", run.all());
     assert_eq!(
         run.line("c"),
         format!(

@@ -1,5 +1,6 @@
 //! Volume transfers through `virt_reactor::volume` against a private libvirtd with a
-//! real `dir` pool: many at once on one reactor, and sparse round trips.
+//! real `dir` pool: many at once on one reactor, sparse round trips, resumable
+//! downloads and read-back comparisons.
 //!
 //! Each test registers the process-wide event loop itself: run under cargo-nextest
 //! (one process per test).
@@ -450,6 +451,200 @@ fn a_download_range_past_the_end_is_refused() {
         .expect("the last 10 bytes");
     bed.drive(BATCH_LIMIT, "10 bytes", |r, _| r.is_empty());
     assert_eq!(bed.state.ok(index).data_bytes, 10);
+    drop(vol);
+    bed.finish();
+}
+
+/// A tap that hashes what it sees, for the resume tests.
+#[derive(Clone, Default)]
+struct Sha(std::sync::Arc<std::sync::Mutex<sha2::Sha256>>);
+
+impl volume::Tap for Sha {
+    fn data(&mut self, bytes: &[u8]) {
+        sha2::Digest::update(&mut *self.0.lock().unwrap(), bytes);
+    }
+
+    fn hole(&mut self, length: u64) {
+        self.data(&vec![0; length as usize]);
+    }
+}
+
+impl Sha {
+    fn of(bytes: &[u8]) -> Vec<u8> {
+        <sha2::Sha256 as sha2::Digest>::digest(bytes).to_vec()
+    }
+
+    fn value(&self) -> Vec<u8> {
+        sha2::Digest::finalize(self.0.lock().unwrap().clone()).to_vec()
+    }
+}
+
+/// `compare` finds the first byte where a volume differs from a file, a hole of
+/// the volume matching the file's zeros, and its tap sees just the prefix that
+/// matched; with and without sparse streams.
+#[test]
+fn compare_finds_where_a_volume_first_differs_from_a_file() {
+    let mut bed = Bed::start("compare");
+    const LEN: usize = 4 * MIB as usize;
+    let vol = bed.pool.create_volume("v", LEN as u64);
+    let data = pattern(4100, MIB as usize);
+    support::pool::write_at(&bed.pool.path_of("v"), MIB, &data);
+    let mut same = vec![0; LEN];
+    same[MIB as usize..2 * MIB as usize].copy_from_slice(&data);
+    let differs_at = 3 * MIB as usize + 12345;
+    let mut other = same.clone();
+    other[differs_at] = 1;
+    let (same_file, other_file) = (bed.out("same"), bed.out("other"));
+    std::fs::write(&same_file, &same).unwrap();
+    std::fs::write(&other_file, &other).unwrap();
+
+    for sparse in [false, true] {
+        for (file, expected) in [(&other_file, differs_at), (&same_file, LEN)] {
+            let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
+            let tap = Sha::default();
+            let range = VolumeRange {
+                sparse,
+                ..VolumeRange::default()
+            };
+            let end = std::sync::Arc::clone(&slot);
+            volume::compare(
+                &mut bed.reactor,
+                &vol,
+                file,
+                range,
+                Some(Box::new(tap.clone())),
+                move |_: &mut Tracker, matched| *end.lock().unwrap() = Some(matched),
+            )
+            .expect("start the comparison");
+            bed.drive(BATCH_LIMIT, "compare", |_, _| {
+                slot.lock().unwrap().is_some()
+            });
+            let matched = slot.lock().unwrap().take().unwrap().expect("compared");
+            assert_eq!(matched, expected as u64, "sparse: {sparse}");
+            assert_eq!(
+                tap.value(),
+                Sha::of(&same[..expected]),
+                "the tap saw the prefix"
+            );
+        }
+    }
+
+    drop(vol);
+    bed.finish();
+}
+
+/// A resumable download continues `FILE.part` from its length, and its tap sees
+/// the whole range, the part on disk first; while it runs, another download of the
+/// same FILE is refused.
+#[test]
+fn a_resumable_download_continues_its_part_which_it_locks() {
+    let mut bed = Bed::start("resume");
+    let data = pattern(4200, 3 * MIB as usize + 5);
+    let vol = bed.pool.volume_with("v", &data);
+    let file = bed.out("v");
+    let part = bed.out("v.part");
+    let on_disk = MIB as usize + 7;
+    std::fs::write(&part, &data[..on_disk]).unwrap();
+
+    let tap = Sha::default();
+    let target = |resume| volume::Target::Resumable {
+        path: file.clone(),
+        resume,
+    };
+    let index = bed.state.as_mut().len();
+    let started = bed
+        .state
+        .download_with(
+            &mut bed.reactor,
+            &vol,
+            target(true),
+            VolumeRange::default(),
+            Some(Box::new(tap.clone())),
+        )
+        .expect("resume the download");
+    assert_eq!(started.resumed_from, on_disk as u64);
+    let e = volume::download_with(
+        &mut bed.reactor,
+        &vol,
+        target(false),
+        VolumeRange::default(),
+        None,
+        no_progress,
+        never_ends,
+    )
+    .expect_err("a second download into the same .part");
+    assert!(
+        matches!(&e, Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock),
+        "{e:?}"
+    );
+    bed.drive(BATCH_LIMIT, "resumed download", |_, t| t.all_ended());
+    let stats = bed.state.ok(index);
+    assert_eq!(
+        stats.position(),
+        (data.len() - on_disk) as u64,
+        "only the rest"
+    );
+    assert!(file_is(&file, &data), "byte-exact");
+    assert!(!part.exists(), "the .part became the file");
+    assert_eq!(tap.value(), Sha::of(&data), "the tap saw all of it");
+
+    drop(vol);
+    bed.finish();
+}
+
+/// A sparse download resumed from a `.part` that has holes keeps every hole, and
+/// its tap sees the holes on disk as zeros.
+#[test]
+fn a_resumed_sparse_download_keeps_its_holes() {
+    let mut bed = Bed::start("sparse-resume");
+    const LEN: u64 = 8 * MIB;
+    let layout = [(MIB, MIB), (5 * MIB, MIB)];
+    let vol = bed.pool.create_volume("v", LEN);
+    let volume_file = bed.pool.path_of("v");
+    for (i, &(offset, len)) in layout.iter().enumerate() {
+        support::pool::write_at(
+            &volume_file,
+            offset,
+            &pattern(4300 + i as u64, len as usize),
+        );
+    }
+    let whole = read_range(&volume_file, 0, LEN);
+    let file = bed.out("v");
+    // What an earlier download left: a hole, the first extent, a hole.
+    let first = &whole[MIB as usize..2 * MIB as usize];
+    support::pool::sparse_file(&bed.out("v.part"), 3 * MIB, &[(MIB, first)]);
+
+    let tap = Sha::default();
+    let target = volume::Target::Resumable {
+        path: file.clone(),
+        resume: true,
+    };
+    let sparse = VolumeRange {
+        sparse: true,
+        ..VolumeRange::default()
+    };
+    let index = bed.state.as_mut().len();
+    let started = bed
+        .state
+        .download_with(
+            &mut bed.reactor,
+            &vol,
+            target,
+            sparse,
+            Some(Box::new(tap.clone())),
+        )
+        .expect("resume the download");
+    assert_eq!(started.resumed_from, 3 * MIB);
+    bed.drive(BATCH_LIMIT, "resumed sparse download", |_, t| t.all_ended());
+    assert_eq!(
+        bed.state.ok(index).data_bytes,
+        MIB,
+        "only the second extent"
+    );
+    assert_eq!(data_extents(&file), layout.to_vec(), "holes kept");
+    assert!(file_is(&file, &whole), "byte-exact");
+    assert_eq!(tap.value(), Sha::of(&whole), "the tap saw all of it");
+
     drop(vol);
     bed.finish();
 }

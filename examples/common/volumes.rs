@@ -1,5 +1,4 @@
-//! What `vol` and `tokio_vol` share: which way the bytes go, where the volumes are,
-//! and the progress bars.
+//! What `vol` and `tokio_vol` share: which way the bytes go, and the progress bars.
 
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -8,17 +7,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub enum Direction {
     Download,
     Upload,
-}
-
-/// Where the volumes are: the connection and the pool.
-#[derive(clap::Args)]
-pub struct Location {
-    /// libvirt connection URI
-    #[arg(long)]
-    pub uri: String,
-    /// storage pool holding the volumes
-    #[arg(long)]
-    pub pool: String,
 }
 
 /// A bar named `name`, as its prefix: a name inside the template would be parsed.

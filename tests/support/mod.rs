@@ -9,5 +9,6 @@ pub mod hosts;
 pub mod loop_thread;
 pub mod pool;
 pub mod raw;
+pub mod vol;
 
 pub use raw::lock;

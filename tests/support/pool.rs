@@ -404,6 +404,28 @@ impl Tracker {
             .map(|token| (index, token))
     }
 
+    /// Starts a tracked `volume::download_with` of `range` of `vol` into `target`,
+    /// with `tap`.
+    pub fn download_with<S: AsMut<Tracker> + 'static>(
+        &mut self,
+        reactor: &mut Reactor<S>,
+        vol: &StorageVol,
+        target: volume::Target,
+        range: VolumeRange,
+        tap: Option<Box<dyn volume::Tap>>,
+    ) -> virt_reactor::Result<volume::Started> {
+        let index = self.add();
+        volume::download_with(
+            reactor,
+            vol,
+            target,
+            range,
+            tap,
+            on_progress(index),
+            on_end(index),
+        )
+    }
+
     /// Starts a tracked `volume::upload` of `file` into `vol`: its index and token.
     pub fn upload<S: AsMut<Tracker> + 'static>(
         &mut self,

@@ -9,7 +9,7 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 use virt::connect::Connect;
 
-use super::server::Libvirt;
+use super::libvirt::Libvirt;
 use super::status::HostStatus;
 use crate::features::console::{ConsoleEvent, ConsoleMux, ConsoleOptions};
 use crate::features::supervisor::{ConnectionEvent, Endpoint, Supervisor, SupervisorOptions};
@@ -110,6 +110,14 @@ impl Hosts {
         Some((host, domain))
     }
 
+    /// Why the console `key` ended when its connection was lost for `reason`.
+    pub(crate) fn lost(&self, key: &str, reason: &str) -> String {
+        let label = self
+            .locate(key)
+            .map_or("libvirt", |(host, _)| &self.hosts[host].endpoint.label);
+        lost(label, reason)
+    }
+
     pub(crate) fn get(&self, host: usize) -> Option<&Host> {
         self.hosts.get(host)
     }
@@ -177,7 +185,7 @@ impl Hosts {
                         };
                         changes.push(Change::Down {
                             host: index,
-                            why: format!("connection to {label} lost ({reason})"),
+                            why: lost(&label, &reason.to_string()),
                         });
                     }
                     ConnectionEvent::Reconnecting {
@@ -253,4 +261,8 @@ impl Hosts {
             })
             .collect()
     }
+}
+
+fn lost(label: &str, reason: &str) -> String {
+    format!("connection to {label} lost ({reason}); reconnecting")
 }

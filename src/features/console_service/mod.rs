@@ -37,6 +37,7 @@ mod accept;
 mod dir;
 mod floor;
 mod hosts;
+mod libvirt;
 mod logfile;
 mod options;
 mod scrollback;
@@ -57,9 +58,10 @@ use signal_hook_mio::v1_0::Signals;
 
 pub use self::dir::default_dir;
 use self::dir::SocketDir;
+use self::libvirt::Libvirt;
 pub use self::logfile::{ConsoleLog, LogOptions};
 pub use self::options::ServiceOptions;
-use self::server::{Libvirt, Server, LIBVIRT, SIGNALS};
+use self::server::{Server, LIBVIRT, SIGNALS};
 pub use self::status::{
     ConsoleStatus, HostStatus, LogStatus, ScrollbackStatus, Status, ViewerStatus,
 };

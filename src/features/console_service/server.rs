@@ -16,6 +16,7 @@ use super::accept::{out_of_fds, transient, Quiet, Reserve, ACCEPT_BUDGET};
 use super::dir::{BoundSocket, SocketDir};
 use super::floor::{Floor, Turn};
 use super::hosts::{Change, Hosts};
+use super::libvirt::{Existence, Libvirt, Listing};
 use super::logfile::ConsoleLog;
 use super::options::ServiceOptions;
 use super::scrollback::Scrollback;
@@ -56,29 +57,6 @@ const CONTROL_LINE_MAX: usize = 4096;
 const CONTROL_OUT_MAX: usize = 4 << 20;
 /// Existence checks after failed attaches, per end of a console.
 const RECHECKS: u8 = 3;
-
-/// The reactor's state: what reaches the loop thread through libvirt's events and
-/// `spawn_blocking`.
-#[derive(Default)]
-pub(crate) struct Libvirt {
-    /// Lifecycle events of the hosts' domains, in order: host, domain, kind.
-    pub(crate) lifecycle: Vec<(usize, String, LifecycleKind)>,
-    /// Whether domains whose console ended still exist, by console name.
-    checked: Vec<(String, Existence)>,
-    /// The domains of a host that just connected, and whether each runs.
-    listed: Vec<(usize, Listing)>,
-}
-
-/// A host's domains by name, and whether each runs.
-type Listing = Result<Vec<(String, bool)>, String>;
-
-/// What became of a domain whose console ended.
-#[derive(Debug)]
-enum Existence {
-    Gone,
-    Stopped,
-    Running,
-}
 
 /// What a slab entry on the poll is.
 enum Source {
@@ -440,7 +418,7 @@ impl Server {
             if let Some(console) = self.consoles.get_mut(&key) {
                 console.state = State::Ended(why.to_owned());
             }
-            self.tell_all(&key, &format!("console ended: {why}; reconnecting"));
+            self.tell_all(&key, &format!("console ended: {why}"));
         }
     }
 
@@ -526,11 +504,15 @@ impl Server {
             match event {
                 ConsoleEvent::Attached { .. } => self.attached(&key),
                 ConsoleEvent::Output { bytes, .. } => self.output(&key, &bytes),
-                ConsoleEvent::Ended { end, .. } => {
-                    // The host's supervisor reports the loss and reconnects.
-                    let lost = matches!(end, ConsoleEnd::ConnectionLost(_));
-                    self.ended(&key, end.to_string(), !lost);
+                // The host's supervisor reports the loss too, and reconnects.
+                ConsoleEvent::Ended {
+                    end: ConsoleEnd::ConnectionLost(reason),
+                    ..
+                } => {
+                    let why = self.hosts.lost(&key, &reason.to_string());
+                    self.ended(&key, why, false);
                 }
+                ConsoleEvent::Ended { end, .. } => self.ended(&key, end.to_string(), true),
                 ConsoleEvent::AttachFailed { error, .. } => self.attach_failed(&key, &error),
             }
         }
