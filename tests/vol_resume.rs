@@ -11,35 +11,19 @@
 mod support;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::Arc;
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::thread;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-use serde_json::Value;
 use support::daemon::PrivateDaemon;
 use support::pool::{file_is, pattern, read_range, same_content, Bed, DirPool, KIB, MIB};
-use support::vol::{bare_command, path, report_line, run_vol, vol_command, Run};
+use support::vol::{
+    bare_command, cut, json_lines, len_of, part_of, path, report_line, run_vol, sha256sum, states,
+    vol_command, Background, Run,
+};
 
 /// Big enough that the first MiB is seen long before the end.
 const LEN: usize = 64 * MIB as usize;
-
-/// `sha256sum FILE`'s digest.
-fn sha256sum(file: &Path) -> String {
-    let output = Command::new("sha256sum")
-        .arg(file)
-        .output()
-        .expect("run sha256sum");
-    assert!(output.status.success());
-    let text = String::from_utf8(output.stdout).unwrap();
-    text.split_whitespace().next().unwrap().to_owned()
-}
 
 /// The `HEX  NAME` line vol printed for `name`, sha256sum-style.
 fn printed_checksum<'a>(stderr: &'a str, name: &str) -> &'a str {
@@ -51,123 +35,11 @@ fn printed_checksum<'a>(stderr: &'a str, name: &str) -> &'a str {
     line.strip_suffix(&suffix).unwrap()
 }
 
-/// A vol process running in the background; its standard error is read line by
-/// line as it comes.
-struct Background {
-    child: Child,
-    lines: Receiver<String>,
-    reader: JoinHandle<Vec<String>>,
-    /// Standard output, read as it comes (a pipe left full would stop vol).
-    stdout: JoinHandle<Vec<u8>>,
-    stdout_len: Arc<AtomicU64>,
-}
-
-impl Background {
-    fn spawn(mut command: Command) -> Background {
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the vol example");
-        let mut out = child.stdout.take().unwrap();
-        let stdout_len = Arc::new(AtomicU64::new(0));
-        let stdout = {
-            let len = Arc::clone(&stdout_len);
-            thread::spawn(move || {
-                let (mut all, mut buf) = (Vec::new(), vec![0; 64 * 1024]);
-                while let Ok(n @ 1..) = out.read(&mut buf) {
-                    all.extend_from_slice(&buf[..n]);
-                    len.fetch_add(n as u64, Ordering::Relaxed);
-                }
-                all
-            })
-        };
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        let reader = thread::spawn(move || {
-            let mut all = Vec::new();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line.clone());
-                all.push(line);
-            }
-            all
-        });
-        Background {
-            child,
-            lines,
-            reader,
-            stdout,
-            stdout_len,
-        }
-    }
-
-    /// Bytes read from its standard output so far.
-    fn stdout_len(&self) -> u64 {
-        self.stdout_len.load(Ordering::Relaxed)
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
-    }
-
-    /// Waits for a line of standard error that `pick` picks.
-    fn wait_line(&self, what: &str, pick: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if pick(&line) => return,
-                Ok(_) => {}
-                Err(_) => panic!("vol printed no {what}"),
-            }
-        }
-    }
-
-    /// Waits for its end: how it ended, and its standard output.
-    fn finish(mut self) -> (Run, Vec<u8>) {
-        let status = self.child.wait().expect("wait for vol");
-        let stdout = self.stdout.join().expect("the stdout reader");
-        let stderr = self.reader.join().expect("the stderr reader");
-        let run = Run {
-            code: status.code(),
-            stdout: String::from_utf8_lossy(&stdout).into_owned(),
-            stderr: stderr.join("\n"),
-        };
-        (run, stdout)
-    }
-}
-
-/// Waits (up to a minute) until `moved` says the transfer moved its first bytes,
-/// then kills the daemon while vol is stopped, so the kill is surely mid-transfer;
-/// vol then goes on and finds its connection gone.
-fn cut(daemon: &mut PrivateDaemon, vol: &Background, moved: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !moved() {
-        assert!(Instant::now() < deadline, "the transfer did not start");
-        thread::sleep(Duration::from_millis(5));
-    }
-    kill(vol.pid(), Signal::SIGSTOP).expect("stop vol");
-    daemon.kill();
-    kill(vol.pid(), Signal::SIGCONT).expect("continue vol");
-}
-
 /// Starts the daemon again, and its pool.
 fn restart(bed: &mut Bed) {
     bed.daemon.restart().expect("restart the daemon");
     bed.conn = support::pool::connect(&bed.daemon);
     bed.pool = DirPool::lookup(&bed.conn, "example", &bed.pool.dir);
-}
-
-/// The length of `file`, 0 while it does not exist.
-fn len_of(file: &Path) -> u64 {
-    fs::metadata(file).map_or(0, |m| m.len())
-}
-
-/// `FILE.part`.
-fn part_of(file: &Path) -> std::path::PathBuf {
-    let mut part = file.as_os_str().to_owned();
-    part.push(".part");
-    part.into()
 }
 
 /// Whether the first MiB of the volume file holds the first MiB of `data`.
@@ -356,31 +228,6 @@ fn vol_resumes_an_upload_a_killed_daemon_cut() {
 
     drop(vol);
     drop(bed);
-}
-
-/// The JSON lines of a run: each parses, and is one object.
-fn json_lines(stderr: &str) -> Vec<Value> {
-    stderr
-        .lines()
-        .map(|line| {
-            let value: Value = serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("not JSON ({e}): {line}\n{stderr}"));
-            assert!(value.is_object(), "{line}");
-            value
-        })
-        .collect()
-}
-
-/// The states a transfer's JSON lines went through, each once, in order.
-fn states(lines: &[Value], name: &str) -> Vec<String> {
-    let mut states: Vec<String> = Vec::new();
-    for line in lines.iter().filter(|l| l["transfer"] == name) {
-        let state = line["state"].as_str().unwrap().to_owned();
-        if states.last() != Some(&state) {
-            states.push(state);
-        }
-    }
-    states
 }
 
 /// Which transfer a test cuts.
