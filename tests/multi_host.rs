@@ -3,7 +3,9 @@
 //! and its own pool. A daemon killed with SIGKILL ends only its own host's
 //! consoles, promptly, and the other hosts' consoles keep echoing; `virt-consoled`
 //! given the 3 hosts attaches that host's consoles again once its daemon is back,
-//! and `vol` resumes that host's download, the others untouched.
+//! and `vol` resumes that host's download, the others untouched. The test bed's
+//! own promises (separate daemons on their own addresses, restart, clean-up) are
+//! checked too.
 //!
 //! Every namespace, daemon, guest and directory is removed when the test ends,
 //! also after a failure (the hosts' drop), and a crashed run's leftovers are
@@ -547,5 +549,97 @@ fn vol_resumes_a_restarted_hosts_download_and_leaves_the_others_alone() {
             "{name}'s checksum"
         );
         assert!(file_is(file, data), "{name} arrived byte-exact");
+    }
+}
+
+/// The test bed itself: each host's daemon runs in its own namespace and answers
+/// on its own address (not on another host's), the /30s differ, a restart keeps
+/// the address and the pool, and dropping the hosts leaves no namespace, link,
+/// process or directory behind.
+#[test]
+fn hosts_are_separate_restartable_and_leave_nothing_behind() {
+    let mut hosts = hosts::start(2).expect("start the hosts");
+    let netns_of = |pid: u32| {
+        let out = Command::new("ip")
+            .args(["netns", "identify", &pid.to_string()])
+            .output()
+            .expect("ip netns identify");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    for host in &hosts {
+        assert_eq!(
+            netns_of(host.daemon.pid()),
+            host.netns(),
+            "{}'s daemon",
+            host.label
+        );
+    }
+    assert_ne!(hosts[0].addr, hosts[1].addr);
+    for host in &hosts {
+        // Its daemon listens on TCP at its own address only.
+        let out = Command::new("ip")
+            .args(["netns", "exec", host.netns(), "ss", "-Htln"])
+            .output()
+            .expect("ss in the namespace");
+        let listening: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(3).map(str::to_owned))
+            .collect();
+        assert_eq!(
+            listening,
+            [format!("{}:{}", host.addr, hosts::PORT)],
+            "{}",
+            host.label
+        );
+        // Its address reaches its own daemon: the one with its pool.
+        let conn = Connect::open(Some(&host.uri())).expect("connect");
+        let xml = conn
+            .lookup_storage_pool_by_name(hosts::POOL)
+            .and_then(|p| p.xml_desc(0))
+            .expect("the pool's XML");
+        assert!(
+            xml.contains(&*host.pool_dir().to_string_lossy()),
+            "{} reaches {}'s daemon",
+            host.uri(),
+            host.label
+        );
+    }
+    let (uri, before) = (hosts[0].uri(), hosts[0].daemon.pid());
+    hosts[0].daemon.kill();
+    hosts[0].daemon.restart().expect("restart");
+    assert_ne!(hosts[0].daemon.pid(), before);
+    let conn = Connect::open(Some(&uri)).expect("connect after the restart");
+    assert_eq!(conn.list_storage_pools().expect("pools"), [hosts::POOL]);
+    drop(conn);
+
+    let left: Vec<(String, u32, PathBuf)> = hosts
+        .iter()
+        .map(|h| {
+            (
+                h.netns().to_owned(),
+                h.daemon.pid(),
+                h.daemon.root().to_path_buf(),
+            )
+        })
+        .collect();
+    drop(hosts);
+    let namespaces = fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_else(|_| Vec::new());
+    let links: Vec<String> = fs::read_dir("/sys/class/net")
+        .expect("/sys/class/net")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for (netns, pid, root) in left {
+        assert!(!namespaces.contains(&netns), "{netns} is gone");
+        let link = netns.replacen("vrh-", "vrh", 1);
+        assert!(!links.contains(&link), "{link} is gone");
+        assert!(!support::daemon::proc_is_live(pid), "daemon {pid} is gone");
+        assert!(!root.exists(), "{} is gone", root.display());
     }
 }
