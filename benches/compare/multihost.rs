@@ -364,7 +364,7 @@ fn churn(
     results: &mut Results,
 ) {
     let per_host = opts.guests;
-    let samples = if opts.quick { 150 } else { 1500 };
+    let samples = if opts.quick { 150 } else { 3000 };
     let timed: Vec<String> = [0, 2]
         .iter()
         .enumerate()
