@@ -404,30 +404,36 @@ fn churn(
     ));
 }
 
-/// Runs `f`, meanwhile (if `churn`) killing `daemon` and restarting it over and
-/// over; adds the kills to its figures. The daemon runs again afterwards.
+/// Runs `f` on a thread of its own, meanwhile (if `churn`) killing `daemon` and
+/// restarting it over and over; adds the kills to its figures. The daemon runs
+/// again afterwards. It is restarted on this thread, which keeps it: a daemon dies
+/// with the thread that started it (`--pdeathsig`, see daemon.rs).
 fn churning(
     daemon: &mut PrivateDaemon,
     churn: bool,
-    f: impl FnOnce() -> Result<HashMap<String, f64>, String>,
+    f: impl FnOnce() -> Result<HashMap<String, f64>, String> + Send,
 ) -> Result<HashMap<String, f64>, String> {
-    let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+    let (done_tx, done) = crossbeam_channel::bounded::<()>(0);
     thread::scope(|scope| {
-        let churner = scope.spawn(move || {
-            let mut kills = 0u32;
-            while churn && matches!(stop.recv_timeout(CHURN_UP), Err(RecvTimeoutError::Timeout)) {
-                daemon.kill();
-                kills += 1;
-                let _ = stop.recv_timeout(CHURN_DOWN);
-                daemon
-                    .restart()
-                    .map_err(|e| format!("restart host 2: {e}"))?;
-            }
-            Ok::<_, String>(kills)
+        let child = scope.spawn(move || {
+            let _done = done_tx;
+            f()
         });
-        let figures = f();
-        drop(stop_tx);
-        let kills = churner.join().expect("the churning thread")?;
+        let mut kills = 0u32;
+        let mut failed = None;
+        while churn && matches!(done.recv_timeout(CHURN_UP), Err(RecvTimeoutError::Timeout)) {
+            daemon.kill();
+            kills += 1;
+            let _ = done.recv_timeout(CHURN_DOWN);
+            if let Err(e) = daemon.restart() {
+                failed = Some(format!("restart host 2: {e}"));
+                break;
+            }
+        }
+        let figures = child.join().expect("the child's thread");
+        if let Some(e) = failed {
+            return Err(e);
+        }
         let mut figures = figures?;
         figures.insert("host2_kills".to_owned(), f64::from(kills));
         Ok(figures)
