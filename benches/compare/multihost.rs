@@ -9,6 +9,11 @@
 //! host, "1 host" the 3 × G of host 1, all through `consoles::latency` (ours, one
 //! `ConsoleMux` per connection) over TCP.
 //!
+//! Then the survivors under churn: one child times G consoles of hosts 1 and 3
+//! and holds host 2's through a `Supervisor` (`Held`), untimed; meanwhile this
+//! process kills host 2's daemon and restarts it over and over ("churn"), or
+//! leaves it running ("steady"), alternating.
+//!
 //! Then, in this process (its children are done), the time a supervised
 //! connection takes to come back: host 2's daemon is killed (SIGKILL) and
 //! restarted, `--reconnects` times; from the restarted daemon's first answer to
