@@ -9,6 +9,7 @@
 //! read/eval loop (no shell prompt).
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -19,6 +20,7 @@ use virt::connect::Connect;
 use virt_reactor::console::{ConsoleEvent, ConsoleMux, ConsoleOptions};
 use virt_reactor::{transfer, ReactorHandle, Stream};
 
+use crate::multihost::Held;
 use crate::report::{figure, Results};
 use crate::setup::{Env, POOL};
 use crate::{data, run_case, Case, Figures, Opts, Params, MIB};
@@ -83,6 +85,8 @@ pub(crate) fn scenario4(opts: &Opts, env: &mut Env, results: &mut Results) {
 
 /// What the user thread found.
 struct Measured {
+    /// From the first timed round's start to the last's end.
+    timed: Range<Instant>,
     latencies_ms: Vec<f64>,
     lost: usize,
     upload_mibps: f64,
@@ -102,7 +106,9 @@ impl Muxes {
 }
 
 /// Child arguments: `uri=U[,U…]` (connections), `guests=[K:]NAME,…` (a guest on
-/// connection K, 0 if not given), `samples=`, `upload=` (bytes, on connection 0).
+/// connection K, 0 if not given), `samples=`, `upload=` (bytes, on connection 0);
+/// optionally `held_uri=U held=NAME,…`: consoles also held on this loop, untimed,
+/// through a supervised connection (`multihost::Held`).
 pub(crate) fn latency(p: &Params) -> Figures {
     let mut reactor = p.kind.reactor::<()>();
     let conns: Vec<Connect> = p.str("uri").split(',').map(|u| p.kind.connect(u)).collect();
@@ -138,6 +144,12 @@ pub(crate) fn latency(p: &Params) -> Figures {
     for (k, name) in &placed {
         muxes.all[*k].attach(name).expect("attach");
     }
+    // Scenario 7: other consoles on this loop, untimed, on a connection that may
+    // be lost and come back.
+    let held = p.get("held").map(|names| {
+        let names = names.split(',').map(str::to_owned).collect();
+        Held::start(&mut reactor, p.str("held_uri"), names, options.clone())
+    });
     let handle = reactor.handle();
     let muxes = Arc::new(muxes);
     let user = {
@@ -155,10 +167,15 @@ pub(crate) fn latency(p: &Params) -> Figures {
     for mux in &muxes.all {
         mux.detach_all(&mut reactor, &mut ());
     }
+    if let Some(held) = &held {
+        held.stop(&mut reactor);
+    }
     for _ in 0..10 {
         let _ = reactor.run_once(Some(Duration::from_millis(5)), &mut ());
     }
-    echo_figures(measured.latencies_ms, measured.lost, measured.upload_mibps)
+    let mut figures = echo_figures(measured.latencies_ms, measured.lost, measured.upload_mibps);
+    figures.extend(held.iter().flat_map(|held| held.figures(&measured.timed)));
+    figures
 }
 
 /// Stops the loop when dropped.
@@ -333,6 +350,7 @@ fn user(
     let mut latencies_ms = Vec::new();
     let mut lost = 0;
     let mut rounds = 0;
+    let started = Instant::now();
     while let Some((marker, line)) = next_round(&mut rounds, samples, upload_len, &done) {
         let sent: Vec<(&String, Instant)> = guests
             .iter()
@@ -349,6 +367,7 @@ fn user(
             }
         }
     }
+    let timed = started..Instant::now();
     let upload_mibps = if upload_len > 0 {
         let deadline = Instant::now() + Duration::from_secs(600);
         while !done.load(Ordering::Acquire) && Instant::now() < deadline {
@@ -362,6 +381,7 @@ fn user(
         f64::NAN
     };
     Measured {
+        timed,
         latencies_ms,
         lost,
         upload_mibps,

@@ -9,6 +9,11 @@
 //! host, "1 host" the 3 × G of host 1, all through `consoles::latency` (ours, one
 //! `ConsoleMux` per connection) over TCP.
 //!
+//! Then the survivors under churn: one child times G consoles of hosts 1 and 3
+//! and holds host 2's through a `Supervisor` (`Held`), untimed; meanwhile this
+//! process kills host 2's daemon and restarts it over and over ("churn"), or
+//! leaves it running ("steady"), alternating.
+//!
 //! Then, in this process (its children are done), the time a supervised
 //! connection takes to come back: host 2's daemon is killed (SIGKILL) and
 //! restarted, `--reconnects` times; from the restarted daemon's first answer to
@@ -16,21 +21,25 @@
 //! (a `ConsoleMux` on the new connection attaching each guest).
 
 use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use virt::connect::Connect;
 use virt_reactor::console::{ConsoleEvent, ConsoleMux, ConsoleOptions};
 use virt_reactor::supervisor::{ConnectionEvent, Supervisor, SupervisorOptions};
 use virt_reactor::testbed::{GuestMode, Guests, Testbed};
 use virt_reactor::{Reactor, ReactorHandle};
 
+use crate::daemon::PrivateDaemon;
 use crate::hosts::{self, Host};
 use crate::report::{figure, Figure, Results};
-use crate::{run_child, Loop, Opts};
+use crate::{run_child, Figures, Loop, Opts};
 
 pub(crate) const SCENARIO: &str = "Scenario 7: consoles on 3 hosts against 1 host";
+pub(crate) const CHURN: &str = "Scenario 7: hosts 1 and 3 while host 2's daemon restarts";
 pub(crate) const RECONNECT: &str = "Scenario 7: reconnect after a daemon restart";
 const HOSTS: usize = 3;
 /// Untimed passes until every console answers, booting lost guests again between.
@@ -134,27 +143,10 @@ pub(crate) fn scenario7(opts: &Opts, results: &mut Results) {
     );
     let samples = if opts.quick { 50 } else { 300 };
     let label = format!("{} consoles", HOSTS * per_host);
-    let mut runs: [Vec<HashMap<String, f64>>; 2] = [Vec::new(), Vec::new()];
-    for run in 0..opts.runs {
-        let order = if run % 2 == 0 {
-            [Layout::Spread, Layout::One]
-        } else {
-            [Layout::One, Layout::Spread]
-        };
-        for layout in order {
-            match run_child(Loop::Ours, "console", &args(layout, samples)) {
-                Ok(figures) => runs[layout as usize].push(figures),
-                Err(e) => {
-                    eprintln!("compare: {SCENARIO} run {run} FAILED: {e}");
-                    results.note(format!(
-                        "**Failed run:** {SCENARIO}, run {}: {}",
-                        run + 1,
-                        e.lines().next().unwrap_or("")
-                    ));
-                }
-            }
-        }
-    }
+    let runs = alternate(SCENARIO, opts.runs, results, |side| {
+        let layout = [Layout::Spread, Layout::One][side];
+        run_child(Loop::Ours, "console", &args(layout, samples))
+    });
     results.add_sides(SCENARIO, &label, FIGURES, &runs);
     results.note(format!(
         "Scenario 7: {HOSTS} hosts (network namespaces, a private libvirtd on TCP each); \
@@ -164,6 +156,7 @@ pub(crate) fn scenario7(opts: &Opts, results: &mut Results) {
         HOSTS * per_host,
         HOSTS * per_host
     ));
+    churn(opts, &uris, &placed, &mut hosts[1], results);
     if let Err(e) = reconnects(&mut hosts[1], &placed[1], opts.reconnects, results) {
         eprintln!("compare: {RECONNECT}: FAILED: {e}");
         results.note(format!("**Failed:** {RECONNECT}: {e}"));
@@ -282,16 +275,7 @@ fn attach_all(
     conn: Connect,
     names: &[String],
 ) -> Result<(ConsoleMux<()>, Receiver<ConsoleEvent>), String> {
-    let (made_tx, made) = crossbeam_channel::bounded(1);
-    handle
-        .execute(move |reactor, _| {
-            let _ = made_tx.send(ConsoleMux::new(reactor, &conn, ConsoleOptions::default()));
-        })
-        .map_err(|e| e.to_string())?;
-    let (mux, events) = made
-        .recv_timeout(BACK_TIMEOUT)
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let (mux, events) = new_mux(handle, conn, ConsoleOptions::default())?;
     for name in names {
         mux.attach(name).map_err(|e| e.to_string())?;
     }
@@ -309,6 +293,266 @@ fn attach_all(
         }
     }
     Ok((mux, events))
+}
+
+/// A `ConsoleMux` on `conn`, made on the loop thread.
+fn new_mux(
+    handle: &ReactorHandle<()>,
+    conn: Connect,
+    options: ConsoleOptions,
+) -> Result<(ConsoleMux<()>, Receiver<ConsoleEvent>), String> {
+    let (made_tx, made) = crossbeam_channel::bounded(1);
+    handle
+        .execute(move |reactor, _| {
+            let _ = made_tx.send(ConsoleMux::new(reactor, &conn, options));
+        })
+        .map_err(|e| e.to_string())?;
+    made.recv_timeout(BACK_TIMEOUT)
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// `runs` runs of two sides (0 and 1), alternating, swapping which goes first run
+/// by run; a failed run is noted and left out.
+fn alternate(
+    scenario: &str,
+    runs: usize,
+    results: &mut Results,
+    mut side: impl FnMut(usize) -> Result<HashMap<String, f64>, String>,
+) -> [Vec<HashMap<String, f64>>; 2] {
+    let mut sides: [Vec<HashMap<String, f64>>; 2] = [Vec::new(), Vec::new()];
+    for run in 0..runs {
+        let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+        for k in order {
+            match side(k) {
+                Ok(figures) => sides[k].push(figures),
+                Err(e) => {
+                    eprintln!("compare: {scenario} run {run} FAILED: {e}");
+                    results.note(format!(
+                        "**Failed run:** {scenario}, run {}: {}",
+                        run + 1,
+                        e.lines().next().unwrap_or("")
+                    ));
+                }
+            }
+        }
+    }
+    sides
+}
+
+/// Host 2's daemon under churn: up this long, then killed (SIGKILL), down this
+/// long, restarted, and again. Up long enough for the default backoff (attempts
+/// about 0.2, 0.6 and 1.4 s after the loss) to find it back each time.
+const CHURN_UP: Duration = Duration::from_secs(2);
+const CHURN_DOWN: Duration = Duration::from_secs(1);
+
+/// What the child saw of host 2 during its timed rounds, and the parent's kills.
+const HELD_FIGURES: &[Figure] = &[
+    figure("host2_kills", "host 2 kills (whole child)"),
+    figure("host2_lost", "host 2 lost (timed rounds)"),
+    figure("host2_back", "host 2 reconnected (timed rounds)"),
+    figure(
+        "host2_attached",
+        "host 2 consoles attached again (timed rounds)",
+    ),
+];
+
+/// The echo of hosts 1 and 3's consoles (G each) in a process that also holds
+/// host 2's through a supervised connection (`Held`): host 2's daemon running
+/// throughout ("steady"), or killed and restarted over and over while the echoes
+/// are timed ("churn").
+fn churn(
+    opts: &Opts,
+    uris: &[String],
+    placed: &[Vec<String>],
+    host2: &mut Host,
+    results: &mut Results,
+) {
+    let per_host = opts.guests;
+    let samples = if opts.quick { 150 } else { 3000 };
+    let timed: Vec<String> = [0, 2]
+        .iter()
+        .enumerate()
+        .flat_map(|(k, &host)| {
+            placed[host][..per_host]
+                .iter()
+                .map(move |n| format!("{k}:{n}"))
+        })
+        .collect();
+    let args = vec![
+        format!("uri={},{}", uris[0], uris[2]),
+        format!("guests={}", timed.join(",")),
+        format!("samples={samples}"),
+        "upload=0".to_owned(),
+        format!("held_uri={}", uris[1]),
+        format!("held={}", placed[1].join(",")),
+    ];
+    // Side 0 churns, side 1 is steady: the table's ratio is churn/steady.
+    let runs = alternate(CHURN, opts.runs, results, |side| {
+        churning(&mut host2.daemon, side == 0, || {
+            run_child(Loop::Ours, "console", &args)
+        })
+    });
+    let label = format!("{} consoles of hosts 1, 3", timed.len());
+    results.add_sides(CHURN, &label, FIGURES, &runs);
+    results.add_sides(CHURN, &label, HELD_FIGURES, &runs);
+    results.note(format!(
+        "{CHURN}: one child times {} consoles of hosts 1 and 3 ({samples} echo rounds) \
+         and holds host 2's {} through a Supervisor (SupervisorOptions::new), attaching \
+         them again with a new ConsoleMux on each Reconnected, untimed. \"churn\": \
+         meanwhile the bench kills host 2's daemon (SIGKILL) every {} s and restarts it \
+         {} s later; \"steady\": it runs throughout. Alternating, swapping which goes first.",
+        timed.len(),
+        placed[1].len(),
+        (CHURN_UP + CHURN_DOWN).as_secs(),
+        CHURN_DOWN.as_secs()
+    ));
+}
+
+/// Runs `f` on a thread of its own, meanwhile (if `churn`) killing `daemon` and
+/// restarting it over and over; adds the kills to its figures. The daemon runs
+/// again afterwards. It is restarted on this thread, which keeps it: a daemon dies
+/// with the thread that started it (`--pdeathsig`, see daemon.rs).
+fn churning(
+    daemon: &mut PrivateDaemon,
+    churn: bool,
+    f: impl FnOnce() -> Result<HashMap<String, f64>, String> + Send,
+) -> Result<HashMap<String, f64>, String> {
+    let (done_tx, done) = crossbeam_channel::bounded::<()>(0);
+    thread::scope(|scope| {
+        let child = scope.spawn(move || {
+            let _done = done_tx;
+            f()
+        });
+        let mut kills = 0u32;
+        let mut failed = None;
+        while churn && matches!(done.recv_timeout(CHURN_UP), Err(RecvTimeoutError::Timeout)) {
+            daemon.kill();
+            kills += 1;
+            let _ = done.recv_timeout(CHURN_DOWN);
+            if let Err(e) = daemon.restart() {
+                failed = Some(format!("restart host 2: {e}"));
+                break;
+            }
+        }
+        let figures = child.join().expect("the child's thread");
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let mut figures = figures?;
+        figures.insert("host2_kills".to_owned(), f64::from(kills));
+        Ok(figures)
+    })
+}
+
+/// What happened to host 2's connection in the child.
+#[derive(Clone, Copy, PartialEq)]
+enum Change {
+    Lost,
+    Back,
+    Attached,
+}
+
+/// In scenario 7's child: host 2's consoles, held through a supervised connection
+/// and attached again with a new `ConsoleMux` on each new connection; never timed,
+/// their output dropped, their end with a lost connection expected.
+pub(crate) struct Held {
+    supervisor: Supervisor<()>,
+    muxes: Arc<Mutex<Vec<ConsoleMux<()>>>>,
+    /// Each change, and when.
+    changes: Arc<Mutex<Vec<(Instant, Change)>>>,
+}
+
+impl Held {
+    /// Supervises `uri` on `reactor` and attaches `names` on each connection.
+    pub(crate) fn start(
+        reactor: &mut Reactor<()>,
+        uri: &str,
+        names: Vec<String>,
+        options: ConsoleOptions,
+    ) -> Held {
+        let (supervisor, events) =
+            Supervisor::start(reactor, SupervisorOptions::new(uri)).expect("supervise host 2");
+        let handle = reactor.handle();
+        let held = Held {
+            supervisor,
+            muxes: Arc::default(),
+            changes: Arc::default(),
+        };
+        let (muxes, changes) = (Arc::clone(&held.muxes), Arc::clone(&held.changes));
+        let note = move |change| {
+            changes
+                .lock()
+                .expect("changes")
+                .push((Instant::now(), change));
+        };
+        thread::spawn(move || {
+            for event in events {
+                let conn = match event {
+                    ConnectionEvent::Connected { conn } => conn,
+                    ConnectionEvent::Reconnected { conn, .. } => {
+                        note(Change::Back);
+                        conn
+                    }
+                    ConnectionEvent::Lost { .. } => {
+                        note(Change::Lost);
+                        continue;
+                    }
+                    ConnectionEvent::GaveUp { error } => {
+                        eprintln!("host 2: the supervisor gave up: {error}");
+                        std::process::exit(1);
+                    }
+                    _ => continue,
+                };
+                let (mux, consoles) = match new_mux(&handle, conn, options.clone()) {
+                    Ok(made) => made,
+                    Err(e) => {
+                        eprintln!("host 2: no mux: {e}");
+                        continue;
+                    }
+                };
+                for name in &names {
+                    if let Err(e) = mux.attach(name) {
+                        eprintln!("host 2: attach {name}: {e}");
+                    }
+                }
+                let note = note.clone();
+                thread::spawn(move || {
+                    for event in consoles {
+                        if matches!(event, ConsoleEvent::Attached { .. }) {
+                            note(Change::Attached);
+                        }
+                    }
+                });
+                muxes.lock().expect("muxes").push(mux);
+            }
+        });
+        held
+    }
+
+    /// Stops supervising and detaches every console; on the loop thread.
+    pub(crate) fn stop(&self, reactor: &mut Reactor<()>) {
+        self.supervisor.stop(reactor);
+        for mux in self.muxes.lock().expect("muxes").iter() {
+            mux.detach_all(reactor, &mut ());
+        }
+    }
+
+    /// Host 2's losses, returns and consoles attached within `window`.
+    pub(crate) fn figures(&self, window: &Range<Instant>) -> Figures {
+        let changes = self.changes.lock().expect("changes");
+        let count = |change| {
+            changes
+                .iter()
+                .filter(|(at, c)| *c == change && window.contains(at))
+                .count() as f64
+        };
+        vec![
+            ("host2_lost", count(Change::Lost)),
+            ("host2_back", count(Change::Back)),
+            ("host2_attached", count(Change::Attached)),
+        ]
+    }
 }
 
 /// Boots again each guest of `names` that `host` does not run.

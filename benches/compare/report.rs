@@ -87,6 +87,8 @@ fn columns(scenario: &str) -> (&'static str, &'static str, &'static str) {
         ("virt-consoled", "conserver + virsh", "ours/theirs")
     } else if scenario == crate::multihost::SCENARIO {
         ("3 hosts", "1 host", "3 hosts/1 host")
+    } else if scenario == crate::multihost::CHURN {
+        ("churn", "steady", "churn/steady")
     } else if scenario == crate::multihost::RECONNECT {
         ("supervisor", "–", "–")
     } else {
