@@ -66,8 +66,7 @@ fn eight_guests_echo_on_one_reactor_and_end_one_at_a_time() {
     let (rig, mut tr) = MuxRig::start(ConsoleOptions::default());
     let all = names("c8", 8);
     let started = Instant::now();
-    rig.boot(&all);
-    tr.wait_banners(&all, None);
+    tr.boot_and_wait(&all, |names| rig.boot(names));
     eprintln!("8 banners after {:.1?}", started.elapsed());
     for name in &all {
         assert_eq!(tr.attached_count(name), 1, "{name} attached once");
@@ -157,8 +156,7 @@ fn force_takes_a_console_over_and_an_open_without_it_is_busy() {
     let (rig, mut tr) = MuxRig::start(ConsoleOptions::default());
     let all = names("tk", 2);
     let (victim, bystander) = (&all[0], &all[1]);
-    rig.boot(&all);
-    tr.wait_banners(&all, None);
+    tr.boot_and_wait(&all, |names| rig.boot(names));
     let send = |name: &str, bytes: &[u8]| rig.mux().send(name, bytes);
     tr.echo_round(&all, 1, send);
 

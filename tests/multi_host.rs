@@ -101,10 +101,10 @@ impl MultiRig {
         (rig, Transcript::new(rx))
     }
 
-    /// Boots every host's guests through its mux.
-    fn boot_all(&self) {
+    /// Boots guests `names`, each through its host's mux.
+    fn boot(&self, names: &[String]) {
         for side in &self.sides {
-            for name in &side.names {
+            for name in side.names.iter().filter(|n| names.contains(n)) {
                 side.guests.track(&side.conn, name);
                 side.mux
                     .boot(name, &self.testbed.guest_xml(name, GuestMode::Plain))
@@ -173,8 +173,7 @@ impl Drop for MultiRig {
 fn killing_one_hosts_daemon_ends_only_its_consoles() {
     let (mut rig, mut tr) = MultiRig::start(3);
     let all = rig.all_names();
-    rig.boot_all();
-    tr.wait_banners(&all, None);
+    tr.boot_and_wait(&all, |names| rig.boot(names));
     let send = |name: &str, bytes: &[u8]| rig.send(name, bytes);
     tr.echo_round(&all, 1, send);
 

@@ -146,8 +146,7 @@ fn a_console_flooded_with_input_does_not_slow_another_consoles_echo() {
     let (rig, mut tr) = MuxRig::start(ConsoleOptions::default());
     let guests = names("flood", 2);
     let (flooded, quiet) = (guests[0].clone(), guests[1].clone());
-    rig.boot(&guests);
-    tr.wait_banners(&guests, None);
+    tr.boot_and_wait(&guests, |names| rig.boot(names));
     let send = |name: &str, bytes: &[u8]| rig.mux().send(name, bytes);
     // The first input after attaching waits for QEMU's pty reader: warm both up.
     tr.echo_round(&guests, 0, send);

@@ -105,6 +105,9 @@ pub fn tail_text(bytes: &[u8], n: usize) -> String {
     format!("{:?}", String::from_utf8_lossy(&bytes[from..]))
 }
 
+/// Boots again of a testbed guest that disappeared before its banner.
+const BOOT_RETRIES: usize = 2;
+
 /// Everything a [`ConsoleMux`] reported, per console, in arrival order.
 pub struct Transcript {
     rx: Receiver<ConsoleEvent>,
@@ -241,6 +244,46 @@ impl Transcript {
                 Err(RecvTimeoutError::Disconnected) => self.closed = true,
             }
         }
+    }
+
+    /// Boots `names` with `boot` and waits for every banner. A testbed guest that
+    /// disappears before its banner (its kernel panicked or its init died, and
+    /// `panic=-1` with `on_reboot=destroy` removes the domain: see
+    /// testbed/domain.xml.in; rare, under TCG on loaded CPUs) is booted again, at
+    /// most [`BOOT_RETRIES`] times, and its dead boot's records are forgotten.
+    pub fn boot_and_wait(&mut self, names: &[String], boot: impl Fn(&[String])) {
+        boot(names);
+        for _ in 0..BOOT_RETRIES {
+            let dead = self.wait("every banner", BOOT_TIMEOUT, |t| {
+                let mut dead = Vec::new();
+                for name in names {
+                    if contains(t.output(name), banner(name).as_bytes()) {
+                        continue;
+                    }
+                    match (&t.ends(name)[..], t.failures(name).len()) {
+                        ([], 0) => return Ok(None),
+                        ([ConsoleEnd::GuestGone], 0) => dead.push(name.clone()),
+                        _ => return Err(format!("{name} ended or failed to attach")),
+                    }
+                }
+                Ok(Some(dead))
+            });
+            if dead.is_empty() {
+                return;
+            }
+            for name in &dead {
+                eprintln!("{name} disappeared before its banner; booting it again");
+                self.forget(name);
+            }
+            boot(&dead);
+        }
+        self.wait_banners(names, None);
+    }
+
+    /// Drops what console `name` reported.
+    fn forget(&mut self, name: &str) {
+        self.output.remove(name);
+        self.log.retain(|h| h.name() != name);
     }
 
     /// Waits for the banner of every console in `names` (printed after `marks`, if
