@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use support::consoles::{example_binary, testbed};
+use support::consoles::{example_binary, live_processes_mentioning, testbed, Proc};
 use support::daemon::PrivateDaemon;
 use virt::connect::Connect;
 use virt_reactor::testbed::{GuestMode, Guests, Testbed, BANNER};
@@ -1038,22 +1038,13 @@ fn a_restarted_daemon_gets_its_consoles_back_while_the_other_host_carries_on() {
 /// SIGKILLs the QEMU process of guest `name` of `daemon`.
 fn kill_guest(daemon: &PrivateDaemon, name: &str) {
     let needle = format!("guest={name},");
-    let root = daemon.root().display().to_string();
-    let pids: Vec<i32> = fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|pid: &i32| {
-            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            cmdline.contains(&needle) && cmdline.contains(&root)
-        })
+    let qemus: Vec<Proc> = live_processes_mentioning(&daemon.root().display().to_string())
+        .into_iter()
+        .filter(|p| p.cmdline().contains(&needle))
         .collect();
-    assert_eq!(pids.len(), 1, "QEMU of {name}: {pids:?}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pids[0]),
-        nix::sys::signal::SIGKILL,
-    )
-    .expect("kill QEMU");
+    assert_eq!(qemus.len(), 1, "QEMU of {name}: {qemus:?}");
+    let pid = nix::unistd::Pid::from_raw(qemus[0].pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL).expect("kill QEMU");
 }
 
 /// The web page in headless Chromium: it lists the console, opens it in the
