@@ -422,7 +422,7 @@ impl<S: 'static> Shared<S> {
             return; // a connection lost meanwhile
         }
         if let Err(e) = outcome {
-            log::error!("{}: {e}", self.options.uri);
+            log::error!("{}: lifecycle events refused: {e}", self.options.uri);
         }
         state.registering -= 1;
         if state.registering == 0 {

@@ -565,13 +565,11 @@ impl<S: 'static> Reactor<S> {
         state: &mut S,
     ) {
         self.daemon_calls -= 1;
-        let waiter = self.awaiting_registration.remove(&id);
-        let outcome = match &result {
-            Ok(_) => Ok(()),
-            Err(e) => Err(Error::Service(format!("lifecycle events refused: {e}"))),
-        };
-        match (self.subscriptions.get_mut(&id), result) {
-            (Some(subscription), Ok(libvirt_id)) => subscription.libvirt_id = Some(libvirt_id),
+        let outcome = match (self.subscriptions.get_mut(&id), result) {
+            (Some(subscription), Ok(libvirt_id)) => {
+                subscription.libvirt_id = Some(libvirt_id);
+                Ok(())
+            }
             // Unsubscribed while the daemon was asked: undo the registration.
             (None, Ok(libvirt_id)) => {
                 let undone = self.deregister(Subscription {
@@ -583,6 +581,7 @@ impl<S: 'static> Reactor<S> {
                 if let Err(e) = undone {
                     log::warn!("lifecycle subscription {id}: {e}");
                 }
+                Ok(())
             }
             (subscription, Err(e)) => {
                 if subscription.is_some() {
@@ -590,9 +589,10 @@ impl<S: 'static> Reactor<S> {
                     self.subscriptions.remove(&id);
                 }
                 self.release_slot(connection_key(&conn), slot);
+                Err(e)
             }
-        }
-        if let Some(then) = waiter {
+        };
+        if let Some(then) = self.awaiting_registration.remove(&id) {
             then(self, state, outcome);
         }
     }
