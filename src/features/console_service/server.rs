@@ -391,7 +391,7 @@ impl Server {
         let mut attaching = 0;
         for (domain, _) in domains.iter().filter(|(_, &running)| running) {
             let key = self.hosts.key(host, domain);
-            if !self.consoles.contains_key(&key) && self.wanted(domain) {
+            if !self.consoles.contains_key(&key) && self.wanted(&key) {
                 self.attach(&key);
                 attaching += 1;
             }
