@@ -6,7 +6,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 /// How a console's log is kept.
 #[derive(Clone, Debug)]
@@ -24,6 +24,8 @@ pub struct LogOptions {
 /// Bytes held in memory while the log cannot be written (disk full, directory
 /// gone); beyond them bytes are counted as lost.
 const HOLD_MAX: usize = 16 << 20;
+/// How long a reopen asked for mid-line waits for the line's end.
+const REOPEN_WAIT: Duration = Duration::from_secs(1);
 
 /// One console's log: `DIR/NAME.log`, rotated and timestamped as [`LogOptions`]
 /// say. Writes are plain file writes on the caller's thread.
@@ -37,6 +39,9 @@ pub struct ConsoleLog {
     /// Bytes of the current line so far, timestamp included.
     line: u64,
     at_line_start: bool,
+    /// A reopen asked for mid-line, and since when: it happens at the line's end,
+    /// so that neither file holds a broken line.
+    reopen_asked: Option<Instant>,
     /// Output not yet taken by the file: the chunk being written (one write per
     /// chunk, not per line), or more while the file cannot be written.
     held: Vec<u8>,
@@ -67,6 +72,7 @@ impl ConsoleLog {
             size,
             line: 0,
             at_line_start: true,
+            reopen_asked: None,
             held: Vec::new(),
             rotations: 0,
             written: 0,
@@ -89,6 +95,13 @@ impl ConsoleLog {
     /// full. A line longer than the whole limit is cut where it reaches it.
     pub fn write(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
+            // A line that does not end (a prompt) holds the reopen back only so long.
+            if self
+                .reopen_asked
+                .is_some_and(|at| self.at_line_start || at.elapsed() >= REOPEN_WAIT)
+            {
+                self.open_again();
+            }
             if self.at_line_start && self.options.timestamps {
                 let before = self.held.len();
                 let now = humantime::format_rfc3339_millis(SystemTime::now());
@@ -119,8 +132,19 @@ impl ConsoleLog {
         self.flush_held();
     }
 
-    /// Closes and opens the file again (after an outside rotation moved it).
+    /// Closes and opens the file again (after an outside rotation moved it): now
+    /// at a line start, else once the current line has ended.
     pub fn reopen(&mut self) {
+        if self.at_line_start {
+            self.open_again();
+        } else {
+            self.reopen_asked = Some(Instant::now());
+        }
+    }
+
+    fn open_again(&mut self) {
+        self.reopen_asked = None;
+        self.flush_held(); // the end of the line goes where its start went
         self.file = None;
         match open_append(&self.path).and_then(|f| Ok((f.metadata()?.len(), f))) {
             Ok((size, file)) => {
@@ -150,7 +174,7 @@ impl ConsoleLog {
         }
         self.rotations += 1;
         self.size = 0;
-        self.reopen();
+        self.open_again();
     }
 
     fn put(&mut self, bytes: &[u8]) {
@@ -293,6 +317,24 @@ mod tests {
         log.write(b"after\n");
         assert_eq!(read(dir.path(), "moved"), "before\n");
         assert_eq!(read(dir.path(), "g.log"), "after\n");
+    }
+
+    #[test]
+    fn a_reopen_mid_line_waits_for_the_line_to_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = options(dir.path(), 1 << 20, 1);
+        opts.timestamps = true;
+        let mut log = ConsoleLog::open("g", &opts).unwrap();
+        log.write(b"one\r");
+        fs::rename(dir.path().join("g.log"), dir.path().join("moved")).unwrap();
+        log.reopen();
+        log.write(b"\ntwo\r\n");
+        for (file, line) in [("moved", "one"), ("g.log", "two")] {
+            let text = read(dir.path(), file);
+            assert!(text.starts_with("[20"), "{file}: {text:?}");
+            assert!(text.ends_with(&format!("] {line}\r\n")), "{file}: {text:?}");
+            assert_eq!(text.lines().count(), 1, "{file}: {text:?}");
+        }
     }
 
     #[test]
