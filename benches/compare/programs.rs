@@ -65,6 +65,9 @@ const SIDES: [Side; 5] = [
     Side::LibraryDefault,
 ];
 
+/// Each side's runs of a case, each run's figures by name.
+type SideRuns = HashMap<Side, Vec<HashMap<String, f64>>>;
+
 /// The tables: each sets one side against another, over the same runs.
 const TABLES: [(&str, Side, Side); 4] = [
     (VOL_AGAINST_C, Side::Vol, Side::C),
@@ -177,14 +180,14 @@ pub(crate) fn scenario10(opts: &Opts, env: &Env, results: &mut Results) {
         streams,
         stdout: false,
     }));
-    let mut measured: Vec<(String, HashMap<Side, Vec<HashMap<String, f64>>>)> = Vec::new();
+    let mut measured: Vec<(String, SideRuns)> = Vec::new();
     for case in cases {
         let label = case.label();
         if !crate::wanted(&label) {
             continue;
         }
         let started = Instant::now();
-        let mut runs: HashMap<Side, Vec<HashMap<String, f64>>> = HashMap::new();
+        let mut runs = SideRuns::new();
         for run in 0..opts.runs {
             let mut order = SIDES.to_vec();
             order.rotate_left(run % SIDES.len());
