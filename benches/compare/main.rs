@@ -305,39 +305,44 @@ fn machine(libvirt: &str, load_before: &str) -> String {
 
 static PROFILED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// What every child runs behind, if anything: `COMPARE_PERF=DIR` profiles each
+/// with `perf record -g` into DIR; `COMPARE_WRAP='CMD ARGS'` runs each behind CMD
+/// (split on spaces), each `{}` replaced by a file name of its own, e.g. for a perf
+/// stat or strace -c: `COMPARE_WRAP='strace -f -c -o /tmp/s/{}.txt'`. `name` starts
+/// the file names.
+pub(crate) fn wrapper(name: &str) -> Vec<std::ffi::OsString> {
+    let n = PROFILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(dir) = env::var_os("COMPARE_PERF") {
+        let file = PathBuf::from(dir).join(format!("{name}-{n}.perf"));
+        return ["perf", "record", "-q", "-F", "1999", "-g", "-o"]
+            .map(Into::into)
+            .into_iter()
+            .chain([file.into(), "--".into()])
+            .collect();
+    }
+    env::var("COMPARE_WRAP")
+        .map(|wrap| {
+            let file = format!("{name}-{n}");
+            wrap.split_whitespace()
+                .map(|word| word.replace("{}", &file).into())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Runs one child and returns its figures.
 pub(crate) fn run_child(
     kind: Loop,
     scenario: &str,
     args: &[String],
 ) -> Result<HashMap<String, f64>, String> {
-    // COMPARE_PERF=DIR profiles every child: perf record -g into DIR.
-    let wrapper: Vec<std::ffi::OsString> = match env::var_os("COMPARE_PERF") {
-        Some(dir) => {
-            let n = PROFILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let file = PathBuf::from(dir).join(format!("{scenario}-{}-{n}.perf", kind.name()));
-            ["perf", "record", "-q", "-F", "1999", "-g", "-o"]
-                .map(Into::into)
-                .into_iter()
-                .chain([file.into(), "--".into()])
-                .collect()
-        }
-        // COMPARE_WRAP='CMD ARGS' runs every child behind CMD (split on spaces), each
-        // `{}` replaced by a file name of its own, e.g. for a perf stat or strace -c:
-        // COMPARE_WRAP='strace -f -c -o /tmp/s/{}.txt'.
-        None if PERF_STAT.load(std::sync::atomic::Ordering::Relaxed) && scenario == "transfer" => {
-            return run_child_perf_stat(kind, scenario, args);
-        }
-        None => env::var("COMPARE_WRAP")
-            .map(|wrap| {
-                let n = PROFILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let file = format!("{scenario}-{}-{n}", kind.name());
-                wrap.split_whitespace()
-                    .map(|word| word.replace("{}", &file).into())
-                    .collect()
-            })
-            .unwrap_or_default(),
-    };
+    if PERF_STAT.load(std::sync::atomic::Ordering::Relaxed)
+        && scenario == "transfer"
+        && env::var_os("COMPARE_PERF").is_none()
+    {
+        return run_child_perf_stat(kind, scenario, args);
+    }
+    let wrapper = wrapper(&format!("{scenario}-{}", kind.name()));
     run_child_in(&wrapper, &[], kind, scenario, args)
 }
 

@@ -338,6 +338,24 @@ fn commands(side: Side, case: Case, layout: &Layout, env: &Env) -> Vec<Command> 
     }
 }
 
+/// `command` behind the bench's wrapper (`COMPARE_PERF`, `COMPARE_WRAP`), if any.
+fn wrapped(command: Command, side: Side, case: Case) -> Command {
+    let tag: String = format!("programs-{side:?}-{}", case.label())
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    let wrapper = crate::wrapper(&tag);
+    let Some((program, args)) = wrapper.split_first() else {
+        return command;
+    };
+    let mut outer = Command::new(program);
+    outer
+        .args(args)
+        .arg(command.get_program())
+        .args(command.get_args());
+    outer
+}
+
 /// `vol` and `vol_c` sit where scripts/bench.sh builds them.
 fn tool(name: &str) -> PathBuf {
     let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release");
@@ -366,7 +384,8 @@ fn run_side(
         .and_then(|&pid| sys::process_cpu_time(pid));
     let started = Instant::now();
     let mut children = Vec::new();
-    for mut command in commands(side, case, layout, env) {
+    for command in commands(side, case, layout, env) {
+        let mut command = wrapped(command, side, case);
         command
             .stdin(Stdio::null())
             .stdout(if case.stdout {
