@@ -293,7 +293,6 @@ impl LaneStream {
     /// Queues all of `data` without copying it, taking the buffer (`data` is left
     /// empty), when it is at most one packet and fits whole; false, with nothing
     /// taken, when it does not (then [`send`](Self::send) takes what fits).
-    #[cfg(feature = "tokio")] // the async streams are its only users
     pub(crate) fn send_owned(&self, data: &mut Vec<u8>) -> io::Result<bool> {
         let mut state = self.lane.shared.lock();
         let queue = self.queue(&mut state)?;
@@ -311,7 +310,6 @@ impl LaneStream {
     /// freeing it: a producer that queues owned buffers ([`send_owned`](Self::send_owned))
     /// can then reuse them rather than allocate fresh memory (and fault its pages in)
     /// for each packet.
-    #[cfg(feature = "tokio")] // the async streams are its only users
     pub(crate) fn set_recycle(&self, recycle: Recycle) {
         if let Some(queue) = self.lane.shared.lock().queues.get_mut(&self.id) {
             queue.recycle = Some(recycle);

@@ -12,14 +12,19 @@
 use std::fmt;
 use std::io;
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use super::handler::{Flow, StreamCtx, StreamEnd, StreamHandler};
 use super::stream::{Received, Stream};
 use crate::vocab::error::Error;
 use crate::vocab::interest::{Interest, Readiness};
+use crate::vocab::sync::lock;
 
 /// libvirt's largest stream packet; bigger sends are split anyway.
 const CHUNK: usize = 256 * 1024;
+
+/// Buffers a sending transfer keeps for reuse, at most (see `Direction::Send::spare`).
+const SPARE: usize = 2;
 
 /// Default bytes moved per readiness event: one packet.
 ///
@@ -134,6 +139,11 @@ enum Direction {
         /// Bytes of `buf` read from the source but not yet taken by the stream (a
         /// local stream may take a send in parts).
         unsent: Range<usize>,
+        /// Buffers a remote stream's sender thread gave back once it sent them:
+        /// the next reads go into them, so an upload neither copies each packet
+        /// again nor allocates (and faults in) a fresh one. `None` until the first
+        /// send, which lends them out if the stream has a sender thread.
+        spare: Option<Arc<Mutex<Vec<Vec<u8>>>>>,
     },
 }
 
@@ -221,6 +231,7 @@ impl<S> Transfer<S> {
             sparse,
             section_left: 0,
             unsent: 0..0,
+            spare: None,
         })
     }
 
@@ -304,10 +315,12 @@ impl<S> Transfer<S> {
             sparse,
             section_left,
             unsent,
+            spare,
         } = &mut self.direction
         else {
             unreachable!("send on a receive transfer");
         };
+        let spare = spare.get_or_insert_with(|| lend_buffers(stream));
         let mut moved = 0;
         while moved < self.budget {
             if unsent.start < unsent.end {
@@ -322,7 +335,7 @@ impl<S> Transfer<S> {
                     Err(e) => return Err(e),
                 }
             }
-            let mut want = self.buf.len();
+            let mut want = CHUNK;
             if *sparse {
                 if *section_left == 0 {
                     let (in_data, length) = source.section()?;
@@ -340,6 +353,12 @@ impl<S> Transfer<S> {
                 }
                 want = want.min(usize::try_from(*section_left).unwrap_or(usize::MAX));
             }
+            // The buffer handed over last time was replaced only now, so that a
+            // stream keeps no idle packet besides those its sender thread holds.
+            if self.buf.is_empty() {
+                self.buf = lock(spare).pop().unwrap_or_default();
+            }
+            self.buf.resize(CHUNK, 0);
             let n = source.read(&mut self.buf[..want])?;
             if n == 0 {
                 return Ok(Flow::Finish);
@@ -347,10 +366,35 @@ impl<S> Transfer<S> {
             if *sparse {
                 *section_left -= n as u64;
             }
-            *unsent = 0..n;
+            // A remote stream's sender thread takes the buffer itself when it has
+            // room for all of it; otherwise the bytes are written (copied) above.
+            self.buf.truncate(n);
+            if stream.write_owned(&mut self.buf)? {
+                self.stats.data_bytes += n as u64;
+                moved += n;
+            } else {
+                *unsent = 0..n;
+            }
         }
         Ok(Flow::Continue)
     }
+}
+
+/// The buffers `stream`'s sender thread (if it has one) gives back once sent.
+fn lend_buffers(stream: &Stream) -> Arc<Mutex<Vec<Vec<u8>>>> {
+    let spare = Arc::new(Mutex::new(Vec::new()));
+    if let Some(lane) = stream.lane() {
+        let back = Arc::downgrade(&spare);
+        lane.set_recycle(Arc::new(move |buf: Vec<u8>| {
+            if let Some(back) = back.upgrade() {
+                let mut spare = lock(&back);
+                if spare.len() < SPARE && buf.capacity() >= CHUNK {
+                    spare.push(buf);
+                }
+            }
+        }));
+    }
+    spare
 }
 
 impl<S> Transfer<S> {
