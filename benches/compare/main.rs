@@ -684,21 +684,11 @@ pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
             }
             match figures {
                 Ok(figures) => runs[kind as usize].push(figures),
-                Err(e) => {
-                    eprintln!(
-                        "compare: {} {} run {run} FAILED: {e}",
-                        case.label,
-                        kind.name()
-                    );
-                    results.note(format!(
-                        "**Failed run:** {} / {} / {}, run {}: {}",
-                        case.scenario,
-                        case.label,
-                        kind.name(),
-                        run + 1,
-                        e.lines().next().unwrap_or("")
-                    ));
-                }
+                Err(e) => results.failed_run(
+                    &format!("{} / {} / {}", case.scenario, case.label, kind.name()),
+                    run,
+                    &e,
+                ),
             }
         }
     }

@@ -326,14 +326,7 @@ fn alternate(
         for k in order {
             match side(k) {
                 Ok(figures) => sides[k].push(figures),
-                Err(e) => {
-                    eprintln!("compare: {scenario} run {run} FAILED: {e}");
-                    results.note(format!(
-                        "**Failed run:** {scenario}, run {}: {}",
-                        run + 1,
-                        e.lines().next().unwrap_or("")
-                    ));
-                }
+                Err(e) => results.failed_run(scenario, run, &e),
             }
         }
     }

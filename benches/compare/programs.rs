@@ -195,12 +195,7 @@ pub(crate) fn scenario10(opts: &Opts, env: &Env, results: &mut Results) {
                 match run_side(side, case, &layout, env) {
                     Ok(figures) => runs.entry(side).or_default().push(figures),
                     Err(e) => {
-                        eprintln!("compare: {label} {side:?} run {run} FAILED: {e}");
-                        results.note(format!(
-                            "**Failed run:** scenario 10 / {label} / {side:?}, run {}: {}",
-                            run + 1,
-                            e.lines().next().unwrap_or("")
-                        ));
+                        results.failed_run(&format!("scenario 10 / {label} / {side:?}"), run, &e);
                     }
                 }
             }

@@ -144,6 +144,17 @@ impl Results {
         }
     }
 
+    /// A run that failed: said on stderr now, and noted under the tables (its first
+    /// line). `what` names it: scenario, case, side.
+    pub(crate) fn failed_run(&mut self, what: &str, run: usize, error: &str) {
+        eprintln!("compare: {what}, run {} FAILED: {error}", run + 1);
+        self.note(format!(
+            "**Failed run:** {what}, run {}: {}",
+            run + 1,
+            error.lines().next().unwrap_or("")
+        ));
+    }
+
     pub(crate) fn note(&mut self, note: String) {
         self.notes.push(note);
     }

@@ -188,16 +188,11 @@ pub(crate) fn scenario6(opts: &Opts, env: &mut Env, results: &mut Results) {
                         runs[side as usize].push(figures);
                     }
                     Err(e) => {
-                        eprintln!(
-                            "compare: {SCENARIO} {label} {} run {run} FAILED: {e}",
-                            side.name()
+                        results.failed_run(
+                            &format!("{SCENARIO} / {label} / {}", side.name()),
+                            run,
+                            &e,
                         );
-                        results.note(format!(
-                            "**Failed run:** {SCENARIO} / {label} / {}, run {}: {}",
-                            side.name(),
-                            run + 1,
-                            e.lines().next().unwrap_or("")
-                        ));
                     }
                 }
             }
