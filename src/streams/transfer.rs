@@ -21,13 +21,23 @@ use crate::vocab::interest::{Interest, Readiness};
 /// libvirt's largest stream packet; bigger sends are split anyway.
 const CHUNK: usize = 256 * 1024;
 
-/// Default bytes moved per readiness event: one packet.
+/// Default bytes a sending transfer moves per readiness event: one packet.
 ///
 /// A remote send blocks until its packet is on the socket, so the budget is how long
 /// one upload may hold the loop from everything else. With 1 MiB (four packets) a
 /// console beside a 1 GiB upload waited about 14 ms per echo here; with one packet,
 /// about 3 ms, and the upload itself ran no slower (`docs/benchmarks.md`, scenario 4).
 pub const DEFAULT_BUDGET: usize = 256 * 1024;
+
+/// Default bytes a receiving transfer takes per readiness event: eight packets.
+///
+/// A receive never waits for the daemon: it takes packets libvirt's client already
+/// holds. That client reads its socket dry whenever it reads (in any blocking call,
+/// too) and queues every packet in memory, without limit, until the stream's reader
+/// takes it. One packet per event drains such a backlog no faster than it refills;
+/// eight do, and hold the loop for about as long as writing 2 MiB takes
+/// (`docs/benchmarks.md`, "Memory of active streams").
+pub const DEFAULT_RECEIVE_BUDGET: usize = 8 * CHUNK;
 
 /// What a transfer has moved so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -225,10 +235,14 @@ impl<S> Transfer<S> {
     }
 
     fn new(direction: Direction) -> Transfer<S> {
+        let budget = match direction {
+            Direction::Recv { .. } => DEFAULT_RECEIVE_BUDGET,
+            Direction::Send { .. } => DEFAULT_BUDGET,
+        };
         Transfer {
             direction,
             buf: vec![0; CHUNK],
-            budget: DEFAULT_BUDGET,
+            budget,
             stats: TransferStats::default(),
             progress: None,
             on_end: None,
@@ -243,7 +257,8 @@ impl<S> Transfer<S> {
         }
     }
 
-    /// Bytes moved per readiness event at most (default [`DEFAULT_BUDGET`]).
+    /// Bytes moved per readiness event at most (default [`DEFAULT_BUDGET`] for a
+    /// send, [`DEFAULT_RECEIVE_BUDGET`] for a receive).
     pub fn budget(mut self, bytes: usize) -> Transfer<S> {
         self.budget = bytes.max(1);
         self
