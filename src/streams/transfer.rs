@@ -9,6 +9,7 @@
 //! Sys::Virt::Stream: `sparse_send_all($handler, $hole_handler, $skip_handler)` and
 //! `sparse_recv_all($handler, $hole_handler)`.
 
+use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::ops::Range;
@@ -141,17 +142,25 @@ enum Direction {
         sparse: bool,
         /// Data bytes left in the current data section (sparse sends).
         section_left: u64,
-        /// Bytes of `buf` read from the source but not yet taken by the stream (a
-        /// local stream may take a send in parts).
+        /// What was read from the source: a send may not take all of it (a local
+        /// stream takes parts), so each sending transfer has a buffer of its own.
+        buf: Vec<u8>,
+        /// Bytes of `buf` read from the source but not yet taken by the stream.
         unsent: Range<usize>,
     },
+}
+
+thread_local! {
+    /// Where receives land: a receive hands its bytes to the sink at once, so the
+    /// receiving transfers of one loop thread share one buffer rather than holding
+    /// a packet's worth each.
+    static RECEIVED: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
 }
 
 /// A whole-stream transfer, driven by the reactor; its progress and end callbacks
 /// get the application's state `S`.
 pub struct Transfer<S> {
     direction: Direction,
-    buf: Vec<u8>,
     budget: usize,
     stats: TransferStats,
     progress: Option<Progress<S>>,
@@ -230,6 +239,7 @@ impl<S> Transfer<S> {
             source: Box::new(source),
             sparse,
             section_left: 0,
+            buf: vec![0; CHUNK],
             unsent: 0..0,
         })
     }
@@ -241,7 +251,6 @@ impl<S> Transfer<S> {
         };
         Transfer {
             direction,
-            buf: vec![0; CHUNK],
             budget,
             stats: TransferStats::default(),
             progress: None,
@@ -284,20 +293,29 @@ impl<S> Transfer<S> {
     }
 
     fn receive_from(&mut self, stream: &mut Stream) -> io::Result<Flow> {
+        // Taken, not borrowed: a sink that runs another receive gets a new buffer.
+        let mut buf = RECEIVED.take();
+        buf.resize(CHUNK, 0);
+        let flow = self.receive_into(stream, &mut buf);
+        RECEIVED.set(buf);
+        flow
+    }
+
+    fn receive_into(&mut self, stream: &mut Stream, buf: &mut [u8]) -> io::Result<Flow> {
         let Direction::Recv { sink, sparse } = &mut self.direction else {
             unreachable!("receive on a send transfer");
         };
         let mut moved = 0;
         while moved < self.budget {
             let got = if *sparse {
-                stream.read_sparse(&mut self.buf)
+                stream.read_sparse(buf)
             } else {
-                io::Read::read(stream, &mut self.buf).map(Received::Data)
+                io::Read::read(stream, buf).map(Received::Data)
             };
             match got {
                 Ok(Received::Data(0)) => return Ok(Flow::Finish),
                 Ok(Received::Data(n)) => {
-                    sink.data(&self.buf[..n])?;
+                    sink.data(&buf[..n])?;
                     self.stats.data_bytes += n as u64;
                     moved += n;
                 }
@@ -318,6 +336,7 @@ impl<S> Transfer<S> {
             source,
             sparse,
             section_left,
+            buf,
             unsent,
         } = &mut self.direction
         else {
@@ -326,7 +345,7 @@ impl<S> Transfer<S> {
         let mut moved = 0;
         while moved < self.budget {
             if unsent.start < unsent.end {
-                match io::Write::write(stream, &self.buf[unsent.clone()]) {
+                match io::Write::write(stream, &buf[unsent.clone()]) {
                     Ok(n) => {
                         unsent.start += n;
                         self.stats.data_bytes += n as u64;
@@ -337,7 +356,7 @@ impl<S> Transfer<S> {
                     Err(e) => return Err(e),
                 }
             }
-            let mut want = self.buf.len();
+            let mut want = buf.len();
             if *sparse {
                 if *section_left == 0 {
                     let (in_data, length) = source.section()?;
@@ -355,7 +374,7 @@ impl<S> Transfer<S> {
                 }
                 want = want.min(usize::try_from(*section_left).unwrap_or(usize::MAX));
             }
-            let n = source.read(&mut self.buf[..want])?;
+            let n = source.read(&mut buf[..want])?;
             if n == 0 {
                 return Ok(Flow::Finish);
             }
