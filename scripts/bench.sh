@@ -7,6 +7,7 @@
 #   bash scripts/bench.sh --only s2,s5 --runs 3
 #   bash scripts/bench.sh --only s6 --service-guests 8,24,48   # console service vs conserver
 #   bash scripts/bench.sh --only s7 --runs 5   # consoles on 3 hosts (network namespaces) vs 1, hosts 1 and 3 while host 2 restarts, reconnects
+#   bash scripts/bench.sh --only s10 --runs 5  # whole programs: vol, a C client, virsh, the library on both loops; N=1,16,64
 #   # The async path against the mio path (docs/benchmarks.md, "Async path"): client
 #   # CPU per GiB, and the counts that do not depend on the machine's load: syscalls,
 #   # context switches and page faults of the measured part (perf stat, --perf-stat),
@@ -63,6 +64,9 @@ if command -v valgrind >/dev/null; then
 fi
 
 cargo build --release --quiet --features console-service --bin virt-consoled
+# Scenario 10's programs: vol, and the C client it is set against.
+cargo build --release --quiet --example vol
+cc -O2 -Wall -o target/release/vol_c benches/c/vol_c.c $(pkg-config --cflags --libs libvirt)
 
 out=${BENCH_OUT:-target/bench}
 mkdir -p "$out"

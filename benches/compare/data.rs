@@ -84,6 +84,43 @@ pub(crate) fn check(offset: u64, buf: &[u8]) -> bool {
         .all(|(i, &b)| b == byte(tail_offset + i as u64))
 }
 
+/// Writes the bytes at `base..base + len` into `file` from its start.
+pub(crate) fn write_file(file: &std::fs::File, base: u64, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; (4 << 20).min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        fill(base + done, &mut buf[..n]);
+        file.write_all_at(&buf[..n], done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Checks that the file at `path` starts with the bytes at `base..base + len`.
+pub(crate) fn check_file(path: &std::path::Path, base: u64, len: u64) -> Result<(), String> {
+    use std::io::Read;
+    let fail = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut file = std::fs::File::open(path).map_err(fail)?;
+    let mut buf = vec![0u8; (4 << 20).min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        file.read_exact(&mut buf[..n]).map_err(fail)?;
+        if !check(base + done, &buf[..n]) {
+            return Err(format!(
+                "{}: wrong bytes in {}..{}",
+                path.display(),
+                done,
+                done + n as u64
+            ));
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

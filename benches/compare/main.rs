@@ -47,6 +47,7 @@ mod hosts;
 mod loops;
 mod memory;
 mod multihost;
+mod programs;
 mod report;
 mod service;
 mod setup;
@@ -71,7 +72,7 @@ static ALLOC: sys::Counting = sys::Counting;
 
 const MIB: u64 = 1 << 20;
 /// The longest any one child may run.
-const CHILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+pub(crate) const CHILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Which loop a child runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,6 +258,11 @@ fn child(args: &[String]) {
         "busy" => loops::busy(&params),
         "console" => consoles::latency(&params),
         "memory" => memory::measure(&params),
+        // Its standard output may carry a download's bytes: no figures there.
+        "program" => {
+            programs::library(&params);
+            return;
+        }
         other => panic!("unknown scenario {other:?}"),
     };
     println!("FIGURES");
@@ -299,39 +305,44 @@ fn machine(libvirt: &str, load_before: &str) -> String {
 
 static PROFILED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// What every child runs behind, if anything: `COMPARE_PERF=DIR` profiles each
+/// with `perf record -g` into DIR; `COMPARE_WRAP='CMD ARGS'` runs each behind CMD
+/// (split on spaces), each `{}` replaced by a file name of its own, e.g. for a perf
+/// stat or strace -c: `COMPARE_WRAP='strace -f -c -o /tmp/s/{}.txt'`. `name` starts
+/// the file names.
+pub(crate) fn wrapper(name: &str) -> Vec<std::ffi::OsString> {
+    let n = PROFILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(dir) = env::var_os("COMPARE_PERF") {
+        let file = PathBuf::from(dir).join(format!("{name}-{n}.perf"));
+        return ["perf", "record", "-q", "-F", "1999", "-g", "-o"]
+            .map(Into::into)
+            .into_iter()
+            .chain([file.into(), "--".into()])
+            .collect();
+    }
+    env::var("COMPARE_WRAP")
+        .map(|wrap| {
+            let file = format!("{name}-{n}");
+            wrap.split_whitespace()
+                .map(|word| word.replace("{}", &file).into())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Runs one child and returns its figures.
 pub(crate) fn run_child(
     kind: Loop,
     scenario: &str,
     args: &[String],
 ) -> Result<HashMap<String, f64>, String> {
-    // COMPARE_PERF=DIR profiles every child: perf record -g into DIR.
-    let wrapper: Vec<std::ffi::OsString> = match env::var_os("COMPARE_PERF") {
-        Some(dir) => {
-            let n = PROFILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let file = PathBuf::from(dir).join(format!("{scenario}-{}-{n}.perf", kind.name()));
-            ["perf", "record", "-q", "-F", "1999", "-g", "-o"]
-                .map(Into::into)
-                .into_iter()
-                .chain([file.into(), "--".into()])
-                .collect()
-        }
-        // COMPARE_WRAP='CMD ARGS' runs every child behind CMD (split on spaces), each
-        // `{}` replaced by a file name of its own, e.g. for a perf stat or strace -c:
-        // COMPARE_WRAP='strace -f -c -o /tmp/s/{}.txt'.
-        None if PERF_STAT.load(std::sync::atomic::Ordering::Relaxed) && scenario == "transfer" => {
-            return run_child_perf_stat(kind, scenario, args);
-        }
-        None => env::var("COMPARE_WRAP")
-            .map(|wrap| {
-                let n = PROFILED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let file = format!("{scenario}-{}-{n}", kind.name());
-                wrap.split_whitespace()
-                    .map(|word| word.replace("{}", &file).into())
-                    .collect()
-            })
-            .unwrap_or_default(),
-    };
+    if PERF_STAT.load(std::sync::atomic::Ordering::Relaxed)
+        && scenario == "transfer"
+        && env::var_os("COMPARE_PERF").is_none()
+    {
+        return run_child_perf_stat(kind, scenario, args);
+    }
+    let wrapper = wrapper(&format!("{scenario}-{}", kind.name()));
     run_child_in(&wrapper, &[], kind, scenario, args)
 }
 
@@ -618,18 +629,22 @@ fn callgrind_bulk(file: &std::path::Path) -> Result<f64, String> {
     Ok(bulk)
 }
 
+/// Whether `--filter` takes the case labelled `label`: its text anywhere in the
+/// label, or with a trailing `$`, at the label's end ("N=1$" takes N=1, not N=16).
+pub(crate) fn wanted(label: &str) -> bool {
+    match FILTER.get().and_then(Option::as_ref) {
+        None => true,
+        Some(filter) => match filter.strip_suffix('$') {
+            Some(end) => label.ends_with(end),
+            None => label.contains(filter.as_str()),
+        },
+    }
+}
+
 /// Runs a case and adds its rows to `results`.
 pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
-    if let Some(filter) = FILTER.get().and_then(Option::as_ref) {
-        // A trailing `$` anchors the filter at the label's end: "N=1$" takes N=1,
-        // not N=16.
-        let wanted = match filter.strip_suffix('$') {
-            Some(end) => case.label.ends_with(end),
-            None => case.label.contains(filter.as_str()),
-        };
-        if !wanted {
-            return;
-        }
+    if !wanted(&case.label) {
+        return;
     }
     let mut runs: [Vec<HashMap<String, f64>>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     let mut instructions: [Vec<(f64, f64)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
@@ -756,7 +771,9 @@ fn parent(opts: &Opts) {
     // guests, daemon and pool (Env's Drop).
     let _ = ctrlc::set_handler(|| eprintln!("compare: interrupted; cleaning up"));
     let load_before = loadavg();
-    let needs_daemon = ["s1", "s3", "s4", "s5", "s6"].iter().any(|s| opts.wants(s));
+    let needs_daemon = ["s1", "s3", "s4", "s5", "s6", "s10"]
+        .iter()
+        .any(|s| opts.wants(s));
     let mut env = needs_daemon.then(|| Env::start(opts));
     eprintln!(
         "compare: {} CPUs, load {}, runs {}",
@@ -797,6 +814,10 @@ fn parent(opts: &Opts) {
     }
     if opts.wants("s7") {
         multihost::scenario7(opts, &mut results);
+        partial(&results);
+    }
+    if opts.wants("s10") {
+        programs::scenario10(opts, env.as_ref().expect("daemon"), &mut results);
     }
     let libvirt = env
         .as_ref()

@@ -37,6 +37,8 @@ type Series = (String, &'static str, bool, Vec<(f64, (f64, f64, f64))>);
 pub(crate) struct Results {
     rows: Vec<Row>,
     notes: Vec<String>,
+    /// Targets a scenario judged itself (see `target`).
+    targets: Vec<(String, String, Option<bool>)>,
 }
 
 /// (median, min, max); NaN for no values.
@@ -91,6 +93,12 @@ fn columns(scenario: &str) -> (&'static str, &'static str, &'static str) {
         ("churn", "steady", "churn/steady")
     } else if scenario == crate::multihost::RECONNECT {
         ("supervisor", "–", "–")
+    } else if scenario == crate::programs::VOL_AGAINST_C {
+        ("vol", "C client", "vol/C")
+    } else if scenario == crate::programs::VIRSH_AGAINST_C {
+        ("virsh", "C client", "virsh/C")
+    } else if scenario == crate::programs::LIBRARY_AGAINST_C {
+        ("library, our loop", "C client", "library/C")
     } else {
         ("ours", "default", "ours/default")
     }
@@ -140,11 +148,35 @@ impl Results {
         self.notes.push(note);
     }
 
+    /// A target, the figures it was judged on, and whether it was met.
+    pub(crate) fn target(&mut self, what: String, figures: String, met: Option<bool>) {
+        self.targets.push((what, figures, met));
+    }
+
+    /// The median of one figure of one side in one scenario's table.
+    pub(crate) fn median_in(
+        &self,
+        scenario: &str,
+        case: &str,
+        key: &str,
+        ours: bool,
+    ) -> Option<f64> {
+        self.median_of(
+            |r| r.scenario == scenario && r.case == case && r.figure.key == key,
+            ours,
+        )
+    }
+
     /// The median of one figure for one loop.
     pub(crate) fn median(&self, case: &str, key: &str, ours: bool) -> Option<f64> {
+        self.median_of(|r| r.case == case && r.figure.key == key, ours)
+    }
+
+    /// The median of one side of the first row `wanted` picks.
+    fn median_of(&self, wanted: impl Fn(&Row) -> bool, ours: bool) -> Option<f64> {
         self.rows
             .iter()
-            .find(|r| r.case == case && r.figure.key == key)
+            .find(|r| wanted(r))
             .map(|r| summary(if ours { &r.ours } else { &r.default }).0)
             .filter(|m| !m.is_nan())
     }
@@ -409,6 +441,7 @@ impl Results {
                 ));
             }
         }
+        t.extend(self.targets.iter().cloned());
         t
     }
 

@@ -4,9 +4,9 @@
 //! The parent opens its connection without any event implementation: it only makes
 //! blocking calls (pool, volumes, guests); the children do the streaming.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -84,7 +84,7 @@ impl Env {
         };
         let _ = crate::DAEMON_PID.set(env.daemon.pid());
         env.create_volume(SOURCE, source_size);
-        env.write_source();
+        env.fill_volume(SOURCE, 0, source_size);
         env.create_volume("idle", MIB);
         eprintln!(
             "compare: daemon {}, pool {} ready in {:.1} s",
@@ -109,20 +109,14 @@ impl Env {
         self.pool_dir.join(name)
     }
 
-    fn write_source(&self) {
+    /// Writes `data::fill(base, ..)` into the first `len` bytes of volume `name`.
+    pub(crate) fn fill_volume(&self, name: &str, base: u64, len: u64) {
         // Written by root into the daemon's file: it keeps its owner.
         let file = OpenOptions::new()
             .write(true)
-            .open(self.volume_path(SOURCE))
-            .expect("open the source volume");
-        let mut buf = vec![0u8; 4 * MIB as usize];
-        let mut offset = 0;
-        while offset < self.source_size {
-            data::fill(offset, &mut buf);
-            file.write_all_at(&buf, offset)
-                .expect("write the source volume");
-            offset += buf.len() as u64;
-        }
+            .open(self.volume_path(name))
+            .unwrap_or_else(|e| panic!("open volume {name}: {e}"));
+        data::write_file(&file, base, len).unwrap_or_else(|e| panic!("write volume {name}: {e}"));
     }
 
     /// Empties a volume's file (keeping its size): a failed upload cannot pass the
@@ -140,25 +134,7 @@ impl Env {
 
     /// Checks that volume `name` holds `data::fill(base, ..)` for `len` bytes.
     pub(crate) fn check_volume(&self, name: &str, base: u64, len: u64) -> Result<(), String> {
-        let path = self.volume_path(name);
-        let mut file = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut buf = vec![0u8; 4 * MIB as usize];
-        let mut done = 0;
-        while done < len {
-            let want = (len - done).min(buf.len() as u64) as usize;
-            file.read_exact(&mut buf[..want])
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            if !data::check(base + done, &buf[..want]) {
-                return Err(format!(
-                    "{}: wrong bytes in {}..{}",
-                    path.display(),
-                    done,
-                    done + want as u64
-                ));
-            }
-            done += want as u64;
-        }
-        Ok(())
+        data::check_file(&self.volume_path(name), base, len)
     }
 
     /// Boots testbed guests until `count` run (those booted before stay), and

@@ -260,3 +260,34 @@ pub(crate) fn inheritable_fifo(path: &std::path::Path) -> std::io::Result<std::f
     }
     Ok(file)
 }
+
+/// What `wait4` tells of a child that ended: whether it exited with status 0, and
+/// its own CPU time and peak RSS (KiB).
+pub(crate) struct Ended {
+    pub(crate) success: bool,
+    pub(crate) cpu: Duration,
+    pub(crate) max_rss_kib: u64,
+}
+
+/// Waits for our child `pid` (spawned, never waited for by `std`) and returns how it
+/// ended and what it used.
+pub(crate) fn wait_child(pid: u32) -> std::io::Result<Ended> {
+    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+    let mut status: libc::c_int = 0;
+    // SAFETY: an all-zero rusage is a valid value; wait4 writes only into `status`
+    // and `usage`, which live across the call.
+    let (rc, usage) = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        let rc = libc::wait4(pid, &mut status, 0, &mut usage);
+        (rc, usage)
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Ok(Ended {
+        success: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+        max_rss_kib: usage.ru_maxrss as u64,
+    })
+}

@@ -6,8 +6,8 @@
 //! and `virStreamAbort` also wait for the daemon's reply. Made on the loop thread,
 //! those calls would stall every other stream, and a frozen daemon would hang the
 //! whole process. So the reactor never makes them there: each stream of a remote
-//! connection queues its sends on its connection's lane, a bounded queue of
-//! [`CAPACITY`] bytes per stream. A full queue is `WouldBlock`; the lane's thread
+//! connection queues its sends on its connection's lane, a bounded queue per stream
+//! (see [`capacity`]). A full queue is `WouldBlock`; the lane's thread
 //! makes the blocking calls, one packet per stream per turn, and wakes the loop when
 //! room appears. Finish and abort go through the same queue, after the stream's
 //! data, and their result comes back to the reactor as a command.
@@ -45,8 +45,18 @@ use crate::vocab::sync::{lock, wait};
 /// libvirt's largest stream packet.
 pub(crate) const PACKET: usize = 256 * 1024;
 
-/// Bytes a stream may have queued on its lane: one packet being sent, one waiting.
-pub(crate) const CAPACITY: usize = 2 * PACKET;
+/// Bytes a stream may have queued on its lane, when `senders` streams of the lane
+/// send data. Alone, one packet being sent and one waiting, so that the lane does
+/// not idle while the loop refills; beside others, one packet, since the others'
+/// packets keep the lane busy meanwhile: an upload then holds one packet's memory,
+/// as a blocking sender would.
+pub(crate) fn capacity(senders: usize) -> usize {
+    if senders > 1 {
+        PACKET
+    } else {
+        2 * PACKET
+    }
+}
 
 /// How long the lane waits before retrying a send that libvirt refused with -2 (a
 /// stream that is not remote after all).
@@ -103,8 +113,23 @@ struct State {
     turns: VecDeque<u64>,
     next_id: u64,
     owners: usize,
+    /// Streams that have queued data (see `capacity`).
+    senders: usize,
     /// The thread decided to end (no owner, nothing queued): no reviving.
     exiting: bool,
+}
+
+impl State {
+    /// Counts stream `id` among the senders, and returns what it may have queued.
+    fn sender_capacity(&mut self, id: u64) -> usize {
+        if let Some(queue) = self.queues.get_mut(&id) {
+            if !queue.sender {
+                queue.sender = true;
+                self.senders += 1;
+            }
+        }
+        capacity(self.senders)
+    }
 }
 
 struct Queue {
@@ -117,6 +142,8 @@ struct Queue {
     queued: usize,
     /// A send found the queue full: wake the loop when room appears.
     starved: bool,
+    /// It has queued data: counted in `State::senders`.
+    sender: bool,
     /// A send failed; later sends are refused.
     failed: bool,
     /// An abort is queued: what is left of a packet in flight is dropped.
@@ -205,6 +232,7 @@ impl Lane {
                 ops: VecDeque::new(),
                 queued: 0,
                 starved: false,
+                sender: false,
                 failed: false,
                 aborting: false,
                 scheduled: false,
@@ -269,8 +297,9 @@ impl LaneStream {
     /// Queues as much of `buf` as fits.
     pub(crate) fn send(&self, buf: &[u8]) -> io::Result<usize> {
         let mut state = self.lane.shared.lock();
+        let capacity = state.sender_capacity(self.id);
         let queue = self.queue(&mut state)?;
-        let room = CAPACITY.saturating_sub(queue.queued);
+        let room = capacity.saturating_sub(queue.queued);
         if room == 0 {
             queue.starved = true;
             return Err(io::ErrorKind::WouldBlock.into());
@@ -293,11 +322,11 @@ impl LaneStream {
     /// Queues all of `data` without copying it, taking the buffer (`data` is left
     /// empty), when it is at most one packet and fits whole; false, with nothing
     /// taken, when it does not (then [`send`](Self::send) takes what fits).
-    #[cfg(feature = "tokio")] // the async streams are its only users
     pub(crate) fn send_owned(&self, data: &mut Vec<u8>) -> io::Result<bool> {
         let mut state = self.lane.shared.lock();
+        let capacity = state.sender_capacity(self.id);
         let queue = self.queue(&mut state)?;
-        if data.len() > PACKET || queue.queued + data.len() > CAPACITY {
+        if data.len() > PACKET || queue.queued + data.len() > capacity {
             return Ok(false);
         }
         queue.queued += data.len();
@@ -311,7 +340,6 @@ impl LaneStream {
     /// freeing it: a producer that queues owned buffers ([`send_owned`](Self::send_owned))
     /// can then reuse them rather than allocate fresh memory (and fault its pages in)
     /// for each packet.
-    #[cfg(feature = "tokio")] // the async streams are its only users
     pub(crate) fn set_recycle(&self, recycle: Recycle) {
         if let Some(queue) = self.lane.shared.lock().queues.get_mut(&self.id) {
             queue.recycle = Some(recycle);
@@ -329,9 +357,10 @@ impl LaneStream {
     /// Whether a send would take at least one byte now.
     pub(crate) fn has_room(&self) -> bool {
         let mut state = self.lane.shared.lock();
+        let capacity = capacity(state.senders);
         match state.queues.get_mut(&self.id) {
             Some(queue) => {
-                let room = !queue.failed && queue.queued < CAPACITY;
+                let room = !queue.failed && queue.queued < capacity;
                 queue.starved |= !room;
                 room
             }
@@ -485,6 +514,9 @@ impl Shared {
                     drop(raw);
                     state = self.lock();
                     let queue = state.queues.remove(&id);
+                    if queue.as_ref().is_some_and(|q| q.sender) {
+                        state.senders -= 1;
+                    }
                     drop(state);
                     // Outside the lock: the queue's reference is a libvirt call to
                     // release, and dropping the stream drops its LaneStream.
@@ -506,6 +538,7 @@ impl Shared {
         mut bytes: Vec<u8>,
         sent: Result<usize>,
     ) -> (bool, Option<Vec<u8>>) {
+        let capacity = capacity(state.senders);
         let Some(queue) = state.queues.get_mut(&id) else {
             return (false, None);
         };
@@ -534,7 +567,7 @@ impl Shared {
                     .post(|news| news.send_failed.push((token, error)));
             }
         }
-        if queue.starved && queue.queued < CAPACITY {
+        if queue.starved && queue.queued < capacity {
             queue.starved = false;
             queue.inbox.waker().wake();
         }

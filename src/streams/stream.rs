@@ -191,7 +191,6 @@ impl Stream {
     /// Hands `data` whole to the stream's sender thread without a copy, when the
     /// stream has one (a remote stream in a reactor) with room for all of it: true
     /// then, and `data` is left empty. False, with nothing taken, otherwise.
-    #[cfg(feature = "tokio")] // the async streams are its only users
     pub(crate) fn write_owned(&mut self, data: &mut Vec<u8>) -> io::Result<bool> {
         match &self.lane {
             Some(lane) => lane.send_owned(data),

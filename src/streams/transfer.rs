@@ -13,14 +13,19 @@ use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use super::handler::{Flow, StreamCtx, StreamEnd, StreamHandler};
 use super::stream::{Received, Stream};
 use crate::vocab::error::Error;
 use crate::vocab::interest::{Interest, Readiness};
+use crate::vocab::sync::lock;
 
 /// libvirt's largest stream packet; bigger sends are split anyway.
 const CHUNK: usize = 256 * 1024;
+
+/// Buffers a sending transfer keeps for reuse, at most (see `Direction::Send::spare`).
+const SPARE: usize = 2;
 
 /// Default bytes a sending transfer moves per readiness event: one packet.
 ///
@@ -142,11 +147,16 @@ enum Direction {
         sparse: bool,
         /// Data bytes left in the current data section (sparse sends).
         section_left: u64,
-        /// What was read from the source: a send may not take all of it (a local
-        /// stream takes parts), so each sending transfer has a buffer of its own.
+        /// What was read from the source, until the stream takes it (whole, or in
+        /// parts: a local stream): each sending transfer has a buffer of its own.
         buf: Vec<u8>,
         /// Bytes of `buf` read from the source but not yet taken by the stream.
         unsent: Range<usize>,
+        /// Buffers a remote stream's sender thread gave back once it sent them:
+        /// the next reads go into them, so an upload neither copies each packet
+        /// again nor allocates (and faults in) a fresh one. `None` until the first
+        /// send, which lends them out if the stream has a sender thread.
+        spare: Option<Arc<Mutex<Vec<Vec<u8>>>>>,
     },
 }
 
@@ -239,8 +249,9 @@ impl<S> Transfer<S> {
             source: Box::new(source),
             sparse,
             section_left: 0,
-            buf: vec![0; CHUNK],
+            buf: Vec::new(),
             unsent: 0..0,
+            spare: None,
         })
     }
 
@@ -338,10 +349,12 @@ impl<S> Transfer<S> {
             section_left,
             buf,
             unsent,
+            spare,
         } = &mut self.direction
         else {
             unreachable!("send on a receive transfer");
         };
+        let spare = spare.get_or_insert_with(|| lend_buffers(stream));
         let mut moved = 0;
         while moved < self.budget {
             if unsent.start < unsent.end {
@@ -356,7 +369,7 @@ impl<S> Transfer<S> {
                     Err(e) => return Err(e),
                 }
             }
-            let mut want = buf.len();
+            let mut want = CHUNK;
             if *sparse {
                 if *section_left == 0 {
                     let (in_data, length) = source.section()?;
@@ -374,6 +387,12 @@ impl<S> Transfer<S> {
                 }
                 want = want.min(usize::try_from(*section_left).unwrap_or(usize::MAX));
             }
+            // The buffer handed over last time was replaced only now, so that a
+            // stream keeps no idle packet besides those its sender thread holds.
+            if buf.is_empty() {
+                *buf = lock(spare).pop().unwrap_or_default();
+            }
+            buf.resize(CHUNK, 0);
             let n = source.read(&mut buf[..want])?;
             if n == 0 {
                 return Ok(Flow::Finish);
@@ -381,10 +400,35 @@ impl<S> Transfer<S> {
             if *sparse {
                 *section_left -= n as u64;
             }
-            *unsent = 0..n;
+            // A remote stream's sender thread takes the buffer itself when it has
+            // room for all of it; otherwise the bytes are written (copied) above.
+            buf.truncate(n);
+            if stream.write_owned(buf)? {
+                self.stats.data_bytes += n as u64;
+                moved += n;
+            } else {
+                *unsent = 0..n;
+            }
         }
         Ok(Flow::Continue)
     }
+}
+
+/// The buffers `stream`'s sender thread (if it has one) gives back once sent.
+fn lend_buffers(stream: &Stream) -> Arc<Mutex<Vec<Vec<u8>>>> {
+    let spare = Arc::new(Mutex::new(Vec::new()));
+    if let Some(lane) = stream.lane() {
+        let back = Arc::downgrade(&spare);
+        lane.set_recycle(Arc::new(move |buf: Vec<u8>| {
+            if let Some(back) = back.upgrade() {
+                let mut spare = lock(&back);
+                if spare.len() < SPARE && buf.capacity() >= CHUNK {
+                    spare.push(buf);
+                }
+            }
+        }));
+    }
+    spare
 }
 
 impl<S> Transfer<S> {
