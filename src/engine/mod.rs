@@ -55,6 +55,24 @@ struct State {
     timers: TimerTable,
     frees: Vec<FreeCallback>,
     totals: Totals,
+    /// When the loop's poll returns by itself, as it computed its timeout last;
+    /// `None`: not before an event.
+    sleeps_until: Option<Instant>,
+}
+
+impl State {
+    /// Whether a timer now due at `due` (`None`: disarmed) needs the sleeping loop
+    /// woken: only when it is due before the loop would wake anyway. libvirt's
+    /// client re-arms its keepalive timer around every call it makes off the loop
+    /// thread (each packet an upload's sender thread sends); a later deadline waits
+    /// for the loop's next turn.
+    fn wakes_too_late_for(&self, due: Option<Instant>) -> bool {
+        match (due, self.sleeps_until) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(due), Some(until)) => due < until,
+        }
+    }
 }
 
 /// Running totals, for drain reports and statistics.
@@ -153,19 +171,29 @@ impl EventImpl for Engine {
         callback: TimerCallback,
         free: Option<FreeCallback>,
     ) -> i32 {
-        let id = lock(&self.state)
-            .timers
-            .add(frequency, callback, free, Instant::now());
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        let id = state.timers.add(frequency, callback, free, now);
+        let wake = state.wakes_too_late_for(due_at(frequency, now));
+        drop(state);
         log::trace!("addTimeout frequency {frequency} -> timer {id}");
-        self.wake_for_change();
+        if wake {
+            self.wake_for_change();
+        }
         id
     }
 
     fn update_timeout(&self, id: i32, frequency: i32) {
-        if lock(&self.state).timers.set(id, frequency, Instant::now()) {
-            self.wake_for_change();
-        } else {
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        if !state.timers.set(id, frequency, now) {
             log::debug!("updateTimeout: no timer {id}");
+            return;
+        }
+        let wake = state.wakes_too_late_for(due_at(frequency, now));
+        drop(state);
+        if wake {
+            self.wake_for_change();
         }
     }
 
@@ -191,6 +219,14 @@ impl EventImpl for Engine {
         }
         self.panicked.store(true, Ordering::Release);
     }
+}
+
+/// When a timer armed at `now` with `frequency` (libvirt's milliseconds; -1
+/// disarmed) is due.
+fn due_at(frequency: i32, now: Instant) -> Option<Instant> {
+    u64::try_from(frequency)
+        .ok()
+        .map(|ms| now + Duration::from_millis(ms))
 }
 
 impl Engine {
@@ -243,17 +279,21 @@ impl Engine {
     pub(crate) fn poll_timeout(&self, cap: Option<Duration>) -> Option<Duration> {
         self.sleeping.store(true, Ordering::SeqCst);
         let mut state = lock(&self.state);
-        if !state.frees.is_empty() {
-            return Some(Duration::ZERO);
-        }
-        let until_timer = state
-            .timers
-            .next_deadline()
-            .map(|deadline| deadline.saturating_duration_since(Instant::now()));
-        match (until_timer, cap) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let now = Instant::now();
+        let timeout = if state.frees.is_empty() {
+            let until_timer = state
+                .timers
+                .next_deadline()
+                .map(|deadline| deadline.saturating_duration_since(now));
+            match (until_timer, cap) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        } else {
+            Some(Duration::ZERO)
+        };
+        state.sleeps_until = timeout.map(|t| now + t);
+        timeout
     }
 
     pub(crate) fn awake(&self) {

@@ -46,15 +46,15 @@ use crate::vocab::sync::{lock, wait};
 pub(crate) const PACKET: usize = 256 * 1024;
 
 /// Bytes a stream may have queued on its lane, when `senders` streams of the lane
-/// send data. Alone, one packet being sent and one waiting, so that the lane does
-/// not idle while the loop refills; beside others, one packet, since the others'
-/// packets keep the lane busy meanwhile: an upload then holds one packet's memory,
-/// as a blocking sender would.
+/// send data. Alone, four packets: the lane never idles while the loop refills, and
+/// the loop, woken once half of them are sent, refills two per wake-up. Beside
+/// others, one packet, since the others' packets keep the lane busy meanwhile: an
+/// upload then holds one packet's memory, as a blocking sender would.
 pub(crate) fn capacity(senders: usize) -> usize {
     if senders > 1 {
         PACKET
     } else {
-        2 * PACKET
+        4 * PACKET
     }
 }
 
@@ -567,7 +567,8 @@ impl Shared {
                     .post(|news| news.send_failed.push((token, error)));
             }
         }
-        if queue.starved && queue.queued < capacity {
+        // Woken at half empty, the loop refills several packets at once.
+        if queue.starved && queue.queued <= capacity / 2 {
             queue.starved = false;
             queue.inbox.waker().wake();
         }
