@@ -641,8 +641,6 @@ fn a_panicking_handler_aborts_only_its_stream() {
     let data = pattern(60, 32 * MIB as usize);
     let vol = bed.pool.volume_with("vol", &data);
 
-    let file = bed.out("file");
-    let (other, _) = bed.download(&vol, &file).expect("start the download");
     let dropped = Arc::new(AtomicBool::new(false));
     let record = bed.state.record();
     let stream = download_stream(&bed, &vol);
@@ -657,6 +655,10 @@ fn a_panicking_handler_aborts_only_its_stream() {
             },
         )
         .expect("insert");
+    // Started second, so that its 32 MiB cannot all arrive before the panicking
+    // stream's first packet.
+    let file = bed.out("file");
+    let (other, _) = bed.download(&vol, &file).expect("start the download");
 
     let deadline = Instant::now() + LIMIT;
     let mut errors = Vec::new();

@@ -532,6 +532,7 @@ pub(crate) fn library(p: &Params) -> Figures {
     let on_end = |ended: &mut Vec<Result<(), String>>, r: virt_reactor::Result<_>| {
         ended.push(r.map(drop).map_err(|e| e.to_string()));
     };
+    let mut ended = Vec::new();
     for &(name, file) in &pairs {
         let vol = pool.lookup_storage_vol_by_name(name).expect("the volume");
         let range = VolumeRange::default();
@@ -558,8 +559,11 @@ pub(crate) fn library(p: &Params) -> Figures {
             volume::download_with(&mut reactor, &vol, target, range, None, |_, _| {}, on_end)
                 .expect("start a download");
         }
+        // As `vol`: what the start let libvirt queue is taken before the next.
+        reactor
+            .run_once(Some(Duration::ZERO), &mut ended)
+            .expect("a loop iteration");
     }
-    let mut ended = Vec::new();
     while ended.len() < pairs.len() {
         reactor
             .run_once(None, &mut ended)

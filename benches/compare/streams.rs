@@ -2,8 +2,9 @@
 //! checked.
 //!
 //! Both loops run the very same code: `virt_reactor::transfer::{recv_all,
-//! send_all}` handlers (the ones `virt_reactor::volume` uses, with its default
-//! 256 KiB budget per readiness event) inserted into a `Reactor`, which is
+//! send_all}` handlers (the ones `virt_reactor::volume` uses, with their default
+//! budgets per readiness event: 256 KiB sent, 2 MiB received) inserted into a
+//! `Reactor`, which is
 //! `Reactor::register()` or `Reactor::register_default_loop()`. The data never touches a
 //! file on the client: downloads are checked byte by byte as they arrive, uploads
 //! are generated on the fly and the parent checks the volume files afterwards, so the

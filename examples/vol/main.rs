@@ -363,7 +363,11 @@ fn run(args: &Args, endpoints: Vec<Endpoint>, jobs: Vec<Job>) -> virt_reactor::R
 
     loop {
         for index in 0..state.jobs.len() {
-            advance(args, &mut state, &mut hosts, &mut reactor, index);
+            if advance(args, &mut state, &mut hosts, &mut reactor, index) {
+                // A start's blocking calls let libvirt queue every active stream's
+                // packets; they are taken before the next start adds more.
+                reactor.run_once(Some(Duration::ZERO), &mut state)?;
+            }
         }
         if state.jobs.iter().all(|job| job.phase == Phase::Ended) {
             break;
@@ -434,42 +438,44 @@ fn jobs_of(state: &State, host: usize, pick: impl Fn(&Job) -> bool) -> Vec<usize
 }
 
 /// Takes transfer `index` a step on: starts what is ready, acts on how a stream
-/// ended.
+/// ended. Returns whether it tried to start a stream.
 fn advance(
     args: &Args,
     state: &mut State,
     hosts: &mut [Host<State>],
     reactor: &mut Reactor<State>,
     index: usize,
-) {
+) -> bool {
     let job = &mut state.jobs[index];
     let host = job.host;
     let result = match (job.phase, job.step.take()) {
-        (Phase::Ready { .. }, _) if hosts[host].is_opening() => return,
+        (Phase::Ready { .. }, _) if hosts[host].is_opening() => return false,
         (Phase::Ready { resume }, _) => start(args, state, &hosts[host], reactor, index, resume),
-        (_, None) => return,
+        (_, None) => return false,
         (_, Some(Step::Compared(matched))) => {
             matched.and_then(|from| upload_from(args, state, &hosts[host], reactor, index, from))
         }
         (_, Some(Step::Transferred(Ok(stats)))) => {
             job.stats = stats;
-            match args.verify && job.done() > 0 {
-                true => read_back(args, state, &hosts[host], reactor, index),
-                false => {
-                    end(args, state, index, Ok(()));
-                    Ok(())
-                }
+            if !(args.verify && job.done() > 0) {
+                end(args, state, index, Ok(()));
+                return false;
             }
+            read_back(args, state, &hosts[host], reactor, index)
         }
         (_, Some(Step::ReadBack(Ok(_)))) => {
             verified(args, state, index);
-            Ok(())
+            return false;
         }
-        (_, Some(Step::Transferred(Err(e)) | Step::ReadBack(Err(e)))) => Err(e),
+        (_, Some(Step::Transferred(Err(e)) | Step::ReadBack(Err(e)))) => {
+            failed(args, state, &mut hosts[host], index, e);
+            return false;
+        }
     };
     if let Err(e) = result {
         failed(args, state, &mut hosts[host], index, e);
     }
+    true
 }
 
 /// The digest of this run, if any.

@@ -18,6 +18,12 @@
 //! and continues it later from its length; [`compare`] reads a volume back to find
 //! how much of an upload it holds, and [`upload_with`] sends the rest. A [`Tap`]
 //! sees every byte of the range in order, a resumed prefix included, for a checksum.
+//!
+//! Starting a transfer makes blocking calls to the daemon (the volume's size, the
+//! download or upload itself). While one waits, libvirt's client reads every packet
+//! that arrives for the connection's running downloads and queues it in memory:
+//! starting many at once, turn the loop once between two starts, as `vol` does, so
+//! that those packets are taken before the next start adds more.
 
 use std::fs::{self, File, FileType, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};

@@ -9,6 +9,7 @@
 //! Sys::Virt::Stream: `sparse_send_all($handler, $hole_handler, $skip_handler)` and
 //! `sparse_recv_all($handler, $hole_handler)`.
 
+use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::ops::Range;
@@ -26,13 +27,23 @@ const CHUNK: usize = 256 * 1024;
 /// Buffers a sending transfer keeps for reuse, at most (see `Direction::Send::spare`).
 const SPARE: usize = 2;
 
-/// Default bytes moved per readiness event: one packet.
+/// Default bytes a sending transfer moves per readiness event: one packet.
 ///
 /// A remote send blocks until its packet is on the socket, so the budget is how long
 /// one upload may hold the loop from everything else. With 1 MiB (four packets) a
 /// console beside a 1 GiB upload waited about 14 ms per echo here; with one packet,
 /// about 3 ms, and the upload itself ran no slower (`docs/benchmarks.md`, scenario 4).
 pub const DEFAULT_BUDGET: usize = 256 * 1024;
+
+/// Default bytes a receiving transfer takes per readiness event: eight packets.
+///
+/// A receive never waits for the daemon: it takes packets libvirt's client already
+/// holds. That client reads its socket dry whenever it reads (in any blocking call,
+/// too) and queues every packet in memory, without limit, until the stream's reader
+/// takes it. One packet per event drains such a backlog no faster than it refills;
+/// eight do, and hold the loop for about as long as writing 2 MiB takes
+/// (`docs/benchmarks.md`, "Memory of active streams").
+pub const DEFAULT_RECEIVE_BUDGET: usize = 8 * CHUNK;
 
 /// What a transfer has moved so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -136,8 +147,10 @@ enum Direction {
         sparse: bool,
         /// Data bytes left in the current data section (sparse sends).
         section_left: u64,
-        /// Bytes of `buf` read from the source but not yet taken by the stream (a
-        /// local stream may take a send in parts).
+        /// What was read from the source, until the stream takes it (whole, or in
+        /// parts: a local stream): each sending transfer has a buffer of its own.
+        buf: Vec<u8>,
+        /// Bytes of `buf` read from the source but not yet taken by the stream.
         unsent: Range<usize>,
         /// Buffers a remote stream's sender thread gave back once it sent them:
         /// the next reads go into them, so an upload neither copies each packet
@@ -147,11 +160,17 @@ enum Direction {
     },
 }
 
+thread_local! {
+    /// Where receives land: a receive hands its bytes to the sink at once, so the
+    /// receiving transfers of one loop thread share one buffer rather than holding
+    /// a packet's worth each.
+    static RECEIVED: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
 /// A whole-stream transfer, driven by the reactor; its progress and end callbacks
 /// get the application's state `S`.
 pub struct Transfer<S> {
     direction: Direction,
-    buf: Vec<u8>,
     budget: usize,
     stats: TransferStats,
     progress: Option<Progress<S>>,
@@ -230,16 +249,20 @@ impl<S> Transfer<S> {
             source: Box::new(source),
             sparse,
             section_left: 0,
+            buf: Vec::new(),
             unsent: 0..0,
             spare: None,
         })
     }
 
     fn new(direction: Direction) -> Transfer<S> {
+        let budget = match direction {
+            Direction::Recv { .. } => DEFAULT_RECEIVE_BUDGET,
+            Direction::Send { .. } => DEFAULT_BUDGET,
+        };
         Transfer {
             direction,
-            buf: vec![0; CHUNK],
-            budget: DEFAULT_BUDGET,
+            budget,
             stats: TransferStats::default(),
             progress: None,
             on_end: None,
@@ -254,7 +277,8 @@ impl<S> Transfer<S> {
         }
     }
 
-    /// Bytes moved per readiness event at most (default [`DEFAULT_BUDGET`]).
+    /// Bytes moved per readiness event at most (default [`DEFAULT_BUDGET`] for a
+    /// send, [`DEFAULT_RECEIVE_BUDGET`] for a receive).
     pub fn budget(mut self, bytes: usize) -> Transfer<S> {
         self.budget = bytes.max(1);
         self
@@ -280,20 +304,29 @@ impl<S> Transfer<S> {
     }
 
     fn receive_from(&mut self, stream: &mut Stream) -> io::Result<Flow> {
+        // Taken, not borrowed: a sink that runs another receive gets a new buffer.
+        let mut buf = RECEIVED.take();
+        buf.resize(CHUNK, 0);
+        let flow = self.receive_into(stream, &mut buf);
+        RECEIVED.set(buf);
+        flow
+    }
+
+    fn receive_into(&mut self, stream: &mut Stream, buf: &mut [u8]) -> io::Result<Flow> {
         let Direction::Recv { sink, sparse } = &mut self.direction else {
             unreachable!("receive on a send transfer");
         };
         let mut moved = 0;
         while moved < self.budget {
             let got = if *sparse {
-                stream.read_sparse(&mut self.buf)
+                stream.read_sparse(buf)
             } else {
-                io::Read::read(stream, &mut self.buf).map(Received::Data)
+                io::Read::read(stream, buf).map(Received::Data)
             };
             match got {
                 Ok(Received::Data(0)) => return Ok(Flow::Finish),
                 Ok(Received::Data(n)) => {
-                    sink.data(&self.buf[..n])?;
+                    sink.data(&buf[..n])?;
                     self.stats.data_bytes += n as u64;
                     moved += n;
                 }
@@ -314,6 +347,7 @@ impl<S> Transfer<S> {
             source,
             sparse,
             section_left,
+            buf,
             unsent,
             spare,
         } = &mut self.direction
@@ -324,7 +358,7 @@ impl<S> Transfer<S> {
         let mut moved = 0;
         while moved < self.budget {
             if unsent.start < unsent.end {
-                match io::Write::write(stream, &self.buf[unsent.clone()]) {
+                match io::Write::write(stream, &buf[unsent.clone()]) {
                     Ok(n) => {
                         unsent.start += n;
                         self.stats.data_bytes += n as u64;
@@ -355,11 +389,11 @@ impl<S> Transfer<S> {
             }
             // The buffer handed over last time was replaced only now, so that a
             // stream keeps no idle packet besides those its sender thread holds.
-            if self.buf.is_empty() {
-                self.buf = lock(spare).pop().unwrap_or_default();
+            if buf.is_empty() {
+                *buf = lock(spare).pop().unwrap_or_default();
             }
-            self.buf.resize(CHUNK, 0);
-            let n = source.read(&mut self.buf[..want])?;
+            buf.resize(CHUNK, 0);
+            let n = source.read(&mut buf[..want])?;
             if n == 0 {
                 return Ok(Flow::Finish);
             }
@@ -368,8 +402,8 @@ impl<S> Transfer<S> {
             }
             // A remote stream's sender thread takes the buffer itself when it has
             // room for all of it; otherwise the bytes are written (copied) above.
-            self.buf.truncate(n);
-            if stream.write_owned(&mut self.buf)? {
+            buf.truncate(n);
+            if stream.write_owned(buf)? {
                 self.stats.data_bytes += n as u64;
                 moved += n;
             } else {
