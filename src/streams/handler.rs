@@ -69,6 +69,9 @@ pub struct StreamCtx<'a> {
     pub(crate) stream: &'a mut Stream,
     pub(crate) token: StreamToken,
     pub(crate) interest: Interest,
+    /// The reactor's buffer, lent for the call: receives land there and go straight
+    /// to their sink, so receiving streams need no buffer each.
+    pub(crate) scratch: &'a mut Vec<u8>,
 }
 
 impl StreamCtx<'_> {

@@ -1022,7 +1022,7 @@ impl<S: 'static> Reactor<S> {
             return; // waiting for the close watch
         }
         if readiness.is_writable() {
-            match flush_outbox(slot, &mut self.scratch) {
+            match flush_outbox(slot, &mut self.scratch[..OUTBOX_BUDGET]) {
                 Ok(false) => {}
                 Ok(true) => {
                     if let Err(e) = self.sync_registration(token) {
@@ -1048,6 +1048,7 @@ impl<S: 'static> Reactor<S> {
             stream: &mut slot.stream,
             token,
             interest: slot.interest,
+            scratch: &mut self.scratch,
         };
         let handler = &mut slot.handler;
         let outcome =

@@ -9,7 +9,6 @@
 //! Sys::Virt::Stream: `sparse_send_all($handler, $hole_handler, $skip_handler)` and
 //! `sparse_recv_all($handler, $hole_handler)`.
 
-use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::ops::Range;
@@ -160,13 +159,6 @@ enum Direction {
     },
 }
 
-thread_local! {
-    /// Where receives land: a receive hands its bytes to the sink at once, so the
-    /// receiving transfers of one loop thread share one buffer rather than holding
-    /// a packet's worth each.
-    static RECEIVED: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
-}
-
 /// A whole-stream transfer, driven by the reactor; its progress and end callbacks
 /// get the application's state `S`.
 pub struct Transfer<S> {
@@ -303,13 +295,12 @@ impl<S> Transfer<S> {
         self
     }
 
-    fn receive_from(&mut self, stream: &mut Stream) -> io::Result<Flow> {
-        // Taken, not borrowed: a sink that runs another receive gets a new buffer.
-        let mut buf = RECEIVED.take();
-        buf.resize(CHUNK, 0);
-        let flow = self.receive_into(stream, &mut buf);
-        RECEIVED.set(buf);
-        flow
+    /// Receives into the buffer the reactor lends its handlers.
+    fn receive_from(&mut self, cx: &mut StreamCtx<'_>) -> io::Result<Flow> {
+        if cx.scratch.len() < CHUNK {
+            cx.scratch.resize(CHUNK, 0);
+        }
+        self.receive_into(cx.stream, &mut cx.scratch[..CHUNK])
     }
 
     fn receive_into(&mut self, stream: &mut Stream, buf: &mut [u8]) -> io::Result<Flow> {
