@@ -2,7 +2,7 @@
 //! invocation.
 //!
 //! ```text
-//! cargo bench --bench compare -- [--runs 5] [--only s1,s2,s3,s4,s5] [--quick]
+//! cargo bench --bench compare -- [--runs 5] [--only s1,s2,…,s9] [--quick]
 //!                                [--out target/bench] [--svg docs/benchmarks-s2.svg]
 //!                                [--callgrind] [--guests 3] [--scratch DIR]
 //!                                [--filter CASE] [--tokio-read buf|copy]
@@ -33,7 +33,9 @@
 //! guest (`service`: no children; the parent runs both services and measures them
 //! from outside), 7 console echo latency with the consoles spread over 3 hosts
 //! (network namespaces, a libvirtd on TCP each) against as many on one host
-//! (`multihost`; no children of the default loop). `docs/benchmarks.md` has the
+//! (`multihost`; no children of the default loop), 8 console echo at 1, 24 and 48
+//! guests with the loop's own delay measured by a probe (`scale`), 9 console floods
+//! through the console service beside a quiet console (`floods`; no children). `docs/benchmarks.md` has the
 //! figures and the reasoning.
 
 mod asyncpath;
@@ -42,12 +44,14 @@ mod consoles;
 #[path = "../../tests/support/daemon.rs"]
 mod daemon;
 mod data;
+mod floods;
 #[path = "../../tests/support/hosts.rs"]
 mod hosts;
 mod loops;
 mod memory;
 mod multihost;
 mod report;
+mod scale;
 mod service;
 mod setup;
 mod streams;
@@ -756,7 +760,9 @@ fn parent(opts: &Opts) {
     // guests, daemon and pool (Env's Drop).
     let _ = ctrlc::set_handler(|| eprintln!("compare: interrupted; cleaning up"));
     let load_before = loadavg();
-    let needs_daemon = ["s1", "s3", "s4", "s5", "s6"].iter().any(|s| opts.wants(s));
+    let needs_daemon = ["s1", "s3", "s4", "s5", "s6", "s8", "s9"]
+        .iter()
+        .any(|s| opts.wants(s));
     let mut env = needs_daemon.then(|| Env::start(opts));
     eprintln!(
         "compare: {} CPUs, load {}, runs {}",
@@ -793,6 +799,14 @@ fn parent(opts: &Opts) {
     }
     if opts.wants("s6") {
         service::scenario6(opts, env.as_mut().expect("daemon"), &mut results);
+        partial(&results);
+    }
+    if opts.wants("s8") {
+        scale::scenario8(opts, env.as_mut().expect("daemon"), &mut results);
+        partial(&results);
+    }
+    if opts.wants("s9") {
+        floods::scenario9(opts, env.as_mut().expect("daemon"), &mut results);
         partial(&results);
     }
     if opts.wants("s7") {

@@ -1,0 +1,251 @@
+//! Scenario 9: console floods through the console service. N guests print as fast
+//! as they can (`yes` with a 72-byte line) while one more, quiet, guest answers
+//! echoes; `virt-consoled` logs every console and a viewer reads each.
+//!
+//! A run starts the release `virt-consoled` (`--log-dir`, a log size large enough
+//! that no log rotates during the run) on the quiet guest and the N flooders,
+//! attaches a viewer to each and warms them up, then:
+//!
+//! 1. **quiet**: echoes on the quiet console alone (5–15 ms apart, for a fixed
+//!    window), nothing flooding: the baseline of the same run;
+//! 2. **floods**: every flooder starts `yes`; after 2 s, the same echoes on the
+//!    quiet console, while the viewers read everything. Over that window: bytes
+//!    per second read by the viewers and written to the logs (the service's status:
+//!    each log's bytes), the service's CPU per MiB delivered, the daemon's and the
+//!    QEMUs' CPU;
+//! 3. the floods are stopped (`kill $P`) and drained.
+//!
+//! The table sets the flood phase against the quiet phase; the target is the quiet
+//! console's echo p99 within 2× of its value without floods.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::consoles::echo_figures;
+use crate::report::{figure, Figure, Results};
+use crate::service::{Service, Side, Viewers};
+use crate::setup::Env;
+use crate::sys::process_cpu_time;
+use crate::{Opts, DAEMON_PID, MIB};
+
+pub(crate) const SCENARIO: &str = "Scenario 9: console floods";
+
+/// Prints a 72-byte line as fast as the guest can, in the background; `kill $P`
+/// stops it.
+const FLOOD: &str =
+    "yes f-0123456789012345678901234567890123456789012345678901234567890123456789 & P=$!\n";
+
+const FIGURES: &[Figure] = &[
+    figure("p50_ms", "quiet console echo median ms"),
+    figure("p99_ms", "quiet console echo p99 ms"),
+    figure("samples", "echoes timed"),
+    figure("lost", "echoes lost (5 s)"),
+    figure("viewer_kib_s", "KiB/s read by the viewers, all floods"),
+    figure("viewer_kib_s_each", "KiB/s read by the viewers, per flood"),
+    figure("log_kib_s", "KiB/s written to the logs"),
+    figure("cpu_pct", "virt-consoled CPU %"),
+    figure("cpu_ms_per_mib", "virt-consoled CPU ms per MiB delivered"),
+    figure("daemon_pct", "libvirtd CPU %"),
+    figure("qemu_pct", "QEMU CPU %, all the run's guests"),
+    figure("viewers_cut", "viewers cut off (fell 1 MiB behind)"),
+];
+
+pub(crate) fn scenario9(opts: &Opts, env: &mut Env, results: &mut Results) {
+    let counts: &[usize] = if opts.quick { &[1, 2] } else { &[1, 24] };
+    let window = Duration::from_secs(if opts.quick { 3 } else { 15 });
+    let most = counts.iter().copied().max().unwrap_or(1);
+    // bench-1 is the quiet console; the flooders follow.
+    let guests = env.boot_guests(&opts.testbed, most + 1)[..=most].to_vec();
+    let base = env
+        .pool_dir
+        .parent()
+        .expect("the pool's scratch directory")
+        .join("s9");
+    fs::create_dir_all(&base).expect("create the scenario 9 directory");
+    for &n in counts {
+        let names = &guests[..=n];
+        let label = format!("{n} flooding");
+        let started = Instant::now();
+        let mut runs: [Vec<HashMap<String, f64>>; 2] = [Vec::new(), Vec::new()];
+        for run in 0..opts.runs {
+            match measure(opts, env, &base, names, window) {
+                Ok([floods, quiet]) => {
+                    eprintln!(
+                        "compare: {label} run {run}: quiet echo p99 {:.2} ms alone, {:.2} ms \
+                         beside the floods; viewers {:.0} KiB/s, log {:.0} KiB/s, \
+                         {:.1} ms CPU per MiB",
+                        quiet["p99_ms"],
+                        floods["p99_ms"],
+                        floods["viewer_kib_s"],
+                        floods["log_kib_s"],
+                        floods["cpu_ms_per_mib"],
+                    );
+                    runs[0].push(floods);
+                    runs[1].push(quiet);
+                }
+                Err(e) => {
+                    eprintln!("compare: {SCENARIO} {label} run {run} FAILED: {e}");
+                    results.note(format!(
+                        "**Failed run:** {SCENARIO} / {label}, run {}: {}",
+                        run + 1,
+                        e.lines().next().unwrap_or("")
+                    ));
+                }
+            }
+        }
+        eprintln!(
+            "compare: {SCENARIO} {label}: {} runs in {:.1} s",
+            opts.runs,
+            started.elapsed().as_secs_f64()
+        );
+        results.add_sides(SCENARIO, &label, FIGURES, &runs);
+    }
+    let _ = fs::remove_dir_all(&base);
+    results.note(format!(
+        "Scenario 9: virt-consoled (release, --log-dir, --force, one viewer per console) on \
+         one quiet testbed guest and N flooding ones (`yes` with a 72-byte line, TCG). Each \
+         run times echoes on the quiet console, 5–15 ms apart, for {} s alone, then for {} s \
+         while the N guests flood; the flood figures are over that window. CPU shares are % \
+         of one CPU.",
+        window.as_secs(),
+        window.as_secs()
+    ));
+}
+
+/// One run: the flood phase's figures and the quiet phase's.
+fn measure(
+    opts: &Opts,
+    env: &Env,
+    base: &Path,
+    names: &[String],
+    window: Duration,
+) -> Result<[HashMap<String, f64>; 2], String> {
+    // Only these consoles; no rotation during the run: each log's `bytes` in the
+    // status is all it got.
+    let mut extra = vec!["--log-size", "4294967296"];
+    for name in names {
+        extra.extend(["--domain", name.as_str()]);
+    }
+    let service = Service::start(Side::Ours, opts, env, base, (names, &extra))?;
+    let mut viewers = Viewers::open(&service, names)?;
+    viewers.warm_up(60)?;
+
+    let (latencies, lost) = paced_echoes(&mut viewers, window);
+    let quiet = echo_figures(latencies, lost, f64::NAN);
+
+    for i in 1..names.len() {
+        viewers.forget(i);
+        viewers.send(i, FLOOD.as_bytes())?;
+    }
+    viewers.drain_until(Instant::now() + Duration::from_secs(2));
+    let qemus = qemu_pids(names);
+    let before = Counters::read(&service, &viewers, &qemus)?;
+    let (latencies, lost) = paced_echoes(&mut viewers, window);
+    let after = Counters::read(&service, &viewers, &qemus)?;
+    let mut floods: HashMap<String, f64> = echo_figures(latencies, lost, f64::NAN)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let secs = (after.at - before.at).as_secs_f64();
+    let viewer_bytes = (after.viewer_bytes - before.viewer_bytes) as f64;
+    let cpu = (after.service - before.service).as_secs_f64();
+    let pct = |a: Duration, b: Duration| a.saturating_sub(b).as_secs_f64() / secs * 100.0;
+    let flooders = (names.len() - 1) as f64;
+    for (key, value) in [
+        ("viewer_kib_s", viewer_bytes / 1024.0 / secs),
+        ("viewer_kib_s_each", viewer_bytes / 1024.0 / secs / flooders),
+        (
+            "log_kib_s",
+            after.log_bytes.saturating_sub(before.log_bytes) as f64 / 1024.0 / secs,
+        ),
+        ("cpu_pct", cpu / secs * 100.0),
+        ("cpu_ms_per_mib", cpu * 1e3 / (viewer_bytes / MIB as f64)),
+        ("daemon_pct", pct(after.daemon, before.daemon)),
+        ("qemu_pct", pct(after.qemu, before.qemu)),
+        ("viewers_cut", after.viewers_cut),
+    ] {
+        floods.insert(key.to_owned(), value);
+    }
+
+    for i in 1..names.len() {
+        viewers.send(i, b"kill $P\n")?;
+    }
+    viewers.drain_until_quiet(
+        Duration::from_secs(1),
+        Instant::now() + Duration::from_secs(60),
+    );
+    drop(viewers);
+    drop(service);
+    let quiet = quiet.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    Ok([floods, quiet])
+}
+
+/// Echoes on the quiet console (0) for `window`, 5–15 ms apart while every
+/// viewer is read; latencies in ms and losses.
+fn paced_echoes(viewers: &mut Viewers, window: Duration) -> (Vec<f64>, usize) {
+    let started = Instant::now();
+    let mut rng = fastrand::Rng::new();
+    let (mut latencies, mut lost) = (Vec::new(), 0);
+    let mut k = 0;
+    while started.elapsed() < window {
+        k += 1;
+        match viewers.echo_once(0, k) {
+            Some(ms) => latencies.push(ms),
+            None => lost += 1,
+        }
+        viewers.drain_until(Instant::now() + Duration::from_millis(rng.u64(5..15)));
+    }
+    (latencies, lost)
+}
+
+/// What is read at both ends of the flood phase.
+struct Counters {
+    at: Instant,
+    viewer_bytes: u64,
+    log_bytes: u64,
+    viewers_cut: f64,
+    service: Duration,
+    daemon: Duration,
+    qemu: Duration,
+}
+
+impl Counters {
+    fn read(service: &Service, viewers: &Viewers, qemus: &[u32]) -> Result<Counters, String> {
+        let status = service.status().ok_or("no status from virt-consoled")?;
+        let log_bytes = status["consoles"]
+            .as_array()
+            .ok_or("no consoles in the status")?
+            .iter()
+            .filter_map(|c| c["log"]["bytes"].as_u64())
+            .sum();
+        let cpu = |pids: &[u32]| pids.iter().filter_map(|&p| process_cpu_time(p)).sum();
+        Ok(Counters {
+            at: Instant::now(),
+            viewer_bytes: viewers.bytes,
+            log_bytes,
+            viewers_cut: status["viewers_cut"].as_f64().unwrap_or(f64::NAN),
+            service: cpu(&service.pids()),
+            daemon: cpu(DAEMON_PID.get().map(std::slice::from_ref).unwrap_or(&[])),
+            qemu: cpu(qemus),
+        })
+    }
+}
+
+/// The QEMU processes of `guests` (their command line names `guest=NAME,`).
+pub(crate) fn qemu_pids(guests: &[String]) -> Vec<u32> {
+    let wanted: Vec<String> = guests.iter().map(|g| format!("guest={g},")).collect();
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.contains("qemu-system") && wanted.iter().any(|w| cmdline.contains(w)))
+                .then_some(pid)
+        })
+        .collect()
+}
