@@ -47,6 +47,8 @@ const FIGURES: &[Figure] = &[
     figure("log_kib_s", "KiB/s written to the logs"),
     figure("cpu_pct", "virt-consoled CPU %"),
     figure("cpu_ms_per_mib", "virt-consoled CPU ms per MiB delivered"),
+    figure("wakeups_s", "virt-consoled wake-ups per s (voluntary switches)"),
+    figure("bytes_per_wakeup", "bytes delivered per wake-up"),
     figure("daemon_pct", "libvirtd CPU %"),
     figure("qemu_pct", "QEMU CPU %, all the run's guests"),
     figure("viewers_cut", "viewers cut off (fell 1 MiB behind)"),
@@ -55,9 +57,6 @@ const FIGURES: &[Figure] = &[
 pub(crate) fn scenario9(opts: &Opts, env: &mut Env, results: &mut Results) {
     let counts: &[usize] = if opts.quick { &[1, 2] } else { &[1, 24] };
     let window = Duration::from_secs(if opts.quick { 3 } else { 15 });
-    let most = counts.iter().copied().max().unwrap_or(1);
-    // bench-1 is the quiet console; the flooders follow.
-    let guests = env.boot_guests(&opts.testbed, most + 1)[..=most].to_vec();
     let base = env
         .pool_dir
         .parent()
@@ -65,7 +64,9 @@ pub(crate) fn scenario9(opts: &Opts, env: &mut Env, results: &mut Results) {
         .join("s9");
     fs::create_dir_all(&base).expect("create the scenario 9 directory");
     for &n in counts {
-        let names = &guests[..=n];
+        // bench-1 is the quiet console; the flooders follow. Booted up to each
+        // count in turn; each run's warm-up waits for every console to answer.
+        let names = &env.boot_guests(&opts.testbed, n + 1)[..=n];
         let label = format!("{n} flooding");
         let started = Instant::now();
         let mut runs: [Vec<HashMap<String, f64>>; 2] = [Vec::new(), Vec::new()];
@@ -162,6 +163,11 @@ fn measure(
         ),
         ("cpu_pct", cpu / secs * 100.0),
         ("cpu_ms_per_mib", cpu * 1e3 / (viewer_bytes / MIB as f64)),
+        ("wakeups_s", (after.wakeups - before.wakeups) as f64 / secs),
+        (
+            "bytes_per_wakeup",
+            viewer_bytes / (after.wakeups - before.wakeups).max(1) as f64,
+        ),
         ("daemon_pct", pct(after.daemon, before.daemon)),
         ("qemu_pct", pct(after.qemu, before.qemu)),
         ("viewers_cut", after.viewers_cut),
@@ -207,6 +213,8 @@ struct Counters {
     log_bytes: u64,
     viewers_cut: f64,
     service: Duration,
+    /// The service's voluntary context switches: each is a wait, so one per wake-up.
+    wakeups: u64,
     daemon: Duration,
     qemu: Duration,
 }
@@ -227,10 +235,29 @@ impl Counters {
             log_bytes,
             viewers_cut: status["viewers_cut"].as_f64().unwrap_or(f64::NAN),
             service: cpu(&service.pids()),
+            wakeups: service.pids().iter().map(|&p| voluntary_switches(p)).sum(),
             daemon: cpu(DAEMON_PID.get().map(std::slice::from_ref).unwrap_or(&[])),
             qemu: cpu(qemus),
         })
     }
+}
+
+/// Voluntary context switches of every thread of process `pid`.
+fn voluntary_switches(pid: u32) -> u64 {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
 }
 
 /// The QEMU processes of `guests` (their command line names `guest=NAME,`).
