@@ -47,7 +47,10 @@ const FIGURES: &[Figure] = &[
     figure("log_kib_s", "KiB/s written to the logs"),
     figure("cpu_pct", "virt-consoled CPU %"),
     figure("cpu_ms_per_mib", "virt-consoled CPU ms per MiB delivered"),
-    figure("wakeups_s", "virt-consoled wake-ups per s (voluntary switches)"),
+    figure(
+        "wakeups_s",
+        "virt-consoled wake-ups per s (voluntary switches)",
+    ),
     figure("bytes_per_wakeup", "bytes delivered per wake-up"),
     figure("daemon_pct", "libvirtd CPU %"),
     figure("qemu_pct", "QEMU CPU %, all the run's guests"),
