@@ -194,7 +194,13 @@ fn percentiles(sorted: &[f64]) -> (f64, f64, f64) {
 
 /// A thread's (runqueue wait ns, times run) from `/proc/self/task/TID/schedstat`.
 fn schedstat(tid: i32) -> (u64, u64) {
-    let text = fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap_or_default();
+    task_schedstat(&format!("/proc/self/task/{tid}"))
+}
+
+/// A task's (runqueue wait ns, times run), from `TASK/schedstat` (`TASK` is
+/// `/proc/PID/task/TID`).
+pub(crate) fn task_schedstat(task: &str) -> (u64, u64) {
+    let text = fs::read_to_string(format!("{task}/schedstat")).unwrap_or_default();
     let mut fields = text
         .split_whitespace()
         .skip(1)
@@ -211,7 +217,7 @@ fn gettid() -> i32 {
 }
 
 /// (busy, total) jiffies of all CPUs, from /proc/stat.
-fn machine_jiffies() -> (u64, u64) {
+pub(crate) fn machine_jiffies() -> (u64, u64) {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
     let values: Vec<u64> = stat
         .lines()
@@ -225,6 +231,15 @@ fn machine_jiffies() -> (u64, u64) {
     // idle and iowait
     let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
     (total - idle, total)
+}
+
+/// Runqueue wait per run in µs, between two (wait ns, runs) readings.
+pub(crate) fn runq_us(after: (u64, u64), before: (u64, u64)) -> f64 {
+    after.0.saturating_sub(before.0) as f64 / 1e3 / after.1.saturating_sub(before.1).max(1) as f64
+}
+
+pub(crate) fn per_cent(part: u64, whole: u64) -> f64 {
+    part as f64 / whole.max(1) as f64 * 100.0
 }
 
 /// What is read at the start and end of the timed rounds.
@@ -330,9 +345,6 @@ impl Scale {
         };
         let wall = (end.at - start.at).as_secs_f64();
         let pct = |a: Duration, b: Duration| a.saturating_sub(b).as_secs_f64() / wall * 100.0;
-        let runq_us = |a: (u64, u64), b: (u64, u64)| {
-            a.0.saturating_sub(b.0) as f64 / 1e3 / a.1.saturating_sub(b.1).max(1) as f64
-        };
         let ((p50, p99, max), probes) = self.probe.figures();
         let ((f50, f99, fmax), _) = self.floor.figures();
         let (busy, total) = (
@@ -351,10 +363,7 @@ impl Scale {
             ("client_cpu_pct", pct(end.client, start.client)),
             ("qemu_cpu_pct", pct(end.qemu, start.qemu)),
             ("daemon_cpu_pct", pct(end.daemon, start.daemon)),
-            (
-                "machine_busy_pct",
-                busy as f64 / total.max(1) as f64 * 100.0,
-            ),
+            ("machine_busy_pct", per_cent(busy, total)),
             ("probes", probes as f64),
         ];
     }
