@@ -119,6 +119,8 @@ fn case(
     let started = Instant::now();
     let mut runs: [Vec<HashMap<String, f64>>; 2] = [Vec::new(), Vec::new()];
     for run in 0..opts.runs {
+        // A guest that died booting is booted again (the warm-up waits for it).
+        env.reboot_missing(&opts.testbed);
         match measure(opts, env, base, (names, flood_nice), window) {
             Ok([floods, quiet]) => {
                 eprintln!(
