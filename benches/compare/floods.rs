@@ -28,7 +28,7 @@ use crate::report::{figure, Figure, Results};
 use crate::scale::{machine_jiffies, per_cent, runq_us, task_schedstat};
 use crate::service::{Service, Side, Viewers};
 use crate::setup::Env;
-use crate::sys::process_cpu_time;
+use crate::sys::cpu_time;
 use crate::{Opts, DAEMON_PID, MIB};
 
 pub(crate) const SCENARIO: &str = "Scenario 9: console floods";
@@ -315,16 +315,15 @@ impl Counters {
             .iter()
             .filter_map(|c| c["log"]["bytes"].as_u64())
             .sum();
-        let cpu = |pids: &[u32]| pids.iter().filter_map(|&p| process_cpu_time(p)).sum();
         Ok(Counters {
             at: Instant::now(),
             viewer_bytes: viewers.bytes,
             log_bytes,
             viewers_cut: status["viewers_cut"].as_f64().unwrap_or(f64::NAN),
-            service: cpu(&service.pids()),
+            service: cpu_time(&service.pids()),
             wakeups: service.pids().iter().map(|&p| voluntary_switches(p)).sum(),
-            daemon: cpu(DAEMON_PID.get().map(std::slice::from_ref).unwrap_or(&[])),
-            qemu: cpu(qemus),
+            daemon: cpu_time(DAEMON_PID.get().map(std::slice::from_ref).unwrap_or(&[])),
+            qemu: cpu_time(qemus),
             machine: machine_jiffies(),
             service_sched: sched(&service.pids()),
             quiet_sched: sched(quiet_qemu),

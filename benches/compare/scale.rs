@@ -33,7 +33,7 @@ use virt_reactor::{Interest, Watch};
 use crate::floods::qemu_pids;
 use crate::report::{figure, Figure, Results};
 use crate::setup::Env;
-use crate::sys::{process_cpu_time, Usage};
+use crate::sys::{cpu_time, Usage};
 use crate::{run_case, run_child, Case, Figures, Loop, Opts};
 
 pub(crate) const SCENARIO: &str = "Scenario 8: consoles at scale";
@@ -331,12 +331,11 @@ impl Scale {
     }
 
     fn snapshot(&self) -> Snapshot {
-        let cpu = |pids: &[u32]| pids.iter().filter_map(|&p| process_cpu_time(p)).sum();
         Snapshot {
             at: Instant::now(),
             client: Usage::now().cpu,
-            qemu: cpu(&self.qemu),
-            daemon: cpu(self.daemon.as_slice()),
+            qemu: cpu_time(&self.qemu),
+            daemon: cpu_time(self.daemon.as_slice()),
             machine: machine_jiffies(),
             loop_sched: schedstat(self.loop_tid),
             floor_sched: schedstat(self.floor_tid.load(Ordering::Acquire) as i32),
