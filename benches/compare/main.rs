@@ -622,18 +622,22 @@ fn callgrind_bulk(file: &std::path::Path) -> Result<f64, String> {
     Ok(bulk)
 }
 
-/// Runs a case and adds its rows to `results`.
-pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
-    if let Some(filter) = FILTER.get().and_then(Option::as_ref) {
+/// Whether `--filter` takes the case labelled `label`.
+pub(crate) fn wanted(label: &str) -> bool {
+    FILTER.get().and_then(Option::as_ref).is_none_or(|filter| {
         // A trailing `$` anchors the filter at the label's end: "N=1$" takes N=1,
         // not N=16.
-        let wanted = match filter.strip_suffix('$') {
-            Some(end) => case.label.ends_with(end),
-            None => case.label.contains(filter.as_str()),
-        };
-        if !wanted {
-            return;
+        match filter.strip_suffix('$') {
+            Some(end) => label.ends_with(end),
+            None => label.contains(filter.as_str()),
         }
+    })
+}
+
+/// Runs a case and adds its rows to `results`.
+pub(crate) fn run_case(case: Case<'_>, results: &mut Results) {
+    if !wanted(&case.label) {
+        return;
     }
     let mut runs: [Vec<HashMap<String, f64>>; 3] = [Vec::new(), Vec::new(), Vec::new()];
     let mut instructions: [Vec<(f64, f64)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
