@@ -34,7 +34,7 @@ use crate::floods::qemu_pids;
 use crate::report::{figure, Figure, Results};
 use crate::setup::Env;
 use crate::sys::{cpu_time, Usage};
-use crate::{run_case, run_child, Case, Figures, Loop, Opts};
+use crate::{run_case, run_child, wanted, Case, Figures, Loop, Opts};
 
 pub(crate) const SCENARIO: &str = "Scenario 8: consoles at scale";
 /// Untimed passes until every console answers, booting lost guests again between.
@@ -66,6 +66,10 @@ pub(crate) fn scenario8(opts: &Opts, env: &mut Env, results: &mut Results) {
     // so that even one console gives the probe hundreds of samples.
     let rounds = |n: usize| if opts.quick { 30 } else { (2400 / n).max(100) };
     for &n in counts {
+        let label = format!("N={n}");
+        if !wanted(&label) {
+            continue;
+        }
         // Booted up to each count in turn, and one untimed child waits until every
         // console answers: no timed run shares the CPUs with a boot.
         let guests = env.boot_guests(&opts.testbed, n)[..n].to_vec();
@@ -98,7 +102,7 @@ pub(crate) fn scenario8(opts: &Opts, env: &mut Env, results: &mut Results) {
         run_case(
             Case {
                 scenario: SCENARIO,
-                label: format!("N={n}"),
+                label,
                 child: "console",
                 args: args(rounds(n)),
                 figures: FIGURES.to_vec(),
