@@ -7,6 +7,8 @@
 #   bash scripts/bench.sh --only s2,s5 --runs 3
 #   bash scripts/bench.sh --only s6 --service-guests 8,24,48   # console service vs conserver
 #   bash scripts/bench.sh --only s7 --runs 5   # consoles on 3 hosts (network namespaces) vs 1, hosts 1 and 3 while host 2 restarts, reconnects
+#   bash scripts/bench.sh --only s8 --runs 5   # consoles at scale: 1, 24, 48 guests, both loops, echo and the loop's own delay (probe)
+#   bash scripts/bench.sh --only s9 --runs 5   # console floods: 1 and 24 guests print flat out through virt-consoled, a quiet console beside
 #   bash scripts/bench.sh --only s10 --runs 5  # whole programs: vol, a C client, virsh, the library on both loops; N=1,16,64
 #   # The async path against the mio path (docs/benchmarks.md, "Async path"): client
 #   # CPU per GiB, and the counts that do not depend on the machine's load: syscalls,

@@ -22,6 +22,7 @@ use virt_reactor::{transfer, ReactorHandle, Stream};
 
 use crate::multihost::Held;
 use crate::report::{figure, Results};
+use crate::scale::Scale;
 use crate::setup::{Env, POOL};
 use crate::{data, run_case, Case, Figures, Opts, Params, MIB};
 
@@ -150,15 +151,29 @@ pub(crate) fn latency(p: &Params) -> Figures {
         let names = names.split(',').map(str::to_owned).collect();
         Held::start(&mut reactor, p.str("held_uri"), names, options.clone())
     });
+    // Scenario 8: the loop's own delay and where the CPU goes, over the timed rounds.
+    let scale = p.get("probe").map(|_| {
+        Arc::new(Scale::start(
+            &guests,
+            p.get("daemon").and_then(|d| d.parse().ok()),
+        ))
+    });
     let handle = reactor.handle();
     let muxes = Arc::new(muxes);
     let user = {
         let (muxes, conn) = (Arc::clone(&muxes), conns[0].clone());
+        let scale = scale.clone();
         thread::spawn(move || {
             // Also when the user panics (a guest gone): the child then fails at once.
             let _stop = StopOnDrop(handle.clone());
             user(
-                &muxes, &events, &guests, samples, upload_len, &conn, &handle,
+                &muxes,
+                &events,
+                &guests,
+                (samples, upload_len),
+                &conn,
+                &handle,
+                scale.as_deref(),
             )
         })
     };
@@ -174,6 +189,9 @@ pub(crate) fn latency(p: &Params) -> Figures {
         let _ = reactor.run_once(Some(Duration::from_millis(5)), &mut ());
     }
     let mut figures = echo_figures(measured.latencies_ms, measured.lost, measured.upload_mibps);
+    if let Some(scale) = scale.and_then(Arc::into_inner) {
+        figures.extend(scale.finish());
+    }
     figures.extend(held.iter().flat_map(|held| held.figures(&measured.timed)));
     figures
 }
@@ -294,15 +312,16 @@ impl Screens<'_> {
     }
 }
 
-/// The user's side: warm up, then time echo rounds (until the upload ends, if any).
+/// The user's side: warm up, then time `samples` echo rounds, or rounds until an
+/// upload of `upload_len` bytes ends; `scale` watches the timed rounds.
 fn user(
     muxes: &Muxes,
     events: &Receiver<ConsoleEvent>,
     guests: &[String],
-    samples: usize,
-    upload_len: u64,
+    (samples, upload_len): (usize, u64),
     conn: &Connect,
     handle: &ReactorHandle<()>,
+    scale: Option<&Scale>,
 ) -> Measured {
     let mut screens = Screens {
         events,
@@ -350,6 +369,9 @@ fn user(
     let mut latencies_ms = Vec::new();
     let mut lost = 0;
     let mut rounds = 0;
+    if let Some(scale) = scale {
+        scale.arm();
+    }
     let started = Instant::now();
     while let Some((marker, line)) = next_round(&mut rounds, samples, upload_len, &done) {
         let sent: Vec<(&String, Instant)> = guests
@@ -368,6 +390,9 @@ fn user(
         }
     }
     let timed = started..Instant::now();
+    if let Some(scale) = scale {
+        scale.disarm();
+    }
     let upload_mibps = if upload_len > 0 {
         let deadline = Instant::now() + Duration::from_secs(600);
         while !done.load(Ordering::Acquire) && Instant::now() < deadline {

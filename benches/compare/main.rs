@@ -2,7 +2,7 @@
 //! invocation.
 //!
 //! ```text
-//! cargo bench --bench compare -- [--runs 5] [--only s1,s2,s3,s4,s5] [--quick]
+//! cargo bench --bench compare -- [--runs 5] [--only s1,s2,…,s9] [--quick]
 //!                                [--out target/bench] [--svg docs/benchmarks-s2.svg]
 //!                                [--callgrind] [--guests 3] [--scratch DIR]
 //!                                [--filter CASE] [--tokio-read buf|copy]
@@ -33,7 +33,9 @@
 //! guest (`service`: no children; the parent runs both services and measures them
 //! from outside), 7 console echo latency with the consoles spread over 3 hosts
 //! (network namespaces, a libvirtd on TCP each) against as many on one host
-//! (`multihost`; no children of the default loop). `docs/benchmarks.md` has the
+//! (`multihost`; no children of the default loop), 8 console echo at 1, 24 and 48
+//! guests with the loop's own delay measured by a probe (`scale`), 9 console floods
+//! through the console service beside a quiet console (`floods`; no children). `docs/benchmarks.md` has the
 //! figures and the reasoning.
 
 mod asyncpath;
@@ -42,6 +44,7 @@ mod consoles;
 #[path = "../../tests/support/daemon.rs"]
 mod daemon;
 mod data;
+mod floods;
 #[path = "../../tests/support/hosts.rs"]
 mod hosts;
 mod loops;
@@ -49,6 +52,7 @@ mod memory;
 mod multihost;
 mod programs;
 mod report;
+mod scale;
 mod service;
 mod setup;
 mod streams;
@@ -761,7 +765,7 @@ fn parent(opts: &Opts) {
     // guests, daemon and pool (Env's Drop).
     let _ = ctrlc::set_handler(|| eprintln!("compare: interrupted; cleaning up"));
     let load_before = loadavg();
-    let needs_daemon = ["s1", "s3", "s4", "s5", "s6", "s10"]
+    let needs_daemon = ["s1", "s3", "s4", "s5", "s6", "s8", "s9", "s10"]
         .iter()
         .any(|s| opts.wants(s));
     let mut env = needs_daemon.then(|| Env::start(opts));
@@ -800,6 +804,14 @@ fn parent(opts: &Opts) {
     }
     if opts.wants("s6") {
         service::scenario6(opts, env.as_mut().expect("daemon"), &mut results);
+        partial(&results);
+    }
+    if opts.wants("s8") {
+        scale::scenario8(opts, env.as_mut().expect("daemon"), &mut results);
+        partial(&results);
+    }
+    if opts.wants("s9") {
+        floods::scenario9(opts, env.as_mut().expect("daemon"), &mut results);
         partial(&results);
     }
     if opts.wants("s7") {

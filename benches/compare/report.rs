@@ -87,6 +87,8 @@ pub(crate) fn num(x: f64) -> String {
 fn columns(scenario: &str) -> (&'static str, &'static str, &'static str) {
     if scenario == crate::service::SCENARIO {
         ("virt-consoled", "conserver + virsh", "ours/theirs")
+    } else if scenario == crate::floods::SCENARIO {
+        ("N guests flooding", "none flooding", "floods/none")
     } else if scenario == crate::multihost::SCENARIO {
         ("3 hosts", "1 host", "3 hosts/1 host")
     } else if scenario == crate::multihost::CHURN {

@@ -104,7 +104,7 @@ pub(crate) const FIGURES: &[Figure] = &[
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Side {
+pub(crate) enum Side {
     Ours,
     Theirs,
 }
@@ -238,7 +238,7 @@ fn conserver_version() -> String {
 
 /// Waits (through ours) until every console answers an echo.
 fn ready(opts: &Opts, env: &Env, base: &Path, names: &[String]) -> Result<(), String> {
-    let service = Service::start(Side::Ours, opts, env, base, names)?;
+    let service = Service::start(Side::Ours, opts, env, base, (names, &[]))?;
     let mut viewers = Viewers::open(&service, names)?;
     viewers.warm_up(180)?;
     Ok(())
@@ -253,7 +253,7 @@ fn measure(
     names: &[String],
     plan: &Plan,
 ) -> Result<HashMap<String, f64>, String> {
-    let service = Service::start(side, opts, env, base, names)?;
+    let service = Service::start(side, opts, env, base, (names, &[]))?;
     let mut viewers = Viewers::open(&service, names)?;
     viewers.warm_up(30)?;
     let mut figures: HashMap<String, f64> = HashMap::new();
@@ -401,7 +401,7 @@ fn process_tree(root: u32) -> Vec<u32> {
 }
 
 /// A running service, stopped (its whole tree) and its directory removed on drop.
-struct Service {
+pub(crate) struct Service {
     side: Side,
     child: Child,
     dir: PathBuf,
@@ -412,12 +412,13 @@ struct Service {
 }
 
 impl Service {
-    fn start(
+    /// Starts `side` on the consoles `names`; ours also takes `extra` arguments.
+    pub(crate) fn start(
         side: Side,
         opts: &Opts,
         env: &Env,
         base: &Path,
-        names: &[String],
+        (names, extra): (&[String], &[&str]),
     ) -> Result<Service, String> {
         let dir = base.join(format!("{}-{}", side.name(), std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -451,6 +452,7 @@ impl Service {
                     .arg("--log-dir")
                     .arg(&logs)
                     .arg("--force")
+                    .args(extra)
                     .env("RUST_LOG", "warn");
                 (c, 0)
             }
@@ -524,14 +526,18 @@ impl Service {
         }
     }
 
-    /// Ours' consoles, from its control socket.
-    fn consoles(&self) -> Option<Vec<serde_json::Value>> {
+    /// Ours' status, from its control socket.
+    pub(crate) fn status(&self) -> Option<serde_json::Value> {
         let mut control = UnixStream::connect(self.dir.join("sockets/control.sock")).ok()?;
         control.write_all(b"{\"cmd\":\"status\"}\n").ok()?;
         let mut line = String::new();
         io::BufRead::read_line(&mut io::BufReader::new(control), &mut line).ok()?;
-        let status: serde_json::Value = serde_json::from_str(&line).ok()?;
-        status.get("consoles")?.as_array().cloned()
+        serde_json::from_str(&line).ok()
+    }
+
+    /// Ours' consoles, from its status.
+    fn consoles(&self) -> Option<Vec<serde_json::Value>> {
+        self.status()?.get("consoles")?.as_array().cloned()
     }
 
     /// How many consoles ours reports attached.
@@ -555,7 +561,7 @@ impl Service {
         Some(full.count() as f64)
     }
 
-    fn pids(&self) -> Vec<u32> {
+    pub(crate) fn pids(&self) -> Vec<u32> {
         process_tree(self.child.id())
     }
 
@@ -780,23 +786,26 @@ type Output = (usize, Vec<u8>, Instant);
 
 /// One viewer per console, each read by a thread of its own that stamps what
 /// arrives.
-struct Viewers {
+pub(crate) struct Viewers {
     writers: Vec<Conn>,
     output: Receiver<Output>,
     readers: Vec<JoinHandle<()>>,
     screens: Vec<Screen>,
+    /// Whose output is kept for `wait_for` (not a flood's).
+    kept: Vec<bool>,
     /// Bytes read in all.
-    bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 impl Viewers {
-    fn open(service: &Service, names: &[String]) -> Result<Viewers, String> {
+    pub(crate) fn open(service: &Service, names: &[String]) -> Result<Viewers, String> {
         let (tx, output) = crossbeam_channel::unbounded();
         let mut viewers = Viewers {
             writers: Vec::new(),
             output,
             readers: Vec::new(),
             screens: names.iter().map(|_| Screen::default()).collect(),
+            kept: vec![true; names.len()],
             bytes: 0,
         };
         for (i, name) in names.iter().enumerate() {
@@ -813,7 +822,7 @@ impl Viewers {
         Ok(viewers)
     }
 
-    fn send(&mut self, i: usize, bytes: &[u8]) -> Result<(), String> {
+    pub(crate) fn send(&mut self, i: usize, bytes: &[u8]) -> Result<(), String> {
         self.writers[i]
             .write_all(bytes)
             .map_err(|e| format!("viewer {i}: {e}"))
@@ -824,7 +833,7 @@ impl Viewers {
         match self.output.recv_deadline(deadline) {
             Ok((i, bytes, at)) => {
                 self.bytes += bytes.len() as u64;
-                if keep {
+                if keep && self.kept[i] {
                     self.screens[i].push(&bytes, at);
                 }
                 true
@@ -833,8 +842,14 @@ impl Viewers {
         }
     }
 
+    /// Console `i`'s output is counted but not kept (it floods).
+    pub(crate) fn forget(&mut self, i: usize) {
+        self.kept[i] = false;
+        self.screens[i] = Screen::default();
+    }
+
     /// Reads (and forgets) everything until `deadline`.
-    fn drain_until(&mut self, deadline: Instant) {
+    pub(crate) fn drain_until(&mut self, deadline: Instant) {
         while self.pump(deadline, false) {}
         for screen in &mut self.screens {
             *screen = Screen::default();
@@ -842,7 +857,7 @@ impl Viewers {
     }
 
     /// Reads (and forgets) until nothing came for `quiet`, or `deadline`.
-    fn drain_until_quiet(&mut self, quiet: Duration, deadline: Instant) {
+    pub(crate) fn drain_until_quiet(&mut self, quiet: Duration, deadline: Instant) {
         while Instant::now() < deadline && self.pump((Instant::now() + quiet).min(deadline), false)
         {
         }
@@ -862,7 +877,7 @@ impl Viewers {
 
     /// Every console answers an echo (trying once a second, `tries` times), then
     /// five more.
-    fn warm_up(&mut self, tries: usize) -> Result<(), String> {
+    pub(crate) fn warm_up(&mut self, tries: usize) -> Result<(), String> {
         for i in 0..self.writers.len() {
             let answered = (0..tries).any(|k| {
                 self.send(i, format!("echo w{k}\n").as_bytes()).is_ok()
@@ -887,6 +902,14 @@ impl Viewers {
             }
         }
         Ok(())
+    }
+
+    /// One echo `echo mK` on console `i`: its latency in ms, None if lost (5 s).
+    pub(crate) fn echo_once(&mut self, i: usize, k: usize) -> Option<f64> {
+        let at = Instant::now();
+        self.send(i, format!("echo m{k}\n").as_bytes()).ok()?;
+        let arrived = self.wait_for(i, &format!("\nm{k}\r"), at + Duration::from_secs(5))?;
+        Some((arrived - at).as_secs_f64() * 1e3)
     }
 
     /// `rounds` rounds of one echo to every console; latencies in ms and losses.

@@ -163,6 +163,20 @@ impl Env {
         );
         self.guest_names.clone()
     }
+
+    /// Boots again every guest of ours that is gone (a TCG guest may die booting
+    /// under load: testbed/README.md).
+    pub(crate) fn reboot_missing(&self, testbed: &Path) {
+        let testbed = Testbed::open(testbed).expect("the testbed (bash testbed/build.sh)");
+        for name in &self.guest_names {
+            if self.conn.lookup_domain_by_name(name).is_err() {
+                eprintln!("compare: {name} is gone; booting it again");
+                self.conn
+                    .create_domain_xml(&testbed.guest_xml(name, GuestMode::Plain), 0)
+                    .unwrap_or_else(|e| panic!("boot {name}: {e}\n{}", self.daemon.log_tail(20)));
+            }
+        }
+    }
 }
 
 impl Drop for Env {

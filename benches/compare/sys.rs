@@ -115,6 +115,11 @@ pub(crate) fn process_cpu_time(pid: u32) -> Option<Duration> {
     (per_second > 0).then(|| Duration::from_secs_f64(ticks as f64 / per_second as f64))
 }
 
+/// The CPU time of `pids` together (see `process_cpu_time`).
+pub(crate) fn cpu_time(pids: &[u32]) -> Duration {
+    pids.iter().filter_map(|&p| process_cpu_time(p)).sum()
+}
+
 /// Peak resident set size of this process, in KiB.
 pub(crate) fn max_rss_kib() -> u64 {
     rusage().ru_maxrss as u64

@@ -40,6 +40,7 @@ mod hosts;
 mod libvirt;
 mod logfile;
 mod options;
+mod pacing;
 mod scrollback;
 mod server;
 mod status;
@@ -61,6 +62,7 @@ use self::dir::SocketDir;
 use self::libvirt::Libvirt;
 pub use self::logfile::{ConsoleLog, LogOptions};
 pub use self::options::ServiceOptions;
+use self::pacing::Pacing;
 use self::server::{Server, LIBVIRT, SIGNALS};
 pub use self::status::{
     ConsoleStatus, HostStatus, LogStatus, ScrollbackStatus, Status, ViewerStatus,
@@ -143,14 +145,29 @@ pub fn run(options: ServiceOptions) -> Result<()> {
     }
     server.start(&mut reactor)?;
 
+    let mut pacing = Pacing::default();
+    // While output streams, libvirt is left unread until then (see `pacing`).
+    let mut libvirt_paused_until: Option<Instant> = None;
     let outcome = loop {
+        if libvirt_paused_until.is_some_and(|at| Instant::now() >= at) {
+            libvirt_paused_until = None;
+            if let Err(e) = poll
+                .registry()
+                .register(&mut reactor, LIBVIRT, Interest::READABLE)
+            {
+                break Err(Error::Io(e));
+            }
+        }
         // Our own deadlines first: next_timeout() must come right before the poll.
         let mut timeout = server.timeout();
-        if let Some(at) = exit_at {
+        for at in [exit_at, libvirt_paused_until].into_iter().flatten() {
             let left = at.saturating_duration_since(Instant::now());
             timeout = Some(timeout.map_or(left, |t| t.min(left)));
         }
-        if let Some(libvirt) = reactor.next_timeout() {
+        // Paused, libvirt's work (its timers, what it has read) waits for the end of
+        // the pause, or for whatever else wakes the loop first.
+        let libvirt = libvirt_paused_until.map_or_else(|| reactor.next_timeout(), |_| None);
+        if let Some(libvirt) = libvirt {
             timeout = Some(timeout.map_or(libvirt, |t| t.min(libvirt)));
         }
         match poll.poll(&mut events, timeout) {
@@ -181,6 +198,14 @@ pub fn run(options: ServiceOptions) -> Result<()> {
         }
         if let Err(e) = server.after_dispatch(&mut reactor) {
             break Err(failed(e));
+        }
+        if server.take_output_served() && libvirt_paused_until.is_none() {
+            if let Some(at) = pacing.served_output(Instant::now()) {
+                if let Err(e) = poll.registry().deregister(&mut reactor) {
+                    break Err(Error::Io(e));
+                }
+                libvirt_paused_until = Some(at);
+            }
         }
         if quit {
             break Ok(());

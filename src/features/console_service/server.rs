@@ -153,6 +153,8 @@ pub(crate) struct Server {
     stalled: BTreeSet<String>,
     next_peer: u64,
     viewers_cut: u64,
+    /// A console printed since the last `take_output_served` (see `pacing`).
+    output_served: bool,
     pub(crate) libvirt: Libvirt,
     /// Shutting down: consoles that attach now are not served.
     closing: bool,
@@ -191,6 +193,7 @@ impl Server {
             stalled: BTreeSet::new(),
             next_peer: 1,
             viewers_cut: 0,
+            output_served: false,
             libvirt: Libvirt::default(),
             closing: false,
             scratch: vec![0; 16 * 1024],
@@ -482,6 +485,11 @@ impl Server {
         }
     }
 
+    /// Whether a console printed since the last call.
+    pub(crate) fn take_output_served(&mut self) -> bool {
+        std::mem::take(&mut self.output_served)
+    }
+
     /// Serves what the consoles of every connected host reported.
     fn console_events(&mut self) {
         let events: Vec<(String, ConsoleEvent)> = self
@@ -670,6 +678,7 @@ impl Server {
             return;
         };
         console.output_bytes += bytes.len() as u64;
+        self.output_served = true;
         console.scrollback.push(bytes);
         if let Some(log) = &mut console.log {
             log.write(bytes);
