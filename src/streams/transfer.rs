@@ -24,7 +24,7 @@ use crate::vocab::sync::lock;
 const CHUNK: usize = 256 * 1024;
 
 /// Buffers a sending transfer keeps for reuse, at most (see `Direction::Send::spare`).
-const SPARE: usize = 2;
+const SPARE: usize = 1;
 
 /// Default bytes a sending transfer moves per readiness event: one packet.
 ///
