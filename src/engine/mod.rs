@@ -394,3 +394,25 @@ impl Drop for LoopThreadGuard {
             .store(self.previous, Ordering::Release);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sleeping_loop_is_woken_only_for_a_timer_due_before_it_wakes() {
+        let now = Instant::now();
+        let second = Duration::from_secs(1);
+        let mut state = State {
+            sleeps_until: Some(now + second),
+            ..State::default()
+        };
+        assert!(state.wakes_too_late_for(due_at(0, now)));
+        assert!(state.wakes_too_late_for(due_at(999, now)));
+        assert!(!state.wakes_too_late_for(due_at(5000, now)));
+        assert!(!state.wakes_too_late_for(due_at(-1, now)));
+        state.sleeps_until = None;
+        assert!(state.wakes_too_late_for(due_at(5000, now)));
+        assert!(!state.wakes_too_late_for(due_at(-1, now)));
+    }
+}
