@@ -1,5 +1,7 @@
 //! Scenario 4: console echo latency through `ConsoleMux`, one console or every
-//! testbed guest at once, quiet or beside a 1 GiB upload on the same loop.
+//! testbed guest at once, quiet or beside a 1 GiB upload on the same loop; and one
+//! console beside 16 concurrent downloads (1 GiB in all) on the same loop, where each
+//! receive may take `DEFAULT_RECEIVE_BUDGET` per readiness event (issue 14).
 //!
 //! The loop thread runs `Reactor::run`; a second thread plays the user: it sends
 //! `echo mN` lines through the mux (each console's `StreamWriter`, which wakes the
@@ -23,9 +25,17 @@ use virt_reactor::{transfer, ReactorHandle, Stream};
 use crate::multihost::Held;
 use crate::report::{figure, Results};
 use crate::setup::{Env, POOL};
-use crate::{data, run_case, Case, Figures, Opts, Params, MIB};
+use crate::{data, run_case, sys, Case, Figures, Opts, Params, MIB};
 
 pub(crate) const UPLOAD_VOLUME: &str = "console-upload";
+
+/// Downloads beside one console in the "+ 16 downloads" case, each of its own
+/// volume (`download_volume(k)`).
+const DOWNLOADS: usize = 16;
+
+fn download_volume(k: usize) -> String {
+    format!("console-download-{k}")
+}
 
 pub(crate) fn s4_label(all: bool, upload: bool) -> String {
     format!(
@@ -76,6 +86,42 @@ pub(crate) fn scenario4(opts: &Opts, env: &mut Env, results: &mut Results) {
             );
         }
     }
+    // One console beside many receiving streams: what a receive budget per event
+    // costs the console's echo.
+    let download_len = if opts.quick { 8 * MIB } else { 64 * MIB };
+    for k in 0..DOWNLOADS {
+        env.create_volume(&download_volume(k), download_len);
+        env.fill_volume(&download_volume(k), 0, download_len);
+    }
+    run_case(
+        Case {
+            scenario: "Scenario 4: console echo latency",
+            label: format!("one guest + {DOWNLOADS} downloads"),
+            child: "console",
+            args: vec![
+                format!("uri={}", env.uri),
+                format!("guests={}", guests[0]),
+                format!("samples={samples}"),
+                "upload=0".to_owned(),
+                format!("downloads={DOWNLOADS}"),
+                format!("download_len={download_len}"),
+            ],
+            figures: vec![
+                figure("p50_ms", "median ms"),
+                figure("p99_ms", "p99 ms"),
+                figure("samples", "echoes timed"),
+                figure("lost", "echoes lost (5 s)"),
+                figure("download_mibps", "downloads MiB/s (all)"),
+                figure("maxrss_mib", "peak RSS MiB"),
+            ],
+            runs: opts.runs,
+            tokio: false,
+            before: None,
+            after: None,
+            instructions: None,
+        },
+        results,
+    );
     results.note(format!(
         "Scenario 4 guests: {} testbed guests ({}), TCG, plain read/eval console.",
         guests.len(),
@@ -89,7 +135,8 @@ struct Measured {
     timed: Range<Instant>,
     latencies_ms: Vec<f64>,
     lost: usize,
-    upload_mibps: f64,
+    /// The upload's or the downloads' rate (all of them together).
+    background_mibps: f64,
 }
 
 /// The consoles of a run by name, on one connection's mux or several.
@@ -107,6 +154,7 @@ impl Muxes {
 
 /// Child arguments: `uri=U[,U…]` (connections), `guests=[K:]NAME,…` (a guest on
 /// connection K, 0 if not given), `samples=`, `upload=` (bytes, on connection 0);
+/// optionally `downloads=N download_len=` (bytes each, on connection 0);
 /// optionally `held_uri=U held=NAME,…`: consoles also held on this loop, untimed,
 /// through a supervised connection (`multihost::Held`).
 pub(crate) fn latency(p: &Params) -> Figures {
@@ -123,6 +171,14 @@ pub(crate) fn latency(p: &Params) -> Figures {
     let guests: Vec<String> = placed.iter().map(|(_, name)| name.clone()).collect();
     let samples: usize = p.num("samples");
     let upload_len: u64 = p.num("upload");
+    let downloads = Downloads {
+        count: p
+            .get("downloads")
+            .map_or(0, |n| n.parse().expect("downloads=")),
+        len: p
+            .get("download_len")
+            .map_or(0, |n| n.parse().expect("download_len=")),
+    };
     let options = ConsoleOptions {
         force: true,
         ..ConsoleOptions::default()
@@ -158,7 +214,7 @@ pub(crate) fn latency(p: &Params) -> Figures {
             // Also when the user panics (a guest gone): the child then fails at once.
             let _stop = StopOnDrop(handle.clone());
             user(
-                &muxes, &events, &guests, samples, upload_len, &conn, &handle,
+                &muxes, &events, &guests, samples, upload_len, downloads, &conn, &handle,
             )
         })
     };
@@ -173,7 +229,17 @@ pub(crate) fn latency(p: &Params) -> Figures {
     for _ in 0..10 {
         let _ = reactor.run_once(Some(Duration::from_millis(5)), &mut ());
     }
-    let mut figures = echo_figures(measured.latencies_ms, measured.lost, measured.upload_mibps);
+    let (upload_mibps, download_mibps) = if downloads.count > 0 {
+        (f64::NAN, measured.background_mibps)
+    } else {
+        (measured.background_mibps, f64::NAN)
+    };
+    let mut figures = echo_figures(measured.latencies_ms, measured.lost, upload_mibps);
+    if downloads.count > 0 {
+        figures.push(("download_mibps", download_mibps));
+        // The client library queues received packets in this process.
+        figures.push(("maxrss_mib", sys::max_rss_kib() as f64 / 1024.0));
+    }
     figures.extend(held.iter().flat_map(|held| held.figures(&measured.timed)));
     figures
 }
@@ -294,13 +360,23 @@ impl Screens<'_> {
     }
 }
 
-/// The user's side: warm up, then time echo rounds (until the upload ends, if any).
+/// Concurrent downloads beside the consoles: `count` volumes of `len` bytes.
+#[derive(Clone, Copy)]
+struct Downloads {
+    count: usize,
+    len: u64,
+}
+
+/// The user's side: warm up, then time echo rounds (until the upload or the
+/// downloads end, if any).
+#[allow(clippy::too_many_arguments)]
 fn user(
     muxes: &Muxes,
     events: &Receiver<ConsoleEvent>,
     guests: &[String],
     samples: usize,
     upload_len: u64,
+    downloads: Downloads,
     conn: &Connect,
     handle: &ReactorHandle<()>,
 ) -> Measured {
@@ -342,16 +418,21 @@ fn user(
         }
     }
 
-    let done = Arc::new(AtomicBool::new(upload_len == 0));
+    // Bytes moved beside the consoles; rounds are timed until they are moved.
+    let background = upload_len + downloads.count as u64 * downloads.len;
+    let done = Arc::new(AtomicBool::new(background == 0));
     let upload_result: Arc<Mutex<Option<Result<f64, String>>>> = Arc::default();
     if upload_len > 0 {
         start_upload(handle, conn, upload_len, &done, &upload_result);
+    }
+    if downloads.count > 0 {
+        start_downloads(handle, conn, downloads, &done, &upload_result);
     }
     let mut latencies_ms = Vec::new();
     let mut lost = 0;
     let mut rounds = 0;
     let started = Instant::now();
-    while let Some((marker, line)) = next_round(&mut rounds, samples, upload_len, &done) {
+    while let Some((marker, line)) = next_round(&mut rounds, samples, background, &done) {
         let sent: Vec<(&String, Instant)> = guests
             .iter()
             .map(|name| {
@@ -368,14 +449,14 @@ fn user(
         }
     }
     let timed = started..Instant::now();
-    let upload_mibps = if upload_len > 0 {
+    let background_mibps = if background > 0 {
         let deadline = Instant::now() + Duration::from_secs(600);
         while !done.load(Ordering::Acquire) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(10));
         }
         match upload_result.lock().expect("result").take() {
             Some(Ok(mibps)) => mibps,
-            other => panic!("upload: {other:?}"),
+            other => panic!("upload or downloads: {other:?}"),
         }
     } else {
         f64::NAN
@@ -384,7 +465,7 @@ fn user(
         timed,
         latencies_ms,
         lost,
-        upload_mibps,
+        background_mibps,
     }
 }
 
@@ -451,4 +532,73 @@ fn start_upload(
                 .expect("insert the upload");
         })
         .expect("reactor");
+}
+
+/// Starts `downloads.count` downloads on the loop thread, one start per loop turn
+/// (as vol does); each checks what it receives. `done` once all ended, `result` their
+/// rate together (or the first error).
+fn start_downloads(
+    handle: &ReactorHandle<()>,
+    conn: &Connect,
+    downloads: Downloads,
+    done: &Arc<AtomicBool>,
+    result: &Arc<Mutex<Option<Result<f64, String>>>>,
+) {
+    let started = Instant::now();
+    let left = Arc::new(Mutex::new((downloads.count, None::<String>)));
+    for k in 0..downloads.count {
+        let (conn, done, result, left) = (
+            conn.clone(),
+            Arc::clone(done),
+            Arc::clone(result),
+            Arc::clone(&left),
+        );
+        let len = downloads.len;
+        handle
+            .execute(move |reactor, _| {
+                let pool = conn.lookup_storage_pool_by_name(POOL).expect("pool");
+                let vol = pool
+                    .lookup_storage_vol_by_name(&download_volume(k))
+                    .expect("download volume");
+                let mut stream = Stream::new(&conn).expect("stream");
+                stream
+                    .with_virt(|virt_stream| vol.download(virt_stream, 0, len, 0))
+                    .expect("download");
+                let mut at = 0;
+                let t = transfer::recv_all(move |buf| {
+                    if !data::check(at, buf) {
+                        return Err(std::io::Error::other(format!("bad data at {at}")));
+                    }
+                    at += buf.len() as u64;
+                    Ok(())
+                })
+                .on_end(move |_, r| {
+                    let mut left = left.lock().expect("downloads left");
+                    left.0 -= 1;
+                    match r {
+                        Ok(stats) if stats.data_bytes != len => {
+                            left.1
+                                .get_or_insert(format!("{k}: {} bytes", stats.data_bytes));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            left.1.get_or_insert(format!("{k}: {e}"));
+                        }
+                    }
+                    if left.0 == 0 {
+                        let mib = (downloads.count as u64 * len) as f64 / MIB as f64;
+                        *result.lock().expect("result") = Some(match left.1.take() {
+                            None => Ok(mib / started.elapsed().as_secs_f64()),
+                            Some(e) => Err(e),
+                        });
+                        done.store(true, Ordering::Release);
+                    }
+                });
+                let interest = t.interest();
+                reactor
+                    .insert(stream, interest, t)
+                    .expect("insert a download");
+            })
+            .expect("reactor");
+    }
 }
