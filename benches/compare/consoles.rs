@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use virt::connect::Connect;
+use virt::storage_vol::StorageVol;
 use virt_reactor::console::{ConsoleEvent, ConsoleMux, ConsoleOptions};
-use virt_reactor::{transfer, ReactorHandle, Stream};
+use virt_reactor::{transfer, Reactor, ReactorHandle, Stream};
 
 use crate::multihost::Held;
 use crate::report::{figure, Results};
@@ -501,14 +502,7 @@ fn start_upload(
     let (conn, done, result) = (conn.clone(), Arc::clone(done), Arc::clone(result));
     handle
         .execute(move |reactor, _| {
-            let pool = conn.lookup_storage_pool_by_name(POOL).expect("pool");
-            let vol = pool
-                .lookup_storage_vol_by_name(UPLOAD_VOLUME)
-                .expect("upload volume");
-            let mut stream = Stream::new(&conn).expect("stream");
-            stream
-                .with_virt(|virt_stream| vol.upload(virt_stream, 0, len, 0))
-                .expect("upload");
+            let stream = volume_stream(&conn, UPLOAD_VOLUME, |vol, s| vol.upload(s, 0, len, 0));
             let started = Instant::now();
             let mut sent = 0;
             let t = transfer::send_all(move |buf| {
@@ -518,18 +512,14 @@ fn start_upload(
                 Ok(want)
             })
             .on_end(move |_, r| {
-                *result.lock().expect("result") = Some(
-                    r.map(|stats| {
+                let rate = r
+                    .map(|stats| {
                         stats.data_bytes as f64 / MIB as f64 / started.elapsed().as_secs_f64()
                     })
-                    .map_err(|e| e.to_string()),
-                );
-                done.store(true, Ordering::Release);
+                    .map_err(|e| e.to_string());
+                finish(&result, &done, rate);
             });
-            let interest = t.interest();
-            reactor
-                .insert(stream, interest, t)
-                .expect("insert the upload");
+            insert(reactor, stream, t);
         })
         .expect("reactor");
 }
@@ -556,14 +546,9 @@ fn start_downloads(
         let len = downloads.len;
         handle
             .execute(move |reactor, _| {
-                let pool = conn.lookup_storage_pool_by_name(POOL).expect("pool");
-                let vol = pool
-                    .lookup_storage_vol_by_name(&download_volume(k))
-                    .expect("download volume");
-                let mut stream = Stream::new(&conn).expect("stream");
-                stream
-                    .with_virt(|virt_stream| vol.download(virt_stream, 0, len, 0))
-                    .expect("download");
+                let stream = volume_stream(&conn, &download_volume(k), |vol, s| {
+                    vol.download(s, 0, len, 0)
+                });
                 let mut at = 0;
                 let t = transfer::recv_all(move |buf| {
                     if !data::check(at, buf) {
@@ -587,18 +572,49 @@ fn start_downloads(
                     }
                     if left.0 == 0 {
                         let mib = (downloads.count as u64 * len) as f64 / MIB as f64;
-                        *result.lock().expect("result") = Some(match left.1.take() {
+                        let rate = match left.1.take() {
                             None => Ok(mib / started.elapsed().as_secs_f64()),
                             Some(e) => Err(e),
-                        });
-                        done.store(true, Ordering::Release);
+                        };
+                        finish(&result, &done, rate);
                     }
                 });
-                let interest = t.interest();
-                reactor
-                    .insert(stream, interest, t)
-                    .expect("insert a download");
+                insert(reactor, stream, t);
             })
             .expect("reactor");
     }
+}
+
+/// A stream on volume `name` of the bench pool, started by `start` (upload or download).
+fn volume_stream(
+    conn: &Connect,
+    name: &str,
+    start: impl FnOnce(&StorageVol, &virt::stream::Stream) -> Result<(), virt::error::Error>,
+) -> Stream {
+    let pool = conn.lookup_storage_pool_by_name(POOL).expect("pool");
+    let vol = pool
+        .lookup_storage_vol_by_name(name)
+        .unwrap_or_else(|e| panic!("volume {name}: {e}"));
+    let mut stream = Stream::new(conn).expect("stream");
+    stream
+        .with_virt(|virt_stream| start(&vol, virt_stream))
+        .unwrap_or_else(|e| panic!("start the transfer of {name}: {e}"));
+    stream
+}
+
+fn insert(reactor: &mut Reactor<()>, stream: Stream, t: transfer::Transfer<()>) {
+    let interest = t.interest();
+    reactor
+        .insert(stream, interest, t)
+        .expect("insert a transfer");
+}
+
+/// Hands the transfers' rate (or error) to the user thread, whose rounds end then.
+fn finish(
+    result: &Mutex<Option<Result<f64, String>>>,
+    done: &AtomicBool,
+    rate: Result<f64, String>,
+) {
+    *result.lock().expect("result") = Some(rate);
+    done.store(true, Ordering::Release);
 }
