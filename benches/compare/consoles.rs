@@ -1,5 +1,7 @@
 //! Scenario 4: console echo latency through `ConsoleMux`, one console or every
-//! testbed guest at once, quiet or beside a 1 GiB upload on the same loop.
+//! testbed guest at once, quiet or beside a 1 GiB upload on the same loop; and one
+//! console beside 16 concurrent downloads (1 GiB in all) on the same loop, where each
+//! receive may take `DEFAULT_RECEIVE_BUDGET` per readiness event (issue 14).
 //!
 //! The loop thread runs `Reactor::run`; a second thread plays the user: it sends
 //! `echo mN` lines through the mux (each console's `StreamWriter`, which wakes the
@@ -17,16 +19,25 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use virt::connect::Connect;
+use virt::storage_vol::StorageVol;
 use virt_reactor::console::{ConsoleEvent, ConsoleMux, ConsoleOptions};
-use virt_reactor::{transfer, ReactorHandle, Stream};
+use virt_reactor::{transfer, Reactor, ReactorHandle, Stream};
 
 use crate::multihost::Held;
 use crate::report::{figure, Results};
 use crate::scale::Scale;
 use crate::setup::{Env, POOL};
-use crate::{data, run_case, Case, Figures, Opts, Params, MIB};
+use crate::{data, run_case, sys, Case, Figures, Opts, Params, MIB};
 
 pub(crate) const UPLOAD_VOLUME: &str = "console-upload";
+
+/// Downloads beside one console in the "+ 16 downloads" case, each of its own
+/// volume (`download_volume(k)`).
+const DOWNLOADS: usize = 16;
+
+fn download_volume(k: usize) -> String {
+    format!("console-download-{k}")
+}
 
 pub(crate) fn s4_label(all: bool, upload: bool) -> String {
     format!(
@@ -77,6 +88,42 @@ pub(crate) fn scenario4(opts: &Opts, env: &mut Env, results: &mut Results) {
             );
         }
     }
+    // One console beside many receiving streams: what a receive budget per event
+    // costs the console's echo.
+    let download_len = if opts.quick { 8 * MIB } else { 64 * MIB };
+    for k in 0..DOWNLOADS {
+        env.create_volume(&download_volume(k), download_len);
+        env.fill_volume(&download_volume(k), 0, download_len);
+    }
+    run_case(
+        Case {
+            scenario: "Scenario 4: console echo latency",
+            label: format!("one guest + {DOWNLOADS} downloads"),
+            child: "console",
+            args: vec![
+                format!("uri={}", env.uri),
+                format!("guests={}", guests[0]),
+                format!("samples={samples}"),
+                "upload=0".to_owned(),
+                format!("downloads={DOWNLOADS}"),
+                format!("download_len={download_len}"),
+            ],
+            figures: vec![
+                figure("p50_ms", "median ms"),
+                figure("p99_ms", "p99 ms"),
+                figure("samples", "echoes timed"),
+                figure("lost", "echoes lost (5 s)"),
+                figure("download_mibps", "downloads MiB/s (all)"),
+                figure("maxrss_mib", "peak RSS MiB"),
+            ],
+            runs: opts.runs,
+            tokio: false,
+            before: None,
+            after: None,
+            instructions: None,
+        },
+        results,
+    );
     results.note(format!(
         "Scenario 4 guests: {} testbed guests ({}), TCG, plain read/eval console.",
         guests.len(),
@@ -90,7 +137,8 @@ struct Measured {
     timed: Range<Instant>,
     latencies_ms: Vec<f64>,
     lost: usize,
-    upload_mibps: f64,
+    /// The upload's or the downloads' rate (all of them together).
+    background_mibps: f64,
 }
 
 /// The consoles of a run by name, on one connection's mux or several.
@@ -108,6 +156,7 @@ impl Muxes {
 
 /// Child arguments: `uri=U[,U…]` (connections), `guests=[K:]NAME,…` (a guest on
 /// connection K, 0 if not given), `samples=`, `upload=` (bytes, on connection 0);
+/// optionally `downloads=N download_len=` (bytes each, on connection 0);
 /// optionally `held_uri=U held=NAME,…`: consoles also held on this loop, untimed,
 /// through a supervised connection (`multihost::Held`).
 pub(crate) fn latency(p: &Params) -> Figures {
@@ -124,6 +173,14 @@ pub(crate) fn latency(p: &Params) -> Figures {
     let guests: Vec<String> = placed.iter().map(|(_, name)| name.clone()).collect();
     let samples: usize = p.num("samples");
     let upload_len: u64 = p.num("upload");
+    let downloads = Downloads {
+        count: p
+            .get("downloads")
+            .map_or(0, |n| n.parse().expect("downloads=")),
+        len: p
+            .get("download_len")
+            .map_or(0, |n| n.parse().expect("download_len=")),
+    };
     let options = ConsoleOptions {
         force: true,
         ..ConsoleOptions::default()
@@ -170,7 +227,7 @@ pub(crate) fn latency(p: &Params) -> Figures {
                 &muxes,
                 &events,
                 &guests,
-                (samples, upload_len),
+                (samples, upload_len, downloads),
                 &conn,
                 &handle,
                 scale.as_deref(),
@@ -188,7 +245,17 @@ pub(crate) fn latency(p: &Params) -> Figures {
     for _ in 0..10 {
         let _ = reactor.run_once(Some(Duration::from_millis(5)), &mut ());
     }
-    let mut figures = echo_figures(measured.latencies_ms, measured.lost, measured.upload_mibps);
+    let (upload_mibps, download_mibps) = if downloads.count > 0 {
+        (f64::NAN, measured.background_mibps)
+    } else {
+        (measured.background_mibps, f64::NAN)
+    };
+    let mut figures = echo_figures(measured.latencies_ms, measured.lost, upload_mibps);
+    if downloads.count > 0 {
+        figures.push(("download_mibps", download_mibps));
+        // The client library queues received packets in this process.
+        figures.push(("maxrss_mib", sys::max_rss_kib() as f64 / 1024.0));
+    }
     if let Some(scale) = scale.and_then(Arc::into_inner) {
         figures.extend(scale.finish());
     }
@@ -312,13 +379,21 @@ impl Screens<'_> {
     }
 }
 
+/// Concurrent downloads beside the consoles: `count` volumes of `len` bytes.
+#[derive(Clone, Copy)]
+struct Downloads {
+    count: usize,
+    len: u64,
+}
+
 /// The user's side: warm up, then time `samples` echo rounds, or rounds until an
-/// upload of `upload_len` bytes ends; `scale` watches the timed rounds.
+/// upload of `upload_len` bytes or the downloads end; `scale` watches the timed
+/// rounds.
 fn user(
     muxes: &Muxes,
     events: &Receiver<ConsoleEvent>,
     guests: &[String],
-    (samples, upload_len): (usize, u64),
+    (samples, upload_len, downloads): (usize, u64, Downloads),
     conn: &Connect,
     handle: &ReactorHandle<()>,
     scale: Option<&Scale>,
@@ -361,10 +436,15 @@ fn user(
         }
     }
 
-    let done = Arc::new(AtomicBool::new(upload_len == 0));
+    // Bytes moved beside the consoles; rounds are timed until they are moved.
+    let background = upload_len + downloads.count as u64 * downloads.len;
+    let done = Arc::new(AtomicBool::new(background == 0));
     let upload_result: Arc<Mutex<Option<Result<f64, String>>>> = Arc::default();
     if upload_len > 0 {
         start_upload(handle, conn, upload_len, &done, &upload_result);
+    }
+    if downloads.count > 0 {
+        start_downloads(handle, conn, downloads, &done, &upload_result);
     }
     let mut latencies_ms = Vec::new();
     let mut lost = 0;
@@ -373,7 +453,7 @@ fn user(
         scale.arm();
     }
     let started = Instant::now();
-    while let Some((marker, line)) = next_round(&mut rounds, samples, upload_len, &done) {
+    while let Some((marker, line)) = next_round(&mut rounds, samples, background, &done) {
         let sent: Vec<(&String, Instant)> = guests
             .iter()
             .map(|name| {
@@ -393,14 +473,14 @@ fn user(
     if let Some(scale) = scale {
         scale.disarm();
     }
-    let upload_mibps = if upload_len > 0 {
+    let background_mibps = if background > 0 {
         let deadline = Instant::now() + Duration::from_secs(600);
         while !done.load(Ordering::Acquire) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(10));
         }
         match upload_result.lock().expect("result").take() {
             Some(Ok(mibps)) => mibps,
-            other => panic!("upload: {other:?}"),
+            other => panic!("upload or downloads: {other:?}"),
         }
     } else {
         f64::NAN
@@ -409,22 +489,21 @@ fn user(
         timed,
         latencies_ms,
         lost,
-        upload_mibps,
+        background_mibps,
     }
 }
 
-/// Starts uploading `len` generated bytes on the loop thread.
 /// The next echo round's output marker and input line, or `None` when the run is
-/// over: the upload beside the consoles ended, or (without one) `samples` rounds
-/// were timed.
+/// over: the transfers beside the consoles (`background` bytes) ended, or (without
+/// any) `samples` rounds were timed.
 pub(crate) fn next_round(
     rounds: &mut usize,
     samples: usize,
-    upload_len: u64,
-    upload_done: &AtomicBool,
+    background: u64,
+    background_done: &AtomicBool,
 ) -> Option<(String, String)> {
-    let finished = if upload_len > 0 {
-        upload_done.load(Ordering::Acquire)
+    let finished = if background > 0 {
+        background_done.load(Ordering::Acquire)
     } else {
         *rounds >= samples
     };
@@ -435,6 +514,7 @@ pub(crate) fn next_round(
     Some((format!("\nm{rounds}\r"), format!("echo m{rounds}\n")))
 }
 
+/// Starts uploading `len` generated bytes on the loop thread.
 fn start_upload(
     handle: &ReactorHandle<()>,
     conn: &Connect,
@@ -445,14 +525,7 @@ fn start_upload(
     let (conn, done, result) = (conn.clone(), Arc::clone(done), Arc::clone(result));
     handle
         .execute(move |reactor, _| {
-            let pool = conn.lookup_storage_pool_by_name(POOL).expect("pool");
-            let vol = pool
-                .lookup_storage_vol_by_name(UPLOAD_VOLUME)
-                .expect("upload volume");
-            let mut stream = Stream::new(&conn).expect("stream");
-            stream
-                .with_virt(|virt_stream| vol.upload(virt_stream, 0, len, 0))
-                .expect("upload");
+            let stream = volume_stream(&conn, UPLOAD_VOLUME, |vol, s| vol.upload(s, 0, len, 0));
             let started = Instant::now();
             let mut sent = 0;
             let t = transfer::send_all(move |buf| {
@@ -462,18 +535,109 @@ fn start_upload(
                 Ok(want)
             })
             .on_end(move |_, r| {
-                *result.lock().expect("result") = Some(
-                    r.map(|stats| {
+                let rate = r
+                    .map(|stats| {
                         stats.data_bytes as f64 / MIB as f64 / started.elapsed().as_secs_f64()
                     })
-                    .map_err(|e| e.to_string()),
-                );
-                done.store(true, Ordering::Release);
+                    .map_err(|e| e.to_string());
+                finish(&result, &done, rate);
             });
-            let interest = t.interest();
-            reactor
-                .insert(stream, interest, t)
-                .expect("insert the upload");
+            insert(reactor, stream, t);
         })
         .expect("reactor");
+}
+
+/// Starts `downloads.count` downloads on the loop thread, one start per loop turn
+/// (as vol does); each checks what it receives. `done` once all ended, `result` their
+/// rate together (or the first error).
+fn start_downloads(
+    handle: &ReactorHandle<()>,
+    conn: &Connect,
+    downloads: Downloads,
+    done: &Arc<AtomicBool>,
+    result: &Arc<Mutex<Option<Result<f64, String>>>>,
+) {
+    let started = Instant::now();
+    let left = Arc::new(Mutex::new((downloads.count, None::<String>)));
+    for k in 0..downloads.count {
+        let (conn, done, result, left) = (
+            conn.clone(),
+            Arc::clone(done),
+            Arc::clone(result),
+            Arc::clone(&left),
+        );
+        let len = downloads.len;
+        handle
+            .execute(move |reactor, _| {
+                let stream = volume_stream(&conn, &download_volume(k), |vol, s| {
+                    vol.download(s, 0, len, 0)
+                });
+                let mut at = 0;
+                let t = transfer::recv_all(move |buf| {
+                    if !data::check(at, buf) {
+                        return Err(std::io::Error::other(format!("bad data at {at}")));
+                    }
+                    at += buf.len() as u64;
+                    Ok(())
+                })
+                .on_end(move |_, r| {
+                    let mut left = left.lock().expect("downloads left");
+                    left.0 -= 1;
+                    match r {
+                        Ok(stats) if stats.data_bytes != len => {
+                            left.1
+                                .get_or_insert(format!("{k}: {} bytes", stats.data_bytes));
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            left.1.get_or_insert(format!("{k}: {e}"));
+                        }
+                    }
+                    if left.0 == 0 {
+                        let mib = (downloads.count as u64 * len) as f64 / MIB as f64;
+                        let rate = match left.1.take() {
+                            None => Ok(mib / started.elapsed().as_secs_f64()),
+                            Some(e) => Err(e),
+                        };
+                        finish(&result, &done, rate);
+                    }
+                });
+                insert(reactor, stream, t);
+            })
+            .expect("reactor");
+    }
+}
+
+/// A stream on volume `name` of the bench pool, started by `start` (upload or download).
+fn volume_stream(
+    conn: &Connect,
+    name: &str,
+    start: impl FnOnce(&StorageVol, &virt::stream::Stream) -> Result<(), virt::error::Error>,
+) -> Stream {
+    let pool = conn.lookup_storage_pool_by_name(POOL).expect("pool");
+    let vol = pool
+        .lookup_storage_vol_by_name(name)
+        .unwrap_or_else(|e| panic!("volume {name}: {e}"));
+    let mut stream = Stream::new(conn).expect("stream");
+    stream
+        .with_virt(|virt_stream| start(&vol, virt_stream))
+        .unwrap_or_else(|e| panic!("start the transfer of {name}: {e}"));
+    stream
+}
+
+fn insert(reactor: &mut Reactor<()>, stream: Stream, t: transfer::Transfer<()>) {
+    let interest = t.interest();
+    reactor
+        .insert(stream, interest, t)
+        .expect("insert a transfer");
+}
+
+/// Hands the transfers' rate (or error) to the user thread, whose rounds end then.
+fn finish(
+    result: &Mutex<Option<Result<f64, String>>>,
+    done: &AtomicBool,
+    rate: Result<f64, String>,
+) {
+    *result.lock().expect("result") = Some(rate);
+    done.store(true, Ordering::Release);
 }
