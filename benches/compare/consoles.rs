@@ -61,28 +61,27 @@ pub(crate) fn scenario4(opts: &Opts, env: &mut Env, results: &mut Results) {
             };
             run_case(
                 Case {
-                    scenario: "Scenario 4: console echo latency",
-                    label: s4_label(all, upload),
-                    child: "console",
-                    args: vec![
-                        format!("uri={}", env.uri),
-                        format!("guests={names}"),
-                        format!("samples={samples}"),
-                        format!("upload={}", if upload { upload_len } else { 0 }),
-                    ],
-                    figures: vec![
-                        figure("p50_ms", "median ms"),
-                        figure("p99_ms", "p99 ms"),
-                        figure("samples", "echoes timed"),
-                        figure("lost", "echoes lost (5 s)"),
-                        figure("upload_mibps", "upload MiB/s"),
-                    ],
-                    runs: opts.runs,
                     // The async path: AsyncStream consoles (asyncpath::latency).
                     tokio: true,
-                    before: None,
-                    after: None,
-                    instructions: None,
+                    ..Case::new(
+                        "Scenario 4: console echo latency",
+                        s4_label(all, upload),
+                        "console",
+                        vec![
+                            format!("uri={}", env.uri),
+                            format!("guests={names}"),
+                            format!("samples={samples}"),
+                            format!("upload={}", if upload { upload_len } else { 0 }),
+                        ],
+                        vec![
+                            figure("p50_ms", "median ms"),
+                            figure("p99_ms", "p99 ms"),
+                            figure("samples", "echoes timed"),
+                            figure("lost", "echoes lost (5 s)"),
+                            figure("upload_mibps", "upload MiB/s"),
+                        ],
+                        opts.runs,
+                    )
                 },
                 results,
             );
@@ -96,11 +95,11 @@ pub(crate) fn scenario4(opts: &Opts, env: &mut Env, results: &mut Results) {
         env.fill_volume(&download_volume(k), 0, download_len);
     }
     run_case(
-        Case {
-            scenario: "Scenario 4: console echo latency",
-            label: format!("one guest + {DOWNLOADS} downloads"),
-            child: "console",
-            args: vec![
+        Case::new(
+            "Scenario 4: console echo latency",
+            format!("one guest + {DOWNLOADS} downloads"),
+            "console",
+            vec![
                 format!("uri={}", env.uri),
                 format!("guests={}", guests[0]),
                 format!("samples={samples}"),
@@ -108,7 +107,7 @@ pub(crate) fn scenario4(opts: &Opts, env: &mut Env, results: &mut Results) {
                 format!("downloads={DOWNLOADS}"),
                 format!("download_len={download_len}"),
             ],
-            figures: vec![
+            vec![
                 figure("p50_ms", "median ms"),
                 figure("p99_ms", "p99 ms"),
                 figure("samples", "echoes timed"),
@@ -116,12 +115,8 @@ pub(crate) fn scenario4(opts: &Opts, env: &mut Env, results: &mut Results) {
                 figure("download_mibps", "downloads MiB/s (all)"),
                 figure("maxrss_mib", "peak RSS MiB"),
             ],
-            runs: opts.runs,
-            tokio: false,
-            before: None,
-            after: None,
-            instructions: None,
-        },
+            opts.runs,
+        ),
         results,
     );
     results.note(format!(

@@ -37,42 +37,34 @@ pub(crate) fn scenario2(opts: &Opts, results: &mut Results) {
     for kind in ["watches", "timers"] {
         for &n in idle {
             run_case(
-                Case {
-                    scenario: "Scenario 2: per-iteration cost vs idle registrations",
-                    label: s2_label(kind, n),
-                    child: "pingpong",
-                    args: vec![
+                Case::new(
+                    "Scenario 2: per-iteration cost vs idle registrations",
+                    s2_label(kind, n),
+                    "pingpong",
+                    vec![
                         format!("kind={kind}"),
                         format!("idle={n}"),
                         format!("seconds={seconds}"),
                     ],
-                    figures: vec![
+                    vec![
                         figure("rtt", "round trips/s"),
                         figure("us_per_iter", "µs/iteration"),
                     ],
-                    runs: opts.runs,
-                    tokio: false,
-                    before: None,
-                    after: None,
-                    instructions: None,
-                },
+                    opts.runs,
+                ),
                 results,
             );
         }
     }
     run_case(
-        Case {
-            scenario: "Scenario 2: per-iteration cost vs idle registrations",
-            label: "busy socket, 1 byte per callback".to_owned(),
-            child: "busy",
-            args: Vec::new(),
-            figures: vec![figure("dispatches", "dispatches/s")],
-            runs: opts.runs,
-            tokio: false,
-            before: None,
-            after: None,
-            instructions: None,
-        },
+        Case::new(
+            "Scenario 2: per-iteration cost vs idle registrations",
+            "busy socket, 1 byte per callback".to_owned(),
+            "busy",
+            Vec::new(),
+            vec![figure("dispatches", "dispatches/s")],
+            opts.runs,
+        ),
         results,
     );
     if opts.callgrind {

@@ -566,6 +566,32 @@ pub(crate) struct Case<'a> {
     pub(crate) instructions: Option<(Vec<String>, Vec<String>)>,
 }
 
+impl<'a> Case<'a> {
+    /// A case of `runs` runs per loop, on our loop and the default one, with nothing
+    /// before or after each run.
+    pub(crate) fn new(
+        scenario: &'static str,
+        label: String,
+        child: &'static str,
+        args: Vec<String>,
+        figures: Vec<Figure>,
+        runs: usize,
+    ) -> Case<'a> {
+        Case {
+            scenario,
+            label,
+            child,
+            args,
+            figures,
+            runs,
+            tokio: false,
+            before: None,
+            after: None,
+            instructions: None,
+        }
+    }
+}
+
 /// One callgrind run of `case` (see `Case::instructions`): instructions per GiB, in
 /// all and outside the bulk passes over the data (see `callgrind_bulk`).
 fn instructions_per_gib(case: &Case<'_>, kind: Loop, run: usize) -> Result<(f64, f64), String> {

@@ -37,27 +37,23 @@ pub(crate) fn scenario5(opts: &Opts, env: &Env, results: &mut Results) {
     ];
     for (label, what, count) in cases {
         run_case(
-            Case {
-                scenario: "Scenario 5: memory per idle stream and watch",
-                label: label.to_owned(),
-                child: "memory",
-                args: vec![
+            Case::new(
+                "Scenario 5: memory per idle stream and watch",
+                label.to_owned(),
+                "memory",
+                vec![
                     format!("uri={}", env.uri),
                     format!("what={what}"),
                     format!("count={count}"),
                     format!("len={}", (32 * MIB).min(env.source_size)),
                 ],
-                figures: vec![
+                vec![
                     figure("rust_per", "Rust heap bytes each"),
                     figure("heap_per", "malloc'd bytes each (all)"),
                     figure("rss_per", "RSS bytes each"),
                 ],
-                runs: opts.runs.min(3),
-                tokio: false,
-                before: None,
-                after: None,
-                instructions: None,
-            },
+                opts.runs.min(3),
+            ),
             results,
         );
     }

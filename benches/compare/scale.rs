@@ -100,18 +100,14 @@ pub(crate) fn scenario8(opts: &Opts, env: &mut Env, results: &mut Results) {
             continue;
         }
         run_case(
-            Case {
-                scenario: SCENARIO,
+            Case::new(
+                SCENARIO,
                 label,
-                child: "console",
-                args: args(rounds(n)),
-                figures: FIGURES.to_vec(),
-                runs: opts.runs,
-                tokio: false,
-                before: None,
-                after: None,
-                instructions: None,
-            },
+                "console",
+                args(rounds(n)),
+                FIGURES.to_vec(),
+                opts.runs,
+            ),
             results,
         );
     }

@@ -123,12 +123,6 @@ pub(crate) fn scenario1(opts: &Opts, env: &Env, results: &mut Results) {
             let tokio = !big && TOKIO_STREAMS.contains(&n);
             run_case(
                 Case {
-                    scenario: "Scenario 1: throughput and client CPU",
-                    label: s1_label(dir, n, big),
-                    child: "transfer",
-                    args: args(len),
-                    figures: throughput_figures(),
-                    runs: runs(big),
                     // The async path at N=1 and N=16 (asyncpath::transfer).
                     tokio,
                     before: upload.then(|| {
@@ -149,6 +143,14 @@ pub(crate) fn scenario1(opts: &Opts, env: &Env, results: &mut Results) {
                     // Under callgrind (`--instructions`): 1/8 and 1/2 of the
                     // volume, so that 3/8 of it (192 MiB) is counted.
                     instructions: tokio.then(|| (args(len / 8), args(len / 2))),
+                    ..Case::new(
+                        "Scenario 1: throughput and client CPU",
+                        s1_label(dir, n, big),
+                        "transfer",
+                        args(len),
+                        throughput_figures(),
+                        runs(big),
+                    )
                 },
                 results,
             );
@@ -162,11 +164,11 @@ pub(crate) fn scenario3(opts: &Opts, env: &Env, results: &mut Results) {
     let ks = if opts.quick { S3_IDLE_QUICK } else { S3_IDLE };
     for &k in ks {
         run_case(
-            Case {
-                scenario: "Scenario 3: one download among K idle streams",
-                label: s3_label(k),
-                child: "transfer",
-                args: vec![
+            Case::new(
+                "Scenario 3: one download among K idle streams",
+                s3_label(k),
+                "transfer",
+                vec![
                     format!("uri={}", env.uri),
                     "dir=download".to_owned(),
                     "streams=1".to_owned(),
@@ -174,13 +176,9 @@ pub(crate) fn scenario3(opts: &Opts, env: &Env, results: &mut Results) {
                     format!("source_size={}", env.source_size),
                     format!("idle={k}"),
                 ],
-                figures: THROUGHPUT[..4].to_vec(),
-                runs: opts.runs,
-                tokio: false,
-                before: None,
-                after: None,
-                instructions: None,
-            },
+                THROUGHPUT[..4].to_vec(),
+                opts.runs,
+            ),
             results,
         );
     }
