@@ -28,10 +28,12 @@ const SPARE: usize = 1;
 
 /// Default bytes a sending transfer moves per readiness event: one packet.
 ///
-/// A remote send blocks until its packet is on the socket, so the budget is how long
-/// one upload may hold the loop from everything else. With 1 MiB (four packets) a
-/// console beside a 1 GiB upload waited about 14 ms per echo here; with one packet,
-/// about 3 ms, and the upload itself ran no slower (`docs/benchmarks.md`, scenario 4).
+/// A send reads the source on the loop thread (a remote stream's packet then goes to
+/// its sender thread), so the budget is how long one upload may hold the loop from
+/// everything else. Measured when remote sends still blocked the loop: with 1 MiB
+/// (four packets) a console beside a 1 GiB upload waited about 14 ms per echo; with
+/// one packet, about 3 ms, and the upload ran no slower (`docs/benchmarks.md`,
+/// scenario 4).
 pub const DEFAULT_BUDGET: usize = 256 * 1024;
 
 /// Default bytes a receiving transfer takes per readiness event: eight packets.
