@@ -197,7 +197,6 @@ fn size_of(i: usize) -> usize {
 async fn open_stream(
     handle: &Handle,
     conn: &Connect,
-    sparse: bool,
     attach: impl FnOnce(&virt::stream::Stream) -> Result<(), virt::error::Error> + Send + 'static,
 ) -> AsyncStream {
     let conn = conn.clone();
@@ -211,7 +210,7 @@ async fn open_stream(
         .expect("blocking pool")
         .expect("open and attach a stream");
     handle
-        .stream(stream, sparse)
+        .stream(stream)
         .await
         .expect("hand the stream to the driver")
 }
@@ -233,8 +232,7 @@ impl Bed {
         sparse: bool,
     ) -> AsyncStream {
         let vol = vol.clone();
-        let reads_holes = sparse && matches!(way, Way::Download);
-        open_stream(&self.handle, &self.conn, reads_holes, move |s| match way {
+        open_stream(&self.handle, &self.conn, move |s| match way {
             Way::Download => {
                 let flags = if sparse {
                     virt::sys::VIR_STORAGE_VOL_DOWNLOAD_SPARSE_STREAM
@@ -450,7 +448,8 @@ async fn concurrent_downloads_arrive_intact(bed: &Bed) {
 }
 
 /// [`CONCURRENT`] uploads at once: half through `Handle::upload` from files, half
-/// written into raw `AsyncStream`s (`write_all` then `shutdown`), all in one
+/// written into raw `AsyncStream`s (`write_all`, or `write_owned` in pieces of
+/// 100 KiB to 400 KiB, then `shutdown`), all in one
 /// `JoinSet`; the raw streams are all open before any is written. Every volume ends
 /// up holding exactly its bytes.
 async fn concurrent_uploads_arrive_intact(bed: &Bed) {
@@ -488,10 +487,29 @@ async fn concurrent_uploads_arrive_intact(bed: &Bed) {
     bed.assert_at_once(raw.len()).await;
     for (i, mut stream, data, vol) in raw {
         set.spawn(async move {
-            stream
-                .write_all(&data)
-                .await
-                .unwrap_or_else(|e| panic!("raw upload {i}: write: {e}"));
+            if i % 4 == 1 {
+                stream
+                    .write_all(&data)
+                    .await
+                    .unwrap_or_else(|e| panic!("raw upload {i}: write: {e}"));
+            } else {
+                // Whole buffers, some longer than a packet; each one handed back
+                // is filled again.
+                let mut buf = Vec::new();
+                let mut sent = 0;
+                while sent < data.len() {
+                    let end = data
+                        .len()
+                        .min(sent + (100 + 37 * (sent % 9)) * KIB as usize);
+                    buf.clear();
+                    buf.extend_from_slice(&data[sent..end]);
+                    buf = stream
+                        .write_owned(buf)
+                        .await
+                        .unwrap_or_else(|e| panic!("raw upload {i}: write_owned: {e}"));
+                    sent = end;
+                }
+            }
             stream
                 .shutdown()
                 .await
@@ -1058,10 +1076,10 @@ async fn race<T>(i: usize, op: impl std::future::Future<Output = T>) -> Option<T
 }
 
 /// A download read through futures that are dropped over and over (`select!` of
-/// each `read` with a 1 ms sleep or with `yield_now`, and `now_or_never`), with
-/// buffer sizes
-/// that cut libvirt's packets anywhere: the bytes assembled from the reads that
-/// completed are exactly the volume's.
+/// each `read` or `fill_buf` with a 1 ms sleep or with `yield_now`, and
+/// `now_or_never`), with buffer sizes and `consume` counts that cut libvirt's
+/// packets anywhere: the bytes assembled from the reads that completed are exactly
+/// the volume's.
 async fn dropped_read_futures_lose_no_byte(bed: &Bed) {
     let data = pattern(50, (16 * MIB + 777) as usize);
     let vol = bed.pool.volume_with("vol", &data);
@@ -1074,6 +1092,22 @@ async fn dropped_read_futures_lose_no_byte(bed: &Bed) {
         let mut buf = vec![0; 70_000];
         for i in 1usize.. {
             let size = 1 + (i * 7919) % buf.len();
+            if i % 5 == 4 {
+                // In place: part of what fill_buf lends is consumed, the rest read
+                // by the next calls.
+                let Some(filled) = race(i, stream.fill_buf()).await else {
+                    dropped += 1;
+                    continue;
+                };
+                let filled = filled.expect("fill_buf");
+                if filled.is_empty() {
+                    break;
+                }
+                let n = size.min(filled.len());
+                got.extend_from_slice(&filled[..n]);
+                stream.consume(n);
+                continue;
+            }
             let Some(read) = race(i, stream.read(&mut buf[..size])).await else {
                 dropped += 1;
                 continue;
@@ -1094,9 +1128,10 @@ async fn dropped_read_futures_lose_no_byte(bed: &Bed) {
 }
 
 /// An upload written through futures that are dropped over and over: each `write`
-/// is raced against a 1 ms sleep or `yield_now`, or polled once; what a dropped
-/// write did not
-/// report taken is written again. The volume holds exactly the bytes.
+/// (or, every fourth, `write_owned` of a copy) is raced against a 1 ms sleep or
+/// `yield_now`, or polled once; what a dropped write did not report taken (a
+/// dropped `write_owned`: none of its buffer) is written again. The volume holds
+/// exactly the bytes.
 async fn dropped_write_futures_lose_no_byte(bed: &Bed) {
     let data = pattern(60, (16 * MIB + 333) as usize);
     let vol = bed.pool.create_volume("vol", data.len() as u64);
@@ -1112,6 +1147,16 @@ async fn dropped_write_futures_lose_no_byte(bed: &Bed) {
             let end = data
                 .len()
                 .min(sent + 1 + (i * 104_729) % (300 * KIB as usize));
+            if i % 4 == 0 {
+                let Some(write) = race(i, stream.write_owned(data[sent..end].to_vec())).await
+                else {
+                    dropped += 1;
+                    continue;
+                };
+                write.expect("write_owned");
+                sent = end;
+                continue;
+            }
             let Some(write) = race(i, stream.write(&data[sent..end])).await else {
                 dropped += 1;
                 continue;

@@ -15,9 +15,10 @@
 //!   (`Handle::with_reactor`), as `Handle::download` does, then handed over with
 //!   `Handle::stream`; the timed part starts before the first attach, as in
 //!   `streams::transfer`. Downloads read with `AsyncBufRead` (`fill_buf` /
-//!   `consume`: each chunk checked where the driver received it), or with
-//!   `AsyncRead::read` (one copy more) when the child gets `read=copy`; uploads
-//!   write with `AsyncWrite::write_all`.
+//!   `consume`: each chunk checked in the buffer it was received into) and uploads
+//!   write with `AsyncStream::write_owned` (each chunk generated in the buffer
+//!   handed over), or, when the child gets `io=copy`, with `AsyncRead::read` and
+//!   `AsyncWrite::write_all` (one copy more each).
 //! - Consoles are `AsyncStream`s from `Handle::open_console`; one reader task per
 //!   console stamps each piece of output when it reads it and hands it to the user
 //!   task, which sends the `echo` lines and times them as `consoles::user` does.
@@ -88,7 +89,7 @@ where
         .await
         .expect("the driver")
         .expect("attach the stream");
-    handle.stream(stream, false).await.expect("AsyncStream")
+    handle.stream(stream).await.expect("AsyncStream")
 }
 
 /// Scenario 1's child on the async path: `streams` concurrent transfers of `len`
@@ -106,8 +107,8 @@ async fn transfer_async(p: &Params) -> Figures {
     );
     let source_size: u64 = p.num("source_size");
     let download = p.str("dir") == "download";
-    // read=copy: downloads through AsyncRead::read instead of AsyncBufRead.
-    let copy_reads = p.get("read") == Some("copy");
+    // io=copy: AsyncRead::read and AsyncWrite::write_all instead of in place.
+    let copy = p.get("io") == Some("copy");
     let (handle, driver, conn) = start(p.str("uri")).await;
     let names: Vec<String> = if download {
         vec![SOURCE.to_owned()]
@@ -147,7 +148,7 @@ async fn transfer_async(p: &Params) -> Figures {
                     })
                     .await;
                     let mut position = offset;
-                    if copy_reads {
+                    if copy {
                         // AsyncRead: each chunk copied into our buffer.
                         let mut buf = vec![0u8; CHUNK];
                         loop {
@@ -181,9 +182,17 @@ async fn transfer_async(p: &Params) -> Figures {
                     let mut buf = vec![0u8; CHUNK];
                     let mut sent = 0;
                     while sent < len {
-                        let want = buf.len().min((len - sent) as usize);
-                        data::fill(base + sent, &mut buf[..want]);
-                        stream.write_all(&buf[..want]).await.expect("write");
+                        let want = CHUNK.min((len - sent) as usize);
+                        if copy {
+                            data::fill(base + sent, &mut buf[..want]);
+                            stream.write_all(&buf[..want]).await.expect("write");
+                        } else {
+                            // AsyncStream::write_owned: filled in the buffer that
+                            // goes to libvirt, which comes back to fill again.
+                            buf.resize(want, 0);
+                            data::fill(base + sent, &mut buf);
+                            buf = stream.write_owned(buf).await.expect("write");
+                        }
                         sent += want as u64;
                     }
                     stream.shutdown().await.expect("finish the upload");

@@ -5,7 +5,7 @@
 //! cargo bench --bench compare -- [--runs 5] [--only s1,s2,…,s9] [--quick]
 //!                                [--out target/bench] [--svg docs/benchmarks-s2.svg]
 //!                                [--callgrind] [--guests 3] [--scratch DIR]
-//!                                [--filter CASE] [--tokio-read buf|copy]
+//!                                [--filter CASE] [--tokio-io buf|copy]
 //!                                [--service-guests 8,24] [--consoled PATH]
 //!                                [--instructions RUNS] [--perf-stat]
 //! ```
@@ -184,10 +184,12 @@ pub(crate) struct Opts {
     /// A directory on a tmpfs for the storage pool (default: a new one in /dev/shm).
     #[arg(long)]
     pub(crate) scratch: Option<PathBuf>,
-    /// How the async path's downloads read: `buf` (`AsyncBufRead`, in place) or
-    /// `copy` (`AsyncRead::read` into a buffer of the child's).
+    /// How the async path's transfers move their bytes: `buf` (in place: downloads
+    /// read with `AsyncBufRead`, uploads write with `AsyncStream::write_owned`) or
+    /// `copy` (`AsyncRead::read` into a buffer of the child's, `AsyncWrite::write_all`
+    /// from one).
     #[arg(long, default_value = "buf", value_parser = ["buf", "copy"])]
-    pub(crate) tokio_read: String,
+    pub(crate) tokio_io: String,
     /// Also count the client's instructions per GiB under callgrind, this many runs
     /// per loop, interleaved with the timed runs: scenario 1's cases that run the
     /// async path, ours and tokio (a run is a small and a large transfer; see
@@ -485,7 +487,7 @@ fn run_child_in(
         .args(args)
         .args(
             (kind == Loop::Tokio)
-                .then(|| format!("read={}", TOKIO_READ.get().map_or("buf", String::as_str))),
+                .then(|| format!("io={}", TOKIO_IO.get().map_or("buf", String::as_str))),
         )
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -776,11 +778,11 @@ pub(crate) static PERF_STAT: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 /// Callgrind runs per loop for the cases with `Case::instructions`.
 static INSTRUCTION_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-static TOKIO_READ: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+static TOKIO_IO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn parent(opts: &Opts) {
     let _ = FILTER.set(opts.filter.clone());
-    let _ = TOKIO_READ.set(opts.tokio_read.clone());
+    let _ = TOKIO_IO.set(opts.tokio_io.clone());
     let _ = OUT.set(opts.out.clone());
     INSTRUCTION_RUNS.store(opts.instructions, std::sync::atomic::Ordering::Relaxed);
     PERF_STAT.store(opts.perf_stat, std::sync::atomic::Ordering::Relaxed);

@@ -240,12 +240,12 @@ impl Results {
                     "\n## Async path (tokio) against the mio path\n\n\
                      The same cases, same runs: ours is `Reactor` on mio (as above), tokio is \
                      `virt_reactor::tokio` (its driver on a current_thread runtime, the bytes \
-                     through `AsyncStream`s; downloads read with `{}`). Ratio = tokio/ours of the medians.\n\n\
+                     through `AsyncStream`s; {}). Ratio = tokio/ours of the medians.\n\n\
                      | scenario | case | figure | ours (mio) | tokio | tokio/ours |\n|---|---|---|---|---|---|",
-                    if opts.tokio_read == "copy" {
-                        "AsyncRead::read"
+                    if opts.tokio_io == "copy" {
+                        "downloads read with `AsyncRead::read`, uploads write with `AsyncWrite::write_all`"
                     } else {
-                        "AsyncBufRead::fill_buf"
+                        "downloads read with `AsyncBufRead::fill_buf`, uploads write with `AsyncStream::write_owned`"
                     }
                 );
             }

@@ -726,6 +726,18 @@ impl<S: 'static> Reactor<S> {
         Ok(())
     }
 
+    /// Fails a stream from outside its handler, as if it returned
+    /// [`Flow::Fail`] with `error`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidToken`].
+    pub fn fail(&mut self, token: StreamToken, error: Error, state: &mut S) -> Result<()> {
+        self.slot(token)?;
+        self.apply(token, Flow::Fail(error), state);
+        Ok(())
+    }
+
     /// Runs until [`ReactorHandle::stop`] is called.
     ///
     /// # Errors

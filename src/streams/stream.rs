@@ -93,12 +93,7 @@ impl Stream {
     #[doc(alias = "virStreamRecvFlags")]
     #[doc(alias = "virStreamRecvHole")]
     pub fn read_sparse(&mut self, buf: &mut [u8]) -> io::Result<Received> {
-        match self.raw.recv(buf, true) {
-            n if n >= 0 => Ok(Received::Data(n as usize)),
-            -2 => Err(io::ErrorKind::WouldBlock.into()),
-            -3 => Ok(Received::Hole(self.raw.recv_hole()?)),
-            _ => Err(libvirt_io_error()),
-        }
+        receive(&self.raw, buf, true)
     }
 
     /// Writes a hole of `length` bytes.
@@ -209,12 +204,32 @@ impl Stream {
         }
     }
 
-    fn read_now(&self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.raw.recv(buf, false) {
-            n if n >= 0 => Ok(n as usize),
-            -2 => Err(io::ErrorKind::WouldBlock.into()),
-            _ => Err(libvirt_io_error()),
-        }
+    /// Another reference to the stream, to receive on from any thread.
+    pub(crate) fn receiver(&self) -> Receiver {
+        Receiver(self.raw.new_ref())
+    }
+}
+
+/// Receives on a stream from outside the loop (libvirt's receives are thread-safe
+/// and, on a NONBLOCK stream, never wait, remote or not), while the stream itself
+/// is in a reactor. Holds a reference of its own, released when dropped.
+pub(crate) struct Receiver(RawStream);
+
+impl Receiver {
+    /// As [`Stream::read_sparse`] when `holes`; else holes read as zeros.
+    pub(crate) fn read(&self, buf: &mut [u8], holes: bool) -> io::Result<Received> {
+        receive(&self.0, buf, holes)
+    }
+}
+
+/// One receive, libvirt's codes as values: `Data(0)` the end, `WouldBlock` for -2,
+/// a hole for -3 (asked for with `holes` only).
+fn receive(raw: &RawStream, buf: &mut [u8], holes: bool) -> io::Result<Received> {
+    match raw.recv(buf, holes) {
+        n if n >= 0 => Ok(Received::Data(n as usize)),
+        -2 => Err(io::ErrorKind::WouldBlock.into()),
+        -3 if holes => Ok(Received::Hole(raw.recv_hole()?)),
+        _ => Err(libvirt_io_error()),
     }
 }
 
@@ -242,7 +257,10 @@ impl Drop for Stream {
 /// sparse stream read as zeros. `WouldBlock` when no data is pending.
 impl io::Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read_now(buf)
+        match receive(&self.raw, buf, false)? {
+            Received::Data(n) => Ok(n),
+            Received::Hole(_) => unreachable!("holes read as zeros without STOP_AT_HOLE"),
+        }
     }
 }
 

@@ -24,6 +24,9 @@ pub(crate) struct RawStream {
 // SAFETY: libvirt stream objects are reference counted and internally locked; every
 // call below is allowed from any thread.
 unsafe impl Send for RawStream {}
+// SAFETY: as above: every method takes `&self`, and libvirt locks the stream (and
+// its connection) itself, so calls from several threads at once are allowed too.
+unsafe impl Sync for RawStream {}
 
 impl RawStream {
     /// `virStreamNew(conn, VIR_STREAM_NONBLOCK)`.

@@ -258,16 +258,15 @@ impl Handle {
     }
 
     /// Hands `stream` (attached already, e.g. by a volume download or a console) to
-    /// the driver as an [`AsyncStream`]; `sparse` streams read with holes kept
-    /// (see [`AsyncStream::read_sparse`]).
+    /// the driver as an [`AsyncStream`].
     ///
     /// # Errors
     ///
     /// libvirt's error if the stream's callback cannot be registered;
     /// [`Error::ReactorGone`].
-    pub async fn stream(&self, stream: Stream, sparse: bool) -> Result<AsyncStream> {
+    pub async fn stream(&self, stream: Stream) -> Result<AsyncStream> {
         let handle = self.reactor.clone();
-        self.with_reactor(move |reactor| AsyncStream::insert(reactor, handle, stream, sparse))
+        self.with_reactor(move |reactor| AsyncStream::insert(reactor, handle, stream))
             .await?
     }
 
@@ -297,7 +296,7 @@ impl Handle {
                 console::open_stream(&domain, &options)
             })
             .await??;
-        self.stream(stream, false).await
+        self.stream(stream).await
     }
 
     /// Downloads `vol` into `path` (see [`volume::download`]), calling `progress`

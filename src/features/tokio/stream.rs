@@ -1,71 +1,86 @@
-//! [`AsyncStream`]: a reactor stream seen from async code, through two bounded
-//! buffers that a handler inside the driver fills and drains.
+//! [`AsyncStream`]: a reactor stream seen from async code. Reads receive from
+//! libvirt in the reading task itself, woken by the stream's callback; writes go
+//! through a bounded queue that a handler inside the driver drains.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::streams::handler::{Flow, StreamCtx, StreamEnd, StreamHandler};
 use crate::streams::reactor::{Reactor, ReactorHandle};
-use crate::streams::stream::{Received, Stream};
+use crate::streams::stream::{Received, Receiver, Stream};
 use crate::streams::token::StreamToken;
 use crate::vocab::error::{Error, Result};
 use crate::vocab::interest::{Interest, Readiness};
 use crate::vocab::sync::lock;
 
-/// Bytes received and not read yet, at most: beyond, the driver stops reading the
-/// stream until the reader catches up (libvirt's own queue then fills, and the
-/// daemon stops sending: backpressure end to end).
-const RX_LIMIT: usize = 512 * 1024;
 /// Bytes written and not sent yet, at most: beyond, writes are `Pending`.
 const TX_LIMIT: usize = 512 * 1024;
 /// libvirt's largest packet: what one read or write moves at most.
 const PACKET: usize = 256 * 1024;
-/// Bytes one readiness event moves at most, so that one stream cannot hold the
+/// Bytes one writable event sends at most, so that one stream cannot hold the
 /// driver from the others.
-const BUDGET: usize = 1024 * 1024;
+const SEND_BUDGET: usize = 1024 * 1024;
 /// Data buffers kept for reuse per stream, at most (see `Inner::spare`).
 const SPARE: usize = 2;
 
 /// A libvirt stream as `AsyncRead + AsyncWrite`, driven by the tokio
 /// [`Driver`](super::Driver).
 ///
-/// - Reads take what the driver has received; `Ok(0)` is the end of the stream, told
-///   only once libvirt has confirmed it (`virStreamFinish`). A sparse stream's holes
-///   read as zeros, or as holes through [`read_sparse`](Self::read_sparse).
-///   `AsyncBufRead` (`fill_buf` / `consume`) reads the received chunks in place,
-///   one copy fewer than `AsyncRead`.
+/// - Reads receive from libvirt directly into the caller's buffer (`AsyncRead`), or
+///   into the stream's own buffer, lent in place (`AsyncBufRead`: `fill_buf` /
+///   `consume`); the driver only wakes the reading task. Nothing is received that
+///   is not read: backpressure holds end to end (libvirt's queue fills, and the
+///   daemon stops sending). `Ok(0)` is the end of the stream, told only once libvirt
+///   has confirmed it (`virStreamFinish`). A sparse stream's holes read as zeros, or
+///   as holes through [`read_sparse`](Self::read_sparse).
 /// - Writes queue up to 512 KiB, and are `Pending` beyond: backpressure holds.
-///   [`write_hole`](Self::write_hole) queues a hole. `shutdown()` sends what is
-///   queued, finishes the stream, and resolves with libvirt's answer.
+///   [`write_owned`](Self::write_owned) queues a buffer without the copy
+///   `AsyncWrite` makes, and [`write_hole`](Self::write_hole) a hole. `shutdown()`
+///   sends what is queued, finishes the stream, and resolves with libvirt's answer.
 /// - Dropping a stream that was not finished aborts it; the driver frees its slab
 ///   entry, libvirt's callback and its reference.
 ///
 /// # Cancellation
 ///
-/// No byte is lost by dropping a read or write future. A read takes bytes out of the
-/// stream's buffer only when it returns them; a write puts bytes in only when it
-/// returns their count, and those bytes are sent (unless the stream is aborted or
-/// fails). Dropping a `shutdown()` future leaves the finish under way.
+/// No byte is lost by dropping a read or write future. A read receives bytes only in
+/// the poll that returns them; a write puts bytes in only when it returns their
+/// count (`write_owned`: when it resolves), and those bytes are sent (unless the
+/// stream is aborted or fails). Dropping a `shutdown()` future leaves the finish
+/// under way.
 pub struct AsyncStream {
     shared: Arc<Shared>,
     token: StreamToken,
     reactor: ReactorHandle<()>,
-    /// What `poll_fill_buf` took out of the receive queue, unread from
-    /// `held_offset` on: a data chunk (its unread bytes still counted in
-    /// `Inner::rx_bytes`, `held_counted`) or the zeros of a hole (not counted).
+    receiver: Receiver,
+    /// What `poll_fill_buf` received (a packet's room, allocated at its first use),
+    /// unread from `held_start` to `held_end`.
     held: Vec<u8>,
-    held_offset: usize,
-    held_counted: bool,
+    held_start: usize,
+    held_end: usize,
 }
 
 enum Chunk {
     Data(Vec<u8>),
     Hole(u64),
+}
+
+/// How the stream's receiving stands, between the reader and the driver.
+#[derive(Default)]
+enum Receiving {
+    /// libvirt is asked for READABLE, which wakes the reader.
+    #[default]
+    On,
+    /// Not asked: the event came while no reader waited, and, level-triggered, it
+    /// would come again at every turn until the reader has read what there is.
+    Paused,
+    /// The reader met the end (`Ok`) or a failure: the driver ends the stream with
+    /// it (taken then).
+    Over(Option<Result<()>>),
 }
 
 #[derive(Default)]
@@ -75,12 +90,7 @@ struct Shared {
 
 #[derive(Default)]
 struct Inner {
-    rx: VecDeque<Chunk>,
-    /// Data bytes in `rx`, and where the front chunk's data starts.
-    rx_bytes: usize,
-    rx_offset: usize,
-    /// The driver stopped reading because `rx` was full.
-    rx_paused: bool,
+    receiving: Receiving,
     reader: Option<Waker>,
     tx: VecDeque<Chunk>,
     tx_bytes: usize,
@@ -91,9 +101,8 @@ struct Inner {
     /// How the stream ended, once it has.
     end: Option<Result<()>>,
     closer: Option<Waker>,
-    /// Emptied data buffers of `rx` and `tx`, for the next read or write: a stream in
-    /// full flow then allocates nothing (a fresh 256 KiB buffer is an `mmap` and its
-    /// page faults each time).
+    /// Sent data buffers, for the next writes: a stream in full flow then allocates
+    /// nothing (a fresh 256 KiB buffer is an `mmap` and its page faults each time).
     spare: Vec<Vec<u8>>,
 }
 
@@ -108,7 +117,7 @@ impl Inner {
     /// What the driver's handler asks libvirt for now.
     fn interest(&self) -> Interest {
         let mut interest = Interest::NONE;
-        if !self.rx_paused {
+        if matches!(self.receiving, Receiving::On) {
             interest |= Interest::READABLE;
         }
         if !self.tx.is_empty() || self.shutdown {
@@ -140,13 +149,11 @@ impl AsyncStream {
         reactor: &mut Reactor<()>,
         handle: ReactorHandle<()>,
         stream: Stream,
-        sparse: bool,
     ) -> Result<AsyncStream> {
         let shared = Arc::new(Shared::default());
+        let receiver = stream.receiver();
         let bridge = Bridge {
             shared: Arc::clone(&shared),
-            buf: vec![0; PACKET],
-            sparse,
             recycling: false,
         };
         let token = reactor.insert(stream, Interest::READABLE, bridge)?;
@@ -154,25 +161,37 @@ impl AsyncStream {
             shared,
             token,
             reactor: handle,
+            receiver,
             held: Vec::new(),
-            held_offset: 0,
-            held_counted: false,
+            held_start: 0,
+            held_end: 0,
         })
     }
 
-    /// Asks the driver to bring the handler's interest up to date (more to write,
-    /// room to read again, a finish).
+    /// Asks the driver to act on what the stream's tasks changed: end the stream the
+    /// reader saw end or fail, or bring the handler's interest up to date (more to
+    /// write, reading again, a finish).
     fn kick(&self) {
         let (token, shared) = (self.token, Arc::clone(&self.shared));
         let _ = self.reactor.execute(move |reactor, ()| {
-            let interest = lock(&shared.inner).interest();
-            // Gone already when the stream ended meanwhile: nothing to update.
-            let _ = reactor.set_interest(token, interest);
+            let mut inner = lock(&shared.inner);
+            let over = match &mut inner.receiving {
+                Receiving::Over(over) => over.take(),
+                _ => None,
+            };
+            let interest = inner.interest();
+            drop(inner);
+            // Gone already when the stream ended meanwhile: nothing to do.
+            let _ = match over {
+                Some(Ok(())) => reactor.finish(token, &mut ()),
+                Some(Err(e)) => reactor.fail(token, e, &mut ()),
+                None => reactor.set_interest(token, interest),
+            };
         });
     }
 
     /// Reads data, stopping at holes: `Received::Hole(n)` for a hole of `n` bytes
-    /// (of a stream inserted as sparse), `Received::Data(0)` at the end.
+    /// (of a stream opened for sparse download), `Received::Data(0)` at the end.
     ///
     /// # Errors
     ///
@@ -187,111 +206,96 @@ impl AsyncStream {
     ///
     /// As for writes.
     pub async fn write_hole(&mut self, length: u64) -> io::Result<()> {
-        std::future::poll_fn(|cx| self.poll_put(cx, Put::Hole(length)).map_ok(drop)).await
+        std::future::poll_fn(|cx| self.poll_put(cx, &mut Put::Hole(length)).map_ok(drop)).await
     }
 
-    /// Takes what was received into `buf`: a hole as zeros, or as
-    /// `Received::Hole` when `holes`.
+    /// Queues all of `buf` as it is, without the copy `AsyncWrite` makes, once there is
+    /// room; resolves with a buffer to fill next: one this stream has sent, when there
+    /// is one (its old bytes still in it, to overwrite: no allocation, no zeroing),
+    /// else an empty one. A buffer of up to 256 KiB (libvirt's packet) goes to
+    /// libvirt whole; a longer one in pieces.
+    ///
+    /// Dropped before it resolves, it has queued nothing (and drops `buf`).
+    ///
+    /// # Errors
+    ///
+    /// As for writes.
+    pub async fn write_owned(&mut self, buf: Vec<u8>) -> io::Result<Vec<u8>> {
+        if buf.is_empty() {
+            return Ok(buf);
+        }
+        let mut put = Put::Owned(Some(buf));
+        std::future::poll_fn(|cx| self.poll_put(cx, &mut put)).await?;
+        match put {
+            Put::Owned(Some(next)) => Ok(next),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The bytes `poll_fill_buf` received and `consume` has not taken yet.
+    fn held(&self) -> &[u8] {
+        &self.held[self.held_start..self.held_end]
+    }
+
+    /// Receives into `buf` (a hole as zeros, or as `Received::Hole` when `holes`),
+    /// or, when libvirt has nothing yet, waits to be woken by the stream's callback.
     fn poll_take(
         &mut self,
         cx: &Context<'_>,
         buf: &mut [u8],
         holes: bool,
     ) -> Poll<io::Result<Received>> {
-        if self.held_offset < self.held.len() {
-            let n = buf.len().min(self.held.len() - self.held_offset);
-            buf[..n].copy_from_slice(&self.held[self.held_offset..self.held_offset + n]);
-            self.consume_held(n);
+        if self.held_start < self.held_end {
+            let n = buf.len().min(self.held_end - self.held_start);
+            buf[..n].copy_from_slice(&self.held()[..n]);
+            self.held_start += n;
             return Poll::Ready(Ok(Received::Data(n)));
         }
-        let mut inner = lock(&self.shared.inner);
-        let Inner {
-            rx,
-            rx_bytes,
-            rx_offset,
-            spare,
-            ..
-        } = &mut *inner;
-        let taken = match rx.front_mut() {
-            None => None,
-            Some(Chunk::Hole(length)) if holes => {
-                let length = *length;
-                rx.pop_front();
-                Some(Received::Hole(length))
+        {
+            let mut inner = lock(&self.shared.inner);
+            match inner.ended() {
+                Some(Ok(())) => return Poll::Ready(Ok(Received::Data(0))),
+                Some(Err(e)) => return Poll::Ready(Err(e)),
+                None => {}
             }
-            Some(Chunk::Hole(length)) => {
-                let n = buf
-                    .len()
-                    .min(usize::try_from(*length).unwrap_or(usize::MAX));
-                buf[..n].fill(0);
-                *length -= n as u64;
-                if *length == 0 {
-                    rx.pop_front();
-                }
-                Some(Received::Data(n))
-            }
-            Some(Chunk::Data(data)) => {
-                let n = buf.len().min(data.len() - *rx_offset);
-                buf[..n].copy_from_slice(&data[*rx_offset..*rx_offset + n]);
-                if *rx_offset + n == data.len() {
-                    *rx_offset = 0;
-                    if let Some(Chunk::Data(data)) = rx.pop_front() {
-                        recycle(spare, data);
-                    }
-                } else {
-                    *rx_offset += n;
-                }
-                *rx_bytes -= n;
-                Some(Received::Data(n))
-            }
-        };
-        if let Some(received) = taken {
-            self.release(inner);
-            return Poll::Ready(Ok(received));
-        }
-        match inner.ended() {
-            Some(Ok(())) => Poll::Ready(Ok(Received::Data(0))),
-            Some(Err(e)) => Poll::Ready(Err(e)),
-            None => {
+            if matches!(inner.receiving, Receiving::Over(_)) {
+                // Told the driver already: wait for libvirt's answer.
                 inner.reader = Some(cx.waker().clone());
-                Poll::Pending
+                return Poll::Pending;
             }
         }
-    }
-
-    /// Marks `n` more bytes of `held` read; a data chunk's count frees room in the
-    /// receive queue (and a paused stream resumes), and its buffer, once read,
-    /// goes back for reuse.
-    fn consume_held(&mut self, n: usize) {
-        self.held_offset += n;
-        if !self.held_counted {
-            return;
-        }
+        let over = match self.receiver.read(buf, holes) {
+            Ok(Received::Data(0)) => Ok(()),
+            Ok(received) => return Poll::Ready(Ok(received)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut inner = lock(&self.shared.inner);
+                inner.reader = Some(cx.waker().clone());
+                // Read all there was: libvirt may wake the reader again.
+                let resume = matches!(inner.receiving, Receiving::Paused);
+                if resume {
+                    inner.receiving = Receiving::On;
+                }
+                drop(inner);
+                if resume {
+                    self.kick();
+                }
+                return Poll::Pending;
+            }
+            Err(e) => Err(Error::from(e)),
+        };
+        // The end, or a failure: the driver finishes (fails) the stream, and the
+        // reader hears how that went.
         let mut inner = lock(&self.shared.inner);
-        inner.rx_bytes -= n;
-        if self.held_offset == self.held.len() {
-            recycle(&mut inner.spare, std::mem::take(&mut self.held));
-            self.held_offset = 0;
-            self.held_counted = false;
-        }
-        self.release(inner);
-    }
-
-    /// After a read freed room: a paused stream resumes once half its receive room
-    /// is free (the driver is asked to take READABLE back).
-    fn release(&self, mut inner: MutexGuard<'_, Inner>) {
-        let resume = inner.rx_paused && inner.rx_bytes <= RX_LIMIT / 2;
-        if resume {
-            inner.rx_paused = false;
-        }
+        inner.receiving = Receiving::Over(Some(over));
+        inner.reader = Some(cx.waker().clone());
         drop(inner);
-        if resume {
-            self.kick();
-        }
+        self.kick();
+        Poll::Pending
     }
 
-    /// Queues data (as much as fits) or a hole; returns the data bytes taken.
-    fn poll_put(&self, cx: &Context<'_>, put: Put<'_>) -> Poll<io::Result<usize>> {
+    /// Queues data (as much as fits, or a whole owned buffer) or a hole; returns the
+    /// data bytes taken. An owned buffer taken is replaced by one to fill next.
+    fn poll_put(&self, cx: &Context<'_>, put: &mut Put<'_>) -> Poll<io::Result<usize>> {
         let mut inner = lock(&self.shared.inner);
         if let Some(end) = inner.ended() {
             return Poll::Ready(Err(end
@@ -307,7 +311,7 @@ impl AsyncStream {
             return Poll::Pending;
         }
         let (chunk, taken) = match put {
-            Put::Data(data) => {
+            Put::Copy(data) => {
                 // At most a packet: a whole chunk then goes on without a copy.
                 let n = data.len().min(room).min(PACKET);
                 // Into a recycled buffer, copied without the lock: the driver only
@@ -318,11 +322,17 @@ impl AsyncStream {
                 buf.clear();
                 buf.extend_from_slice(&data[..n]);
                 inner = lock(&self.shared.inner);
-                inner.tx_bytes += n;
                 (Chunk::Data(buf), n)
             }
-            Put::Hole(length) => (Chunk::Hole(length), 0),
+            Put::Owned(slot) => {
+                let buf = slot.take().unwrap_or_default();
+                *slot = Some(inner.spare.pop().unwrap_or_default());
+                let n = buf.len();
+                (Chunk::Data(buf), n)
+            }
+            Put::Hole(length) => (Chunk::Hole(*length), 0),
         };
+        inner.tx_bytes += taken;
         let was_empty = inner.tx.is_empty();
         inner.tx.push_back(chunk);
         drop(inner);
@@ -352,63 +362,30 @@ impl AsyncRead for AsyncStream {
     }
 }
 
-/// Reads in place: `poll_fill_buf` lends the next received chunk itself (up to
-/// 256 KiB; a hole as zeros), without the copy into the caller's buffer that
-/// `AsyncRead` makes.
+/// Reads in place: `poll_fill_buf` receives into the stream's own buffer (up to
+/// 256 KiB; a hole as zeros) and lends it, without the copy into the caller's
+/// buffer that `AsyncRead` makes.
 impl AsyncBufRead for AsyncStream {
     fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
         let this = self.get_mut();
-        if this.held_offset < this.held.len() {
-            return Poll::Ready(Ok(&this.held[this.held_offset..]));
-        }
-        let mut inner = lock(&this.shared.inner);
-        let Inner {
-            rx,
-            rx_offset,
-            spare,
-            ..
-        } = &mut *inner;
-        // An empty hole would read as the end.
-        while matches!(rx.front(), Some(Chunk::Hole(0))) {
-            rx.pop_front();
-        }
-        match rx.pop_front() {
-            Some(Chunk::Data(data)) => {
-                recycle(spare, std::mem::replace(&mut this.held, data));
-                this.held_offset = std::mem::take(rx_offset);
-                this.held_counted = true;
-            }
-            Some(Chunk::Hole(length)) => {
-                let n = usize::try_from(length).map_or(PACKET, |l| l.min(PACKET));
-                if length > n as u64 {
-                    rx.push_front(Chunk::Hole(length - n as u64));
-                }
-                this.held.clear();
-                this.held.resize(n, 0);
-                this.held_offset = 0;
-                this.held_counted = false;
-            }
-            None => {
-                return match inner.ended() {
-                    Some(Ok(())) => Poll::Ready(Ok(&[])),
-                    Some(Err(e)) => Poll::Ready(Err(e)),
-                    None => {
-                        inner.reader = Some(cx.waker().clone());
-                        Poll::Pending
-                    }
-                };
+        if this.held_start == this.held_end {
+            let mut held = std::mem::take(&mut this.held);
+            held.resize(PACKET, 0);
+            let taken = this.poll_take(cx, &mut held, false);
+            this.held = held;
+            match taken {
+                Poll::Ready(Ok(Received::Data(n))) => (this.held_start, this.held_end) = (0, n),
+                Poll::Ready(Ok(Received::Hole(_))) => unreachable!("holes read as zeros here"),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
             }
         }
-        drop(inner);
-        Poll::Ready(Ok(&this.held[this.held_offset..]))
+        Poll::Ready(Ok(this.held()))
     }
 
     fn consume(self: Pin<&mut Self>, amt: usize) {
         let this = self.get_mut();
-        let amt = amt.min(this.held.len() - this.held_offset);
-        if amt > 0 {
-            this.consume_held(amt);
-        }
+        this.held_start = this.held_end.min(this.held_start + amt);
     }
 }
 
@@ -421,7 +398,7 @@ impl AsyncWrite for AsyncStream {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        self.poll_put(cx, Put::Data(buf))
+        self.poll_put(cx, &mut Put::Copy(buf))
     }
 
     /// Ready once everything written so far has been handed to libvirt.
@@ -479,7 +456,10 @@ impl std::fmt::Debug for AsyncStream {
 
 /// What `AsyncStream::poll_put` queues.
 enum Put<'a> {
-    Data(&'a [u8]),
+    /// Copied, as much as fits.
+    Copy(&'a [u8]),
+    /// Taken whole, and replaced by the buffer to fill next.
+    Owned(Option<Vec<u8>>),
     Hole(u64),
 }
 
@@ -491,65 +471,28 @@ enum Next {
     Data(Vec<u8>, usize),
 }
 
-/// The handler inside the driver: moves bytes between the stream and the buffers.
-/// It never holds the buffers' lock across a call into libvirt.
+/// The handler inside the driver: wakes the reader, and sends what the writer
+/// queued. It never holds the stream's lock across a call into libvirt.
 struct Bridge {
     shared: Arc<Shared>,
-    /// What reads go into: handed over whole to `rx` when (nearly) full.
-    buf: Vec<u8>,
-    sparse: bool,
     /// The stream's lane (if it has one) gives the chunks it sent back to `spare`.
     recycling: bool,
 }
 
 impl Bridge {
-    /// Receives into `rx` up to the budget or until `rx` is full.
-    fn receive(&mut self, stream: &mut Stream) -> Result<Flow> {
-        let mut moved = 0;
-        while moved < BUDGET {
-            {
-                let mut inner = lock(&self.shared.inner);
-                if inner.rx_bytes >= RX_LIMIT {
-                    inner.rx_paused = true;
-                    break;
+    /// Readable (or an error or hang-up to read): wakes the reader, which receives.
+    /// With none waiting, READABLE is let go of until the reader has read all there
+    /// is, so that the event does not come back at every turn meanwhile.
+    fn readable(&mut self) {
+        let mut inner = lock(&self.shared.inner);
+        match inner.reader.take() {
+            Some(reader) => reader.wake(),
+            None => {
+                if matches!(inner.receiving, Receiving::On) {
+                    inner.receiving = Receiving::Paused;
                 }
             }
-            let got = if self.sparse {
-                stream.read_sparse(&mut self.buf)
-            } else {
-                stream.read(&mut self.buf).map(Received::Data)
-            };
-            let got = match got {
-                Ok(Received::Data(0)) => return Ok(Flow::Finish),
-                Ok(got) => got,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e.into()),
-            };
-            let mut inner = lock(&self.shared.inner);
-            let chunk = match got {
-                // A (nearly) full read: the buffer itself goes to `rx`, and a recycled
-                // one takes its place; no copy. (Its tail is zeroed again below.)
-                Received::Data(n) if n >= PACKET / 2 => {
-                    let next = inner.spare.pop().unwrap_or_default();
-                    let mut data = std::mem::replace(&mut self.buf, next);
-                    data.truncate(n);
-                    Chunk::Data(data)
-                }
-                Received::Data(n) => Chunk::Data(self.buf[..n].to_vec()),
-                Received::Hole(length) => Chunk::Hole(length),
-            };
-            if let Chunk::Data(data) = &chunk {
-                moved += data.len();
-                inner.rx_bytes += data.len();
-            }
-            inner.rx.push_back(chunk);
-            if let Some(reader) = inner.reader.take() {
-                reader.wake();
-            }
-            drop(inner);
-            self.buf.resize(PACKET, 0);
         }
-        Ok(Flow::Continue)
     }
 
     /// Sends from `tx` up to the budget or until the stream would block; finishes
@@ -570,7 +513,7 @@ impl Bridge {
             }
         }
         let mut moved = 0;
-        while moved < BUDGET {
+        while moved < SEND_BUDGET {
             // Taken out (not copied), so that no lock is held while libvirt is
             // called; only this handler takes from `tx`, so the chunk's place waits.
             let mut next = {
@@ -656,11 +599,11 @@ impl Drop for Bridge {
 
 impl StreamHandler<()> for Bridge {
     fn ready(&mut self, (): &mut (), cx: &mut StreamCtx<'_>, readiness: Readiness) -> Flow {
-        let mut flow = Ok(Flow::Continue);
         if readiness.is_readable() || readiness.is_error() || readiness.is_hangup() {
-            flow = self.receive(cx);
+            self.readable();
         }
-        if matches!(flow, Ok(Flow::Continue)) && readiness.is_writable() {
+        let mut flow = Ok(Flow::Continue);
+        if readiness.is_writable() {
             flow = self.send(cx);
         }
         match flow {
