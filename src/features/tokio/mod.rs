@@ -48,12 +48,14 @@
 mod stream;
 
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 
 pub use stream::AsyncStream;
+use stream::ReceiveBuffers;
 
 use crate::event_loop::connect::{connect, is_remote};
 use crate::features::console::{self, ConsoleOptions};
@@ -80,6 +82,7 @@ pub fn register() -> Result<(Handle, Driver)> {
     let fd = async_fd::register(reactor.poll_fd()?)?;
     let handle = Handle {
         reactor: reactor.handle(),
+        buffers: Arc::default(),
     };
     Ok((handle, Driver { reactor, fd }))
 }
@@ -222,6 +225,7 @@ impl std::fmt::Debug for Driver {
 #[derive(Clone, Debug)]
 pub struct Handle {
     reactor: ReactorHandle<()>,
+    buffers: Arc<ReceiveBuffers>,
 }
 
 impl Handle {
@@ -265,8 +269,8 @@ impl Handle {
     /// libvirt's error if the stream's callback cannot be registered;
     /// [`Error::ReactorGone`].
     pub async fn stream(&self, stream: Stream) -> Result<AsyncStream> {
-        let handle = self.reactor.clone();
-        self.with_reactor(move |reactor| AsyncStream::insert(reactor, handle, stream))
+        let (handle, buffers) = (self.reactor.clone(), Arc::clone(&self.buffers));
+        self.with_reactor(move |reactor| AsyncStream::insert(reactor, handle, buffers, stream))
             .await?
     }
 

@@ -57,8 +57,9 @@ pub struct AsyncStream {
     token: StreamToken,
     reactor: ReactorHandle<()>,
     receiver: Receiver,
-    /// What `poll_fill_buf` received (a packet's room, allocated at its first use),
-    /// unread from `held_start` to `held_end`.
+    buffers: Arc<ReceiveBuffers>,
+    /// What `poll_fill_buf` received, unread from `held_start` to `held_end`: a
+    /// buffer of `buffers` while it holds bytes, else empty.
     held: Vec<u8>,
     held_start: usize,
     held_end: usize,
@@ -106,6 +107,37 @@ struct Inner {
     spare: Vec<Vec<u8>>,
 }
 
+/// Receive buffers shared by the streams of one driver. A stream holds one only
+/// while it lends received bytes (`fill_buf` until they are consumed) and then gives
+/// it back, so that the next stream to receive writes into memory still in the
+/// cache, as the mio path's handlers do with the reactor's one scratch buffer.
+#[derive(Default)]
+pub(super) struct ReceiveBuffers(Mutex<Vec<Vec<u8>>>);
+
+/// Receive buffers kept for reuse, at most.
+const KEPT: usize = 4;
+
+impl std::fmt::Debug for ReceiveBuffers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiveBuffers")
+            .field("kept", &lock(&self.0).len())
+            .finish()
+    }
+}
+
+impl ReceiveBuffers {
+    fn take(&self) -> Vec<u8> {
+        lock(&self.0).pop().unwrap_or_else(|| vec![0; PACKET])
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        let mut kept = lock(&self.0);
+        if kept.len() < KEPT {
+            kept.push(buf);
+        }
+    }
+}
+
 /// Keeps `buf` in `spare` for reuse if it is a full-size buffer and there is room.
 fn recycle(spare: &mut Vec<Vec<u8>>, buf: Vec<u8>) {
     if spare.len() < SPARE && (PACKET / 2..=TX_LIMIT).contains(&buf.capacity()) {
@@ -148,6 +180,7 @@ impl AsyncStream {
     pub(super) fn insert(
         reactor: &mut Reactor<()>,
         handle: ReactorHandle<()>,
+        buffers: Arc<ReceiveBuffers>,
         stream: Stream,
     ) -> Result<AsyncStream> {
         let shared = Arc::new(Shared::default());
@@ -162,6 +195,7 @@ impl AsyncStream {
             token,
             reactor: handle,
             receiver,
+            buffers,
             held: Vec::new(),
             held_start: 0,
             held_end: 0,
@@ -237,6 +271,14 @@ impl AsyncStream {
         &self.held[self.held_start..self.held_end]
     }
 
+    /// Marks `n` more held bytes read; the buffer goes back once all are.
+    fn consume_held(&mut self, n: usize) {
+        self.held_start = self.held_end.min(self.held_start + n);
+        if self.held_start == self.held_end && !self.held.is_empty() {
+            self.buffers.give(std::mem::take(&mut self.held));
+        }
+    }
+
     /// Receives into `buf` (a hole as zeros, or as `Received::Hole` when `holes`),
     /// or, when libvirt has nothing yet, waits to be woken by the stream's callback.
     fn poll_take(
@@ -248,7 +290,7 @@ impl AsyncStream {
         if self.held_start < self.held_end {
             let n = buf.len().min(self.held_end - self.held_start);
             buf[..n].copy_from_slice(&self.held()[..n]);
-            self.held_start += n;
+            self.consume_held(n);
             return Poll::Ready(Ok(Received::Data(n)));
         }
         {
@@ -369,23 +411,27 @@ impl AsyncBufRead for AsyncStream {
     fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
         let this = self.get_mut();
         if this.held_start == this.held_end {
-            let mut held = std::mem::take(&mut this.held);
-            held.resize(PACKET, 0);
-            let taken = this.poll_take(cx, &mut held, false);
-            this.held = held;
+            let mut buf = this.buffers.take();
+            let taken = this.poll_take(cx, &mut buf, false);
             match taken {
-                Poll::Ready(Ok(Received::Data(n))) => (this.held_start, this.held_end) = (0, n),
-                Poll::Ready(Ok(Received::Hole(_))) => unreachable!("holes read as zeros here"),
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(Received::Data(n))) if n > 0 => {
+                    (this.held, this.held_start, this.held_end) = (buf, 0, n);
+                }
+                taken => {
+                    this.buffers.give(buf);
+                    match taken {
+                        Poll::Ready(Ok(_)) => return Poll::Ready(Ok(&[])),
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
             }
         }
         Poll::Ready(Ok(this.held()))
     }
 
     fn consume(self: Pin<&mut Self>, amt: usize) {
-        let this = self.get_mut();
-        this.held_start = this.held_end.min(this.held_start + amt);
+        self.get_mut().consume_held(amt);
     }
 }
 
