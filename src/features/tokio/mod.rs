@@ -43,7 +43,9 @@
 //! and attaching a volume to a stream wait for the daemon (or, with an in-process
 //! driver such as `qemu:///embed`, for replies that come through this very loop):
 //! run them with [`Handle::blocking`], on tokio's blocking pool. The stream calls do
-//! not block: reads and writes go through buffers the driver fills and drains.
+//! not block: a read receives only what libvirt already holds (the stream is
+//! NONBLOCK), and writes go through a buffer the driver drains to the connection's
+//! sender thread.
 
 mod stream;
 
