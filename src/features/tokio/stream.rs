@@ -18,8 +18,11 @@ use crate::vocab::error::{Error, Result};
 use crate::vocab::interest::{Interest, Readiness};
 use crate::vocab::sync::lock;
 
-/// Bytes written and not sent yet, at most: beyond, writes are `Pending`.
-const TX_LIMIT: usize = 512 * 1024;
+/// Bytes written and not handed to libvirt yet, at most: beyond, writes are
+/// `Pending`. One packet: the connection's sender thread holds the packets before it,
+/// so an upload keeps three buffers in flight (the writer's, this one, the lane's),
+/// where a deeper queue only held more memory and faulted more pages in.
+const TX_LIMIT: usize = 256 * 1024;
 /// libvirt's largest packet: what one read or write moves at most.
 const PACKET: usize = 256 * 1024;
 /// Bytes one writable event sends at most, so that one stream cannot hold the
@@ -38,7 +41,7 @@ const SPARE: usize = 2;
 ///   daemon stops sending). `Ok(0)` is the end of the stream, told only once libvirt
 ///   has confirmed it (`virStreamFinish`). A sparse stream's holes read as zeros, or
 ///   as holes through [`read_sparse`](Self::read_sparse).
-/// - Writes queue up to 512 KiB, and are `Pending` beyond: backpressure holds.
+/// - Writes queue up to 256 KiB, and are `Pending` beyond: backpressure holds.
 ///   [`write_owned`](Self::write_owned) queues a buffer without the copy
 ///   `AsyncWrite` makes, and [`write_hole`](Self::write_hole) a hole. `shutdown()`
 ///   sends what is queued, finishes the stream, and resolves with libvirt's answer.
@@ -140,7 +143,7 @@ impl ReceiveBuffers {
 
 /// Keeps `buf` in `spare` for reuse if it is a full-size buffer and there is room.
 fn recycle(spare: &mut Vec<Vec<u8>>, buf: Vec<u8>) {
-    if spare.len() < SPARE && (PACKET / 2..=TX_LIMIT).contains(&buf.capacity()) {
+    if spare.len() < SPARE && (PACKET / 2..=PACKET).contains(&buf.capacity()) {
         spare.push(buf);
     }
 }
