@@ -23,13 +23,18 @@
 //! queues are empty; it then drops its connection reference, whose close may wait
 //! for the daemon too. A frozen daemon holds the thread in libvirt's `poll` until
 //! keepalive gives up on the connection.
+//!
+//! After libvirt reports a stream's failure, the lane waits a moment ([`SETTLE`])
+//! before its next call to the daemon: the daemon may still be removing that stream
+//! on another thread, and meanwhile libvirtd drops a call of the same connection
+//! without an answer, which would hold the lane in libvirt forever.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 use virt::connect::Connect;
@@ -61,6 +66,16 @@ pub(crate) fn capacity(senders: usize) -> usize {
 /// How long the lane waits before retrying a send that libvirt refused with -2 (a
 /// stream that is not remote after all).
 const RETRY: Duration = Duration::from_millis(5);
+
+/// How long the lane makes no call to the daemon after libvirt reported a stream's
+/// failure. A stream the daemon ends on its own (a console taken over by another
+/// client's forced open) is removed by a daemon worker thread. If a message of the
+/// connection reaches that stream's filter meanwhile, libvirtd (9.0,
+/// `daemonStreamFilter` finding itself the stream's last holder) frees the message
+/// unanswered: a call then waits forever, a sent packet is lost. The client hears of
+/// the failure before the removal is over (the error is queued first); the removal
+/// holds the daemon's lock for well under a millisecond.
+const SETTLE: Duration = Duration::from_millis(200);
 
 /// Takes back a buffer the lane has sent in full (see [`LaneStream::set_recycle`]).
 pub(crate) type Recycle = Arc<dyn Fn(Vec<u8>) + Send + Sync>;
@@ -117,9 +132,22 @@ struct State {
     senders: usize,
     /// The thread decided to end (no owner, nothing queued): no reviving.
     exiting: bool,
+    /// No call to the daemon before then (see [`SETTLE`]).
+    quiet_until: Option<Instant>,
 }
 
 impl State {
+    /// How long to wait before the next call to the daemon.
+    fn pause(&self) -> Option<Duration> {
+        self.quiet_until
+            .and_then(|until| until.checked_duration_since(Instant::now()))
+    }
+
+    /// libvirt reported a stream's failure: let the daemon finish removing it.
+    fn settle(&mut self) {
+        self.quiet_until = Some(Instant::now() + SETTLE);
+    }
+
     /// Counts stream `id` among the senders, and returns what it may have queued.
     fn sender_capacity(&mut self, id: u64) -> usize {
         if let Some(queue) = self.queues.get_mut(&id) {
@@ -189,6 +217,11 @@ impl Lane {
                 worker.watch(&conn, connection, inbox);
                 worker.run();
                 if worker.watched.load(Ordering::Acquire) {
+                    // A call dropped by the daemon would hold this thread for good.
+                    let pause = worker.lock().pause();
+                    if let Some(pause) = pause {
+                        std::thread::sleep(pause);
+                    }
                     if let Err(e) = unregister_close(&conn) {
                         log::debug!("unregistering the close callback: {e}");
                     }
@@ -486,7 +519,11 @@ impl Shared {
                 continue;
             };
             let raw = queue.raw.new_ref();
+            let pause = state.pause();
             drop(state);
+            if let Some(pause) = pause {
+                std::thread::sleep(pause);
+            }
             match op {
                 Op::Data(bytes) => {
                     let sent = send_packet(&raw, &bytes);
@@ -513,6 +550,9 @@ impl Shared {
                     let result = if abort { raw.abort() } else { raw.finish() };
                     drop(raw);
                     state = self.lock();
+                    if result.is_err() {
+                        state.settle();
+                    }
                     let queue = state.queues.remove(&id);
                     if queue.as_ref().is_some_and(|q| q.sender) {
                         state.senders -= 1;
@@ -558,6 +598,7 @@ impl Shared {
                 }
             }
             Err(error) => {
+                state.quiet_until = Some(Instant::now() + SETTLE);
                 queue.failed = true;
                 queue.queued = 0;
                 queue.ops.retain(|op| matches!(op, Op::End { .. }));
