@@ -115,6 +115,9 @@ struct Shared {
     work: Condvar,
     /// The connection's close callback is ours: its streams hear of its loss.
     watched: AtomicBool,
+    /// The connection is gone: no daemon is left to race with, so no settling
+    /// (see [`SETTLE`]); the calls fail at once.
+    lost: Arc<AtomicBool>,
     /// Set once the thread has unregistered the close callback and let go of the
     /// connection.
     done: Mutex<bool>,
@@ -137,12 +140,6 @@ struct State {
 }
 
 impl State {
-    /// How long to wait before the next call to the daemon.
-    fn pause(&self) -> Option<Duration> {
-        self.quiet_until
-            .and_then(|until| until.checked_duration_since(Instant::now()))
-    }
-
     /// libvirt reported a stream's failure: let the daemon finish removing it.
     fn settle(&mut self) {
         self.quiet_until = Some(Instant::now() + SETTLE);
@@ -203,6 +200,7 @@ impl Lane {
             }),
             work: Condvar::new(),
             watched: AtomicBool::new(false),
+            lost: Arc::default(),
             done: Mutex::new(false),
             ended: Condvar::new(),
         });
@@ -218,7 +216,7 @@ impl Lane {
                 worker.run();
                 if worker.watched.load(Ordering::Acquire) {
                     // A call dropped by the daemon would hold this thread for good.
-                    let pause = worker.lock().pause();
+                    let pause = worker.pause(&worker.lock());
                     if let Some(pause) = pause {
                         std::thread::sleep(pause);
                     }
@@ -464,9 +462,13 @@ impl Shared {
     /// thread finds the connection gone, often this lane's, so it wakes the loop.
     fn watch(&self, conn: &Connect, connection: usize, inbox: Arc<Inbox>) {
         let posted = Arc::clone(&inbox);
+        let lost = Arc::clone(&self.lost);
         let registered = register_close(
             conn,
-            Box::new(move |reason| posted.post(|news| news.closed.push((connection, reason)))),
+            Box::new(move |reason| {
+                lost.store(true, Ordering::Release);
+                posted.post(|news| news.closed.push((connection, reason)));
+            }),
         );
         match registered {
             Ok(()) => self.watched.store(true, Ordering::Release),
@@ -478,8 +480,19 @@ impl Shared {
         }
         // Lost before the callback was in place: libvirt will not call it.
         if !conn.is_alive().unwrap_or(true) {
+            self.lost.store(true, Ordering::Release);
             inbox.post(|news| news.closed.push((connection, CloseReason::Error)));
         }
+    }
+
+    /// How long to wait before the next call to the daemon.
+    fn pause(&self, state: &State) -> Option<Duration> {
+        if self.lost.load(Ordering::Acquire) {
+            return None;
+        }
+        state
+            .quiet_until
+            .and_then(|until| until.checked_duration_since(Instant::now()))
     }
 
     fn wait_done(&self) {
@@ -519,7 +532,7 @@ impl Shared {
                 continue;
             };
             let raw = queue.raw.new_ref();
-            let pause = state.pause();
+            let pause = self.pause(&state);
             drop(state);
             if let Some(pause) = pause {
                 std::thread::sleep(pause);
