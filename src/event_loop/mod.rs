@@ -96,7 +96,10 @@ impl EventLoop {
     }
 
     /// One iteration: poll (for at most `timeout`, or until the next timer if `None`),
-    /// fire due timers, dispatch ready watches, then run deferred free callbacks.
+    /// dispatch ready watches, fire due timers, then run deferred free callbacks.
+    /// Watches go first so that a 0 ms timer their callbacks arm (libvirt's remote
+    /// streams signal received data that way) fires in the same iteration, not after
+    /// one more poll.
     ///
     /// # Errors
     ///
@@ -114,8 +117,8 @@ impl EventLoop {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => self.events.clear(),
             Err(e) => return Err(e.into()),
         }
-        self.engine.dispatch_timers(&mut self.due);
         self.watches_dispatched = self.engine.dispatch_handles(&self.events, &mut self.ready);
+        self.engine.dispatch_timers(&mut self.due);
         self.engine.run_frees(&mut self.spare_frees);
         match self.engine.take_panic() {
             Some(panic) => Err(panic),
