@@ -57,6 +57,28 @@ pub(crate) fn summary(values: &[f64]) -> (f64, f64, f64) {
     (median, v[0], v[n - 1])
 }
 
+/// The median of `b[i] / a[i]` over the runs both have, with its quartiles:
+/// "median (q1–q3)".
+fn paired(a: &[f64], b: &[f64]) -> String {
+    let mut ratios: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .map(|(a, b)| b / a)
+        .filter(|r| r.is_finite())
+        .collect();
+    if ratios.len() < 4 {
+        return "–".to_owned();
+    }
+    ratios.sort_by(f64::total_cmp);
+    let quantile = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+    format!(
+        "{} ({}–{})",
+        num(quantile(0.5)),
+        num(quantile(0.25)),
+        num(quantile(0.75))
+    )
+}
+
 /// A table cell: median (min–max).
 fn cell(v: &[f64]) -> String {
     let (m, lo, hi) = summary(v);
@@ -240,8 +262,10 @@ impl Results {
                     "\n## Async path (tokio) against the mio path\n\n\
                      The same cases, same runs: ours is `Reactor` on mio (as above), tokio is \
                      `virt_reactor::tokio` (its driver on a current_thread runtime, the bytes \
-                     through `AsyncStream`s; {}). Ratio = tokio/ours of the medians.\n\n\
-                     | scenario | case | figure | ours (mio) | tokio | tokio/ours |\n|---|---|---|---|---|---|",
+                     through `AsyncStream`s; {}). Ratio = tokio/ours of the medians; paired = the \
+                     median of the ratios of the runs made back to back (run i of each), with \
+                     its quartiles: drift of the machine between rounds cancels out of it.\n\n\
+                     | scenario | case | figure | ours (mio) | tokio | tokio/ours | paired |\n|---|---|---|---|---|---|---|",
                     if opts.tokio_io == "copy" {
                         "downloads read with `AsyncRead::read`, uploads write with `AsyncWrite::write_all`"
                     } else {
@@ -253,13 +277,14 @@ impl Results {
             let ratio = summary(&row.tokio).0 / summary(&row.ours).0;
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 scenario.split(':').next().unwrap_or(scenario),
                 row.case,
                 row.figure.label,
                 cell(&row.ours),
                 cell(&row.tokio),
-                num(ratio)
+                num(ratio),
+                paired(&row.ours, &row.tokio)
             );
         }
         let targets = self.targets();
