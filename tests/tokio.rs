@@ -1078,8 +1078,8 @@ async fn race<T>(i: usize, op: impl std::future::Future<Output = T>) -> Option<T
 /// A download read through futures that are dropped over and over (`select!` of
 /// each `read` or `fill_buf` with a 1 ms sleep or with `yield_now`, and
 /// `now_or_never`), with buffer sizes and `consume` counts that cut libvirt's
-/// packets anywhere: the bytes assembled from the reads that completed are exactly
-/// the volume's.
+/// packets anywhere, and once a read into no room: the bytes assembled from the
+/// reads that completed are exactly the volume's.
 async fn dropped_read_futures_lose_no_byte(bed: &Bed) {
     let data = pattern(50, (16 * MIB + 777) as usize);
     let vol = bed.pool.volume_with("vol", &data);
@@ -1091,6 +1091,11 @@ async fn dropped_read_futures_lose_no_byte(bed: &Bed) {
         let mut dropped = 0u64;
         let mut buf = vec![0; 70_000];
         for i in 1usize.. {
+            if i == 3 {
+                // An empty buffer reads nothing and ends nothing.
+                let empty = stream.read(&mut []).await.expect("read into no room");
+                assert_eq!(empty, 0, "a read into no room");
+            }
             let size = 1 + (i * 7919) % buf.len();
             if i % 5 == 4 {
                 // In place: part of what fill_buf lends is consumed, the rest read
