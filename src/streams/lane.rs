@@ -592,6 +592,9 @@ impl Shared {
         sent: Result<usize>,
     ) -> (bool, Option<Vec<u8>>) {
         let capacity = capacity(state.senders);
+        if sent.is_err() {
+            state.settle();
+        }
         let Some(queue) = state.queues.get_mut(&id) else {
             return (false, None);
         };
@@ -611,7 +614,6 @@ impl Shared {
                 }
             }
             Err(error) => {
-                state.quiet_until = Some(Instant::now() + SETTLE);
                 queue.failed = true;
                 queue.queued = 0;
                 queue.ops.retain(|op| matches!(op, Op::End { .. }));

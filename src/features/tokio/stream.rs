@@ -22,7 +22,7 @@ use crate::vocab::sync::lock;
 /// `Pending`. One packet: the connection's sender thread holds the packets before it,
 /// so an upload keeps three buffers in flight (the writer's, this one, the lane's),
 /// where a deeper queue only held more memory and faulted more pages in.
-const TX_LIMIT: usize = 256 * 1024;
+const TX_LIMIT: usize = PACKET;
 /// libvirt's largest packet: what one read or write moves at most.
 const PACKET: usize = 256 * 1024;
 /// Bytes one writable event sends at most, so that one stream cannot hold the
@@ -419,18 +419,14 @@ impl AsyncBufRead for AsyncStream {
         let this = self.get_mut();
         if this.held_start == this.held_end {
             let mut buf = this.buffers.take();
-            let taken = this.poll_take(cx, &mut buf, false);
-            match taken {
+            match this.poll_take(cx, &mut buf, false) {
                 Poll::Ready(Ok(Received::Data(n))) if n > 0 => {
                     (this.held, this.held_start, this.held_end) = (buf, 0, n);
                 }
+                // The end (nothing held), a failure, or nothing yet.
                 taken => {
                     this.buffers.give(buf);
-                    match taken {
-                        Poll::Ready(Ok(_)) => return Poll::Ready(Ok(&[])),
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => return Poll::Pending,
-                    }
+                    return taken.map_ok(|_| &[][..]);
                 }
             }
         }
